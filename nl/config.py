@@ -1,0 +1,199 @@
+"""Typed run configuration: YAML presets + dotted command-line overrides.
+
+The schema is a tree of dataclasses validated by OmegaConf structured configs: a key
+that is not in the schema, or a value of the wrong type, fails before any work starts,
+with the nearest valid key names in the message.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=200", "model.dim=256"])
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"  # a name in nl.models.MODEL_REGISTRY
+    # 0 = take it from the data manifest (the tokenizer's vocabulary); a non-zero value
+    # must equal the manifest's, else the run refuses to start.
+    vocab_size: int = 0
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    # SwiGLU hidden width; 0 = round_up(8/3 * dim, ffn_multiple_of) as in Llama.
+    ffn_hidden: int = 0
+    ffn_multiple_of: int = 64
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo/tokens"  # a data_prep/tokenize_corpus.py output directory
+    seq_len: int = 256
+    # sha256 of every shard is checked against the manifest at start-up (catches corrupt
+    # shards; sizes are always checked). Turn off for very large corpora if start-up time matters.
+    verify_checksums: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    batch_size: int = 16  # global batch, in sequences
+    micro_batch_size: int = 0  # per rank per forward; 0 = the whole per-rank batch
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Decoupled weight decay is applied to matrices only; these extend it.
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between validation runs; 0 disables periodic validation
+    max_batches: int = 20  # validation batches (of train.micro_batch_size sequences); 0 = whole split
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest checkpoint in run.dir if there is one
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "nl"
+    name: str = ""
+    mode: str = "offline"  # offline never needs a network; `wandb sync` uploads later
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+_CHOICES = {
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def valid_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of the schema, e.g. ['model.arch', ...]."""
+    keys = []
+    for f in fields(schema):
+        name = prefix + f.name
+        ftype = f.default_factory() if f.default_factory is not MISSING and callable(f.default_factory) else None  # type: ignore[misc]
+        if ftype is not None and is_dataclass(ftype):
+            keys.extend(valid_keys(type(ftype), name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    keys = valid_keys()
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    if not near:  # try the leaf name alone: 'train.stepz' -> 'train.steps'
+        leaf = key.rsplit(".", 1)[-1]
+        near = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)][:3]
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    return ConfigError(f"unknown config key '{key}' in {source}.{hint} Valid sections: "
+                       f"{', '.join(f.name for f in fields(Config))}.")
+
+
+def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        raise _unknown_key_error(str(e.full_key), source) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid value for '{e.full_key}' in {source}: {e.msg.splitlines()[0]}") from None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML preset at `path` <- `key=value` overrides, validated.
+
+    Returns a typed `Config` (an OmegaConf object behaving like the dataclass)."""
+    cfg: DictConfig = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (presets are in configs/)")
+        loaded = OmegaConf.load(path)
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
+        key = item.split("=", 1)[0].strip()
+        if key not in valid_keys():
+            raise _unknown_key_error(key, "the command line")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "the command line")
+    _check_choices(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a validated Config from a plain dict (e.g. a saved config.yaml)."""
+    return _merge(OmegaConf.structured(Config), data, "a saved config")  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
