@@ -1,0 +1,121 @@
+"""Validation loss and perplexity of a model.
+
+    python -m nl.evaluate --model EXPORT_DIR --data TOKEN_DIR        # val split of token shards
+    python -m nl.evaluate --model EXPORT_DIR --data notes.txt more/  # raw text, model's tokenizer
+
+Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len", "data"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of the next-token cross entropy, in fp32.
+
+    inputs, targets: [B, T] int64 -> scalar."""
+    logits = model(inputs)  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss, token count) over `batches`, as device tensors (no host sync).
+
+    Under torch.distributed each rank passes its own slice and the caller all-reduces."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            loss_sum += token_loss_sum(model, inputs, targets).double()
+        count += targets.numel()
+    model.train(was_training)
+    return loss_sum, count
+
+
+def text_windows(token_stream: np.ndarray, seq_len: int, batch_size: int,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows of seq_len+1 tokens from a 1-D stream, batched in order."""
+    n = (len(token_stream) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"the text has {len(token_stream)} tokens, fewer than seq_len+1="
+                         f"{seq_len + 1}: pass more text or a smaller --seq-len")
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))[:, None] * seq_len + np.arange(seq_len + 1)
+        w = torch.from_numpy(token_stream[idx].astype(np.int64))
+        yield w[:, :-1], w[:, 1:]
+
+
+def _tokenize_text(paths: list[str], tokenizer) -> np.ndarray:
+    from nl.data.sources import iter_documents
+
+    ids: list[int] = []
+    for doc in iter_documents(paths):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from nl.data.loader import iter_eval_batches
+    from nl.data.shards import TokenShards
+    from nl.export import load_pretrained, load_export_config
+    from nl.tokenizer import Tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a directory written by `python -m nl.export`")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="a tokenize_corpus output dir (its val split), or text/.jsonl files")
+    ap.add_argument("--split", default="val", help="split of a token dir (default: val)")
+    ap.add_argument("--seq-len", type=int, default=0, help="default: the training seq_len")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-batches", type=int, default=0, help="0 = all")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    export_cfg = load_export_config(args.model)
+    model = load_pretrained(args.model, device=device)
+    tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
+    seq_len = args.seq_len or export_cfg["seq_len"]
+
+    first = Path(args.data[0])
+    if len(args.data) == 1 and (first / "manifest.json").is_file():
+        shards = TokenShards(first, split=args.split)
+        if shards.fingerprint != tokenizer.fingerprint:
+            sys.exit(f"error: {first} was tokenized with a different tokenizer than the model's "
+                     f"({shards.fingerprint[:12]} vs {tokenizer.fingerprint[:12]}); re-tokenize it "
+                     f"with {Path(args.model) / 'tokenizer.model'} or pass raw text files")
+        batches = iter_eval_batches(shards, seq_len, args.batch_size, max_batches=args.max_batches)
+    else:
+        stream = _tokenize_text(args.data, tokenizer)
+        batches = text_windows(stream, seq_len, args.batch_size)
+        if args.max_batches:
+            batches = (b for i, b in zip(range(args.max_batches), batches))
+    loss_sum, count = evaluate_loss(model, batches, device)
+    val_loss = (loss_sum / count).item()
+    result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": int(count.item()),
+              "windows": int(count.item()) // seq_len, "seq_len": seq_len, "data": args.data}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

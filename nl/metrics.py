@@ -1,0 +1,86 @@
+"""Run metrics: a stdout line, RUN_DIR/metrics.jsonl, and wandb when enabled.
+
+Every record is one JSON object per line; train records carry step, loss, lr, grad_norm,
+tokens, tokens_per_s (and mfu where the device's peak FLOP/s is known); eval records carry
+step and val_loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
+_PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs included)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+class MetricsLogger:
+    """Writes metrics to stdout, RUN_DIR/metrics.jsonl and (optionally) wandb.
+
+    Only the coordinator rank should construct one with `enabled=True`."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, wandb_cfg: Any = None,
+                 config: dict | None = None, progress: Any = None):
+        self.enabled = enabled
+        self.progress = progress  # a tqdm bar: printing goes through it so the bar stays intact
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self._wandb = None
+        if enabled and wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            import wandb  # optional dependency, imported only when used
+
+            os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
+            self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or None,
+                                     dir=str(run_dir), config=config, mode=wandb_cfg.mode,
+                                     resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        line = " ".join(_fmt(k, v) for k, v in record.items())
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key in ("lr",):
+            return f"{key}={value:.3e}"
+        if key in ("tokens_per_s",):
+            return f"{key}={value:,.0f}"
+        return f"{key}={value:.4f}"
+    return f"{key}={value}"

@@ -1,0 +1,34 @@
+"""Train a model: `python train.py --config configs/tiny.yaml key=value ...`.
+
+Rerunning the same command with the same run.dir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nl.config import load_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="a YAML preset (configs/*.yaml); default: schema defaults")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.dim=256")
+    args = ap.parse_args(argv)
+
+    from nl.data.shards import DataError
+    from nl.trainer import USER_ERRORS, train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg)
+    except (*USER_ERRORS, DataError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
