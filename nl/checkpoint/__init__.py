@@ -166,5 +166,5 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     except (Exception, CheckpointException) as wrapped:  # noqa: BLE001 - any read failure
         e = _root_cause(wrapped)
         raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:300]}); if it is corrupt, move it "
+                              f"{(str(e).strip().splitlines() or ['no detail'])[-1][:300]}); if it is corrupt, move it "
                               f"away to resume from the previous checkpoint") from None
