@@ -23,6 +23,31 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class HopeConfig:
+    """HOPE (arch 'hope'): self-modifying Titans + Continuum Memory System; see nl/models/hope.py."""
+
+    # Sequence mixer: self_modifying (HOPE) | attention (Hope-Attention: causal softmax + RoPE)
+    # | titans (baseline: static q/k/v/gates, one neural memory with momentum and forgetting).
+    mixer: str = "self_modifying"
+    memory_type: str = "mlp"  # mlp: M(z) = z + W1 silu(W2 z) | linear: M(z) = W z
+    memory_hidden: int = 0  # hidden width of the memory MLPs; 0 = 2 * head_dim
+    chunk_size: int = 64  # in-context chunk of the generating memories (k, v, eta, alpha, q)
+    memory_chunk_size: int = 64  # in-context chunk of the read-out memory M_memory
+    eta_max: float = 1.0  # eta_t = eta_max * sigmoid(.)
+    conv_size: int = 4  # short causal depthwise convolutions after the static projections; 1 = none
+    dgd: bool = True  # False: plain gradient step (no x x^T decay term)
+    momentum: bool = True  # inner momentum P_t = mu_t P_{t-1} - eta_t grad
+    retention: bool = True  # False: alpha_t = 1 (no weight decay / forgetting gate)
+    static_k: bool = False  # k from a static projection instead of the memory M_k
+    static_v: bool = False  # v from a static projection instead of the memory M_v
+    adaptive_q: bool = False  # q from an inner memory M_q instead of the static projection
+    # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
+    # ([1] = no CMS: one ordinary MLP).
+    cms_chunk_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])
+    cms_hidden: int = 0  # SwiGLU width of every CMS level; 0 = model.ffn_hidden rule
+
+
+@dataclass
 class ModelConfig:
     arch: str = "transformer"  # a name in nl.models.MODEL_REGISTRY
     # 0 = take it from the data manifest (the tokenizer's vocabulary); a non-zero value
@@ -38,6 +63,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    hope: HopeConfig = field(default_factory=HopeConfig)  # read by arch 'hope' only
 
 
 @dataclass
@@ -121,6 +147,8 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "model.hope.mixer": ("self_modifying", "attention", "titans"),
+    "model.hope.memory_type": ("mlp", "linear"),
 }
 
 

@@ -224,3 +224,21 @@ def test_corrupt_checkpoint_is_refused_with_the_fix(token_dir, tmp_path):
     (ckpt / ".metadata").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"unreadable.*move it away"):
         train(small_cfg(token_dir, run, "train.steps=20"))
+
+
+def test_wandb_offline_logs_without_network(token_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    train(small_cfg(token_dir, run, "train.steps=3", "eval.every=0", "wandb.enabled=true",
+                    "wandb.mode=offline"))
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_bf16_autocast_trains_on_cpu(token_dir, tmp_path):
+    run = tmp_path / "run"
+    summary = train(small_cfg(token_dir, run, "train.steps=3", "eval.every=0", "train.precision=bf16"))
+    losses = [r["loss"] for r in read_metrics(run)[0]]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert abs(losses[0] - math.log(1024)) < 0.3 and summary["step"] == 3
