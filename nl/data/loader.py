@@ -1,0 +1,129 @@
+"""Deterministic, resumable token loader (OLMo-core style) and the in-order eval iterator.
+
+Training samples form one global stream independent of the world size: with N windows of
+seq_len+1 tokens (see TokenShards.num_windows), global sample s is window
+
+    perm(seed, s // N)[s % N],   perm(seed, epoch) = np.random.default_rng([seed, epoch]).permutation(N)
+
+Each `next_batch` consumes the next `global_batch_size` samples; rank r takes samples
+[r*B_local, (r+1)*B_local) of them. The whole loader state is (seed, samples_seen, seq_len, data
+fingerprint), so a resume is exact and may change the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from nl.data.shards import DataError, TokenShards
+
+
+def _to_batch(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T+1] token windows -> (inputs [B, T], targets [B, T]) as contiguous int64 tensors."""
+    w = torch.from_numpy(windows.astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class TokenLoader:
+    """Shuffled training batches of one rank; `next_batch()` -> (inputs, targets), each [B_local, seq_len]."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, global_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size}): check the launcher's RANK/WORLD_SIZE")
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise DataError(f"global batch size {global_batch_size} is not a positive multiple of the world size "
+                            f"{world_size}: set train.batch_size to a multiple of {world_size}")
+        if seed < 0:
+            raise DataError(f"seed must be >= 0, got {seed}: set train.seed to a non-negative integer")
+        shards.check_seq_len(seq_len, min_windows=1)
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.local_batch_size = global_batch_size // world_size
+        self.num_windows = shards.num_windows(seq_len)
+        self.fingerprint = shards.data_fingerprint
+        self.samples_seen = 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample (0-based)."""
+        return self.samples_seen // self.num_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        # Only the current epoch's permutation is kept: a batch straddling two epochs regenerates
+        # at most one, and afterwards the new epoch is the current one.
+        if epoch != self._perm_epoch:
+            n = self.num_windows
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm = perm.astype(np.int32) if n < 2**31 else perm
+            self._perm_epoch = epoch
+        return self._perm
+
+    def window_indices(self, first_sample: int, count: int) -> np.ndarray:
+        """Window index of each global sample in [first_sample, first_sample + count): [count] int64."""
+        out = np.empty(count, dtype=np.int64)
+        filled, n = 0, self.num_windows
+        while filled < count:
+            epoch, offset = divmod(first_sample + filled, n)
+            take = min(count - filled, n - offset)
+            out[filled:filled + take] = self._permutation(epoch)[offset:offset + take]
+            filled += take
+        return out
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch: (inputs, targets), int64 [B_local, seq_len]."""
+        first = self.samples_seen + self.rank * self.local_batch_size
+        idx = self.window_indices(first, self.local_batch_size)
+        windows = self.shards.windows(idx * self.seq_len, self.seq_len + 1)
+        self.samples_seen += self.global_batch_size
+        return _to_batch(windows)
+
+    def state_dict(self) -> dict:
+        """{"seed", "samples_seen", "seq_len", "fingerprint"}: plain ints and a str."""
+        return {"seed": self.seed, "samples_seen": self.samples_seen, "seq_len": self.seq_len,
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (any world size / rank); errors if it belongs to other data or settings."""
+        missing = {"seed", "samples_seen", "seq_len", "fingerprint"} - set(state)
+        if missing:
+            raise DataError(f"loader state lacks {', '.join(sorted(missing))}: it was not written by "
+                            f"TokenLoader.state_dict; resume from a checkpoint of this codebase")
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError(f"loader state fingerprint {str(state['fingerprint'])[:12]} does not match the data "
+                            f"({self.fingerprint[:12]}, {self.shards.dir}): the checkpoint was trained on other "
+                            f"data; resume with the same data.dir or start a new run")
+        if int(state["seq_len"]) != self.seq_len:
+            raise DataError(f"loader state has seq_len {state['seq_len']}, this run has {self.seq_len}: "
+                            f"resume with data.seq_len={state['seq_len']} or start a new run")
+        if int(state["seed"]) != self.seed:
+            raise DataError(f"loader state has seed {state['seed']}, this run has {self.seed}: "
+                            f"resume with train.seed={state['seed']} or start a new run")
+        self.samples_seen = int(state["samples_seen"])
+
+
+def iter_eval_batches(shards: TokenShards, seq_len: int, batch_size: int, max_batches: int = 0,
+                      rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows 0..N-1 of `shards` in order, as this rank's (inputs, targets) int64 [<=batch_size, seq_len].
+
+    Global eval batch g is windows [g*batch_size*W, (g+1)*batch_size*W) and rank r takes the r-th
+    equal part, so the ranks' windows are disjoint and every rank yields the same number of
+    batches (needed by collective forwards such as FSDP). Only the first N - N % W windows are
+    used (at most W-1 dropped); the last batch may be smaller. max_batches=0 means all batches.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size={world_size}): check the launcher's RANK/WORLD_SIZE")
+    if batch_size < 1:
+        raise DataError(f"eval batch size must be >= 1, got {batch_size}")
+    shards.check_seq_len(seq_len, min_windows=world_size)
+    usable = shards.num_windows(seq_len) // world_size * world_size
+    step = batch_size * world_size
+    for batch, first in enumerate(range(0, usable, step)):
+        if max_batches and batch >= max_batches:
+            return
+        local = min(step, usable - first) // world_size
+        idx = np.arange(first + rank * local, first + (rank + 1) * local, dtype=np.int64)
+        yield _to_batch(shards.windows(idx * seq_len, seq_len + 1))

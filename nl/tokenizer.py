@@ -1,0 +1,62 @@
+"""A thin wrapper over a sentencepiece model file (any .model works, e.g. a Llama-2-style 32K one)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nl.data.shards import DataError
+
+
+class Tokenizer:
+    """Sentencepiece tokenizer loaded from `path`.
+
+    `encode` adds no BOS/EOS: the data pipeline appends `eos_id` after every document itself.
+    `fingerprint` is the sha256 hex of the serialized model proto, so a copy of the file (e.g. the
+    one in a token directory or an export) has the same fingerprint as the original.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"tokenizer model {self.path} does not exist: pass a sentencepiece .model file "
+                            f"(train one with data_prep/train_tokenizer.py)")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{self.path} is not a sentencepiece model ({e}): pass a .model file written "
+                            f"by sentencepiece (e.g. data_prep/train_tokenizer.py)") from None
+        self.fingerprint: str = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        eos = self._sp.eos_id()
+        if eos < 0:
+            raise DataError(f"tokenizer {self.path} has no EOS piece, which separates documents: "
+                            f"use a model trained with an eos_id (data_prep/train_tokenizer.py does)")
+        return eos
+
+    @property
+    def bos_id(self) -> int | None:
+        """BOS id, or None when the model has no BOS piece."""
+        bos = self._sp.bos_id()
+        return bos if bos >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS/EOS added)."""
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (a list, a 1-D numpy array or tensor of ints)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self._sp.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
