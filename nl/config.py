@@ -41,6 +41,9 @@ class HopeConfig:
     static_k: bool = False  # k from a static projection instead of the memory M_k
     static_v: bool = False  # v from a static projection instead of the memory M_v
     adaptive_q: bool = False  # q from an inner memory M_q instead of the static projection
+    # Recompute each in-context chunk in the backward pass instead of storing its intermediates
+    # (activation memory of the inner memories drops ~10x for ~1/3 more compute).
+    recompute_chunks: bool = True
     # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
     # ([1] = no CMS: one ordinary MLP).
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])
@@ -107,7 +110,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 100  # steps between validation runs; 0 disables periodic validation
-    max_batches: int = 20  # validation batches (of train.micro_batch_size sequences); 0 = whole split
+    max_batches: int = 20  # validation batches of train.batch_size sequences; 0 = whole split
 
 
 @dataclass
@@ -120,6 +123,16 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
+
+
+@dataclass
+class DistConfig:
+    # single: one process. ddp: DistributedDataParallel. fsdp: FSDP2 fully_shard per block.
+    strategy: str = "single"
+    # Activation checkpointing of the model's blocks: none | full (every block) | every_n.
+    activation_checkpointing: str = "none"
+    ac_every_n: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
+    timeout_s: int = 600  # every collective fails after this long instead of hanging
 
 
 @dataclass
@@ -139,6 +152,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -147,6 +161,8 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "dist.strategy": ("single", "ddp", "fsdp"),
+    "dist.activation_checkpointing": ("none", "full", "every_n"),
     "model.hope.mixer": ("self_modifying", "attention", "titans"),
     "model.hope.memory_type": ("mlp", "linear"),
 }

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from nl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, s
 from nl.config import Config, ConfigError, to_dict, to_yaml
 from nl.data.loader import TokenLoader, iter_eval_batches
 from nl.data.shards import TokenShards
+from nl.distributed import all_reduce_sum, full_norm, init_distributed, parallelize, set_gradient_sync
 from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.metrics import MetricsLogger, peak_flops
 from nl.models import build_model, count_parameters, flops_per_token
@@ -142,24 +144,48 @@ def _open_data(cfg: Config) -> tuple[TokenShards, TokenShards | None]:
     return train, val
 
 
+class StopSignal:
+    """SIGTERM / SIGUSR1 (slurm pre-emption) ask for a save at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`; returns a summary of the final state."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("this train.py runs one process; multi-process strategies are not built yet: "
-                          "launch without torchrun")
-    rank, world_size, coordinator = 0, 1, True
-    device = resolve_device(cfg.train.device)
+    env = init_distributed(cfg, resolve_device(cfg.train.device))
+    rank, world_size, coordinator, device = env.rank, env.world_size, env.coordinator, env.device
     autocast = autocast_for(device, cfg.train.precision)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     micro_bs, accum_steps = _batch_split(cfg, world_size)
     train_data, val_data = _open_data(cfg)
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if coordinator:
+        (run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    n_params = count_parameters(model)  # before sharding: FSDP2 parameters hold only a shard
+    model = parallelize(model, cfg, env, use_bf16)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
                           cfg.train.min_lr_ratio, cfg.train.decay_fraction)
@@ -183,7 +209,6 @@ def train(cfg: Config) -> dict:
         loader.load_state_dict(trainer_state["loader"])
         _set_rng_state(trainer_state["rng"])
 
-    n_params = count_parameters(model)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops(device)
@@ -200,15 +225,20 @@ def train(cfg: Config) -> dict:
     def validate() -> float | None:
         if val_data is None:
             return None
-        batches = iter_eval_batches(val_data, cfg.data.seq_len, micro_bs, cfg.eval.max_batches,
+        # max_batches counts global batches of train.batch_size sequences, so the evaluated
+        # windows do not depend on the world size or the micro-batch split.
+        batches = iter_eval_batches(val_data, cfg.data.seq_len, micro_bs, cfg.eval.max_batches * accum_steps,
                                     rank=rank, world_size=world_size)
         loss_sum, count = evaluate_loss(model, batches, device, autocast)
-        return (loss_sum / count).item()
+        totals = all_reduce_sum(torch.stack([loss_sum, count]))
+        return (totals[0] / totals[1]).item()
 
     model.train()
-    last_loss, last_val = float("nan"), None
+    last_loss, last_val, preempted = float("nan"), None, False
     window_start, window_tokens = time.perf_counter(), 0
+    stop = StopSignal()
     try:
+        stop.__enter__()
         while step < cfg.train.steps:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.lr * schedule(step)
@@ -217,15 +247,19 @@ def train(cfg: Config) -> dict:
             for micro in range(accum_steps):
                 x = inputs[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
                 y = targets[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-                with autocast:
+                with set_gradient_sync(model, micro == accum_steps - 1), autocast:
                     loss = token_loss_sum(model, x, y) / tokens_per_step
-                loss.backward()
+                    # DDP and FSDP average gradients over ranks; the sum over ranks is wanted.
+                    (loss * world_size).backward()
                 loss_sum += loss.detach()
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+            grad_norm = full_norm(nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True))
             # One host sync per step, deliberately: a non-finite loss must stop the run before
-            # the optimizer writes it into the weights (and so into any later checkpoint).
-            loss_value, norm_value = torch.stack([loss_sum, grad_norm.float()]).tolist()
+            # the optimizer writes it into the weights (and so into any later checkpoint). The
+            # same all-reduce tells every rank whether any of them was asked to stop.
+            stop_flag = torch.tensor(float(stop.received is not None), device=device)
+            reduced = all_reduce_sum(torch.stack([loss_sum, stop_flag]))
+            (loss_value, stop_votes), norm_value = reduced.tolist(), grad_norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 last_ckpt = latest_checkpoint(run_dir)
                 raise TrainingError(
@@ -259,12 +293,21 @@ def train(cfg: Config) -> dict:
             if (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
                 save()
                 window_start = time.perf_counter()
+            elif stop_votes > 0:
+                save()
+            if stop_votes > 0 and step < cfg.train.steps:
+                preempted = True
+                progress.write(f"stop signal received: saved step {step} to {latest_checkpoint(run_dir)}; "
+                               f"rerun the same command to resume")
+                break
     finally:
+        stop.__exit__()
         progress.close()
         logger.close()
     final_ckpt = latest_checkpoint(run_dir)
     return {"step": step, "loss": last_loss, "val_loss": last_val, "tokens": tokens_seen,
-            "parameters": n_params, "run_dir": str(run_dir), "checkpoint": str(final_ckpt)}
+            "parameters": n_params, "run_dir": str(run_dir), "checkpoint": str(final_ckpt),
+            "preempted": preempted, "world_size": world_size, "strategy": cfg.dist.strategy}
 
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError)

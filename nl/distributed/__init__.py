@@ -1,0 +1,114 @@
+"""Process-group setup and parallelisation applied to a model from outside.
+
+Order as in torchtitan: activation checkpointing on each block, then DDP or FSDP2
+(`fully_shard` per block, then the root, which groups embeddings, final norm and head).
+The model code never knows whether it is sharded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from nl.config import Config, ConfigError
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.5
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def coordinator(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: Config, device: torch.device) -> DistEnv:
+    """Join the process group torchrun/srun set up (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
+
+    Every collective gets a finite timeout (dist.timeout_s) so a dead rank cannot hang the job."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if cfg.dist.strategy not in ("single", "ddp", "fsdp"):
+            raise ConfigError(f"unknown dist.strategy {cfg.dist.strategy!r}")
+        return DistEnv(0, 1, 0, device)
+    if cfg.dist.strategy == "single":
+        raise ConfigError(f"dist.strategy=single but {world_size} processes were launched: set "
+                          f"dist.strategy=ddp or fsdp, or launch one process")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.dist.timeout_s))
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int) -> None:
+    """Recompute the activations of `model.layers[i]` in backward (all, or every n-th block).
+
+    checkpoint_wrapper strips its own prefix from state-dict keys, so checkpoints are
+    interchangeable with and without it."""
+    if mode == "none":
+        return
+    if every_n < 1:
+        raise ConfigError(f"dist.ac_every_n must be >= 1, got {every_n}")
+    for i, block in enumerate(model.layers):
+        if mode == "full" or i % every_n == 0:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def parallelize(model: nn.Module, cfg: Config, env: DistEnv, bf16: bool) -> nn.Module:
+    """Apply activation checkpointing, then the data-parallel strategy of cfg.dist.strategy."""
+    apply_activation_checkpointing(model, cfg.dist.activation_checkpointing, cfg.dist.ac_every_n)
+    if env.world_size == 1 or cfg.dist.strategy == "single":
+        return model
+    if cfg.dist.strategy == "ddp":
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch."""
+    import contextlib
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A grad norm from clip_grad_norm_: FSDP2 returns a DTensor; make it a plain tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
