@@ -31,14 +31,23 @@ def overrides(token_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def command(nproc: int, token_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    base = [sys.executable]
-    if nproc > 1:
-        base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return base + ["train.py", "--config", "configs/tiny.yaml", *overrides(token_dir, run_dir, *extra)]
+    """`python train.py ...`, or launch/torchrun.sh for several processes (as README says)."""
+    launcher = ["bash", "launch/torchrun.sh", str(nproc)] if nproc > 1 else [sys.executable, "train.py"]
+    return launcher + ["--config", "configs/tiny.yaml", *overrides(token_dir, run_dir, *extra)]
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, **extra}
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, n: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)[0]) >= n:
+            return
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("training did not start in time")
 
 
 def launch(nproc: int, token_dir: Path, run_dir: Path, *extra: str) -> tuple[list[float], list[float]]:
@@ -122,14 +131,7 @@ def test_sigterm_saves_on_every_rank_and_rerun_resumes(token_dir, tmp_path):
                   "eval.every=0")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training is under way
-        if (run / "metrics.jsonl").exists() and len(metrics(run)[0]) >= 3:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("training did not start in time")
+    wait_for_steps(proc, run, 3)
     os.killpg(proc.pid, signal.SIGTERM)  # as slurm or a scheduler would: the whole process group
     out, _ = proc.communicate(timeout=90)
     ckpts = list_checkpoints(run)
@@ -140,3 +142,29 @@ def test_sigterm_saves_on_every_rank_and_rerun_resumes(token_dir, tmp_path):
     subprocess.run(cmd[:-3] + [f"train.steps={stopped_at + 2}", "checkpoint.every=0", "eval.every=0"], cwd=REPO, env=env(), check=True, capture_output=True,
                    timeout=300)
     assert len(metrics(run)[0]) == 2  # resumed at the saved step and ran the remaining two
+
+
+def test_slurm_script_on_preemption_saves_and_requeues(token_dir, tmp_path):
+    """launch/slurm.sbatch run as slurm would (srun/scontrol replaced by local shims), then
+    sent the pre-emption signal USR1: every rank saves, and the job requeues itself."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (shims / "scontrol").write_text('#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo 127.0.0.1; '
+                                    f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    run = tmp_path / "run"
+    slurm_env = env(PATH=f"{shims}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="1",
+                    SLURM_JOB_NODELIST="node001", GPUS_PER_NODE="2", SLURM_SUBMIT_DIR=str(REPO))
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--config", "configs/tiny.yaml",
+                             *overrides(token_dir, run, "dist.strategy=fsdp", "train.steps=2000",
+                                        "checkpoint.every=0", "eval.every=0")],
+                            cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wait_for_steps(proc, run, 3)
+    os.kill(proc.pid, signal.SIGUSR1)  # --signal=B:USR1@300 targets the batch script only
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert len(list_checkpoints(run)) == 1 and "stop signal received" in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
