@@ -93,3 +93,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 # Each architecture module registers itself on import; import new ones (e.g. hope) here.
 from nl.models import transformer  # noqa: E402,F401
+from nl.models import hope  # noqa: E402,F401

@@ -1,0 +1,454 @@
+"""HOPE: self-modifying Titans + Continuum Memory System (HOPE_SPEC.md sections 2-4).
+
+    h = embed(input_ids)
+    for each block:  h = h + Mixer(RMSNorm(h)) ; h = CMS(h)
+    logits = output(RMSNorm(h))      (output.weight is embed.weight when tie_embeddings)
+
+    CMS(h) = level_{K-1}( ... level_0(h)),  level_l(h) = h + SwiGLU_l(RMSNorm_l(h))
+
+Mixer (`model.hope.mixer`): `self_modifying` (HOPE), `attention` (Hope-Attention: causal
+softmax attention with RoPE) or `titans` (baseline: static projections, one neural memory).
+CMS level l's parameters are named `layers.<i>.cms.levels.<l>.*` (`cms_level_of`); the
+optimizer steps level l every `cms_chunk_sizes[l]` outer steps.
+
+Inference: `prefill(input_ids)` runs the chunked forward and returns the recurrent state
+(inner memories, their anchors and momenta, the convolution tails: constant size in the
+context length, no KV cache); `step(token, state)` continues one token; `generate` samples.
+`restore_after_adaptation(model)` undoes any weight change made inside it.
+
+Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in HopeConfig):
+- Per head: a static projection W_z (d -> H x d_h) + causal depthwise conv (window 4) + SiLU
+  gives z_t, the input of every generator memory; q_t = silu(conv(W_q x_t)); static k / v
+  (ablations) likewise with their own W_k / W_v. k_t, v_t are the memories' outputs (no
+  further SiLU); q_t and k_t are L2-normalised (eps 1e-6) inside the recurrence.
+- Gates per head and token: eta = eta_max * sigmoid(w_eta . M_eta(z) + b_eta),
+  alpha = sigmoid(w_alpha . M_alpha(z) + b_alpha), momentum mu = sigmoid(w_mu . M_eta(z) + b_mu)
+  (M_eta generates both optimizer hyper-parameters). Biases start at eta = 0.1 eta_max,
+  alpha = 0.99, mu = 0.5. Without retention M_alpha does not exist.
+- The inner loss is 1/2 ||M(k) - vhat||^2 (the 2 of the squared norm is absorbed in eta); vhat
+  is a target (no gradient through it inside the inner step).
+- Momentum with DGD: P_t = mu_t P_{t-1} - eta_t grad, M_t = M_{t-1}(alpha_t I - eta_t x x^T) + P_t
+  (the DGD decay acts on the memory, the momentum carries the gradient term); see nl/ops/delta_rule.py.
+- Memory MLP: M(z) = z + W1 silu(W2 z), hidden 2 d_h; initial states W1 ~ N(0, init_std),
+  W2 ~ N(0, 1/hidden) (near identity; a zero memory would stay zero, its targets being its own
+  outputs). Linear memories start at I + N(0, init_std).
+- Output: wo(RMSNorm_head(o) * silu(W_g x)) (GatedDeltaNet-style gate). The recurrence runs in
+  fp32 (or wider) whatever the model dtype. The Titans baseline is mixer=titans with dgd=false
+  and cms_chunk_sizes=[1]: static q/k/v, eta/alpha/mu = linear(x) with bias, one MLP memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nl.config import ConfigError, ModelConfig
+from nl.models import register_model
+from nl.models.layers import RMSNorm, SwiGLU, precompute_rope, resolve_ffn_hidden
+from nl.models.transformer import Attention
+from nl.ops.titans import GENERATORS, RecurrenceConfig, RecurrentState, titans_chunked, titans_reference, titans_step
+
+_CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
+
+# Initial gate biases (decided here; HOPE_SPEC.md is silent): eta_t = 0.1 * eta_max,
+# alpha_t = 0.99, mu_t = 0.5 at initialisation.
+_BIAS_INIT = {"eta": math.log(0.1 / 0.9), "alpha": math.log(0.99 / 0.01), "mu": 0.0}
+
+
+def cms_level_of(param_name: str) -> int | None:
+    """CMS level of a parameter from its name ('layers.3.cms.levels.1.mlp.w1.weight' -> 1), else None.
+
+    Works on names with wrapper prefixes (e.g. '_orig_mod.' or FSDP's)."""
+    match = _CMS_LEVEL.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time, window `size`. x: [B, T, C] -> [B, T, C]."""
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.weight = nn.Parameter(torch.empty(channels, size))
+
+    def init_weights(self) -> None:
+        bound = 1.0 / math.sqrt(self.size)  # nn.Conv1d's default for a depthwise kernel
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv1d(F.pad(x.transpose(1, 2), (self.size - 1, 0)), self.weight[:, None, :], groups=x.shape[-1])
+        return y.transpose(1, 2)
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The last size-1 inputs of x [B, T, C] (zero-padded on the left): the decoding cache."""
+        return F.pad(x.transpose(1, 2), (self.size - 1, 0))[..., x.shape[1]:].transpose(1, 2)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token. x: [B, 1, C]; cache: [B, size-1, C] -> (y [B, 1, C], new cache)."""
+        window = torch.cat([cache, x], dim=1)
+        return (window * self.weight.T).sum(1, keepdim=True), window[:, 1:]
+
+
+class Projection(nn.Module):
+    """silu(conv(W x)) split into heads: x [B, T, dim] -> [B, H, T, head_dim] (no conv when conv_size = 1)."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, conv_size: int) -> None:
+        super().__init__()
+        self.shape = (n_heads, head_dim)
+        self.linear = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.conv = ShortConv(n_heads * head_dim, conv_size) if conv_size > 1 else None
+
+    def _heads(self, y: torch.Tensor) -> torch.Tensor:
+        return F.silu(y).unflatten(-1, self.shape).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ([B, H, T, head_dim], the conv cache after the last token)."""
+        y = self.linear(x)
+        if self.conv is None:
+            return self._heads(y), None
+        return self._heads(self.conv(y)), self.conv.tail(y)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y = self.linear(x)
+        if self.conv is not None:
+            y, cache = self.conv.step(y, cache)
+        return self._heads(y), cache
+
+
+@dataclass
+class MixerState:
+    """Decoding state of one recurrent mixer: its conv caches and the inner-memory recurrence."""
+
+    conv: dict[str, torch.Tensor | None]
+    rec: RecurrentState
+
+
+class SelfModifyingTitans(nn.Module):
+    """Self-modifying Titans sequence mixer (and, with mixer='titans', the Titans baseline).
+
+    x: [B, T, dim] -> [B, T, dim]. Per head (H heads of d_h = dim / H):
+      z_t = silu(conv(W_z x_t))  feeds the inner generator memories M_k, M_v, M_eta, M_alpha
+      (and M_q with adaptive_q); q_t = silu(conv(W_q x_t)) (static), or static k/v likewise;
+      the recurrence of `nl.ops.titans` gives o_t = M_{memory,t-1}(q_t);
+      y_t = W_o (RMSNorm(o_t) * silu(W_g x_t))   (output norm per head, linear gate).
+    Titans baseline: q, k, v static; eta, alpha, mu logits = linear(x_t) (with bias); only M_memory.
+    Initial states of all memories are outer parameters `memory_init.<name>_<layer>` ([H, O, I])."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hc = cfg.hope
+        H, dh = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.n_heads, self.head_dim = H, dh
+        self.init_std = float(cfg.init_std)
+        self.memory_type = str(hc.memory_type)
+        self.memory_hidden = int(hc.memory_hidden) or 2 * dh
+        self.rcfg = RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max),
+                                     bool(hc.dgd), bool(hc.momentum), bool(hc.retention),
+                                     bool(hc.recompute_chunks))
+        if hc.mixer == "titans":
+            self.generators: tuple[str, ...] = ()
+            static = ("q", "k", "v")
+            self.gate_proj = nn.Linear(cfg.dim, 3 * H, bias=True)  # eta, alpha, mu logits
+        else:
+            enabled = {"q": hc.adaptive_q, "k": not hc.static_k, "v": not hc.static_v, "eta": True,
+                       "alpha": hc.retention}
+            self.generators = tuple(n for n in GENERATORS if enabled[n])
+            static = tuple(n for n in ("q", "k", "v") if n not in self.generators)
+            self.gate_proj = None
+        self.proj = nn.ModuleDict({n: Projection(cfg.dim, H, dh, int(hc.conv_size)) for n in static})
+        if self.generators:
+            self.proj["z"] = Projection(cfg.dim, H, dh, int(hc.conv_size))
+        self.memory_init = nn.ParameterDict()
+        for name in (*self.generators, "memory"):
+            for i, shape in enumerate(self._layer_shapes()):
+                self.memory_init[f"{name}_{i}"] = nn.Parameter(torch.empty(H, *shape))
+        self.readout = nn.ParameterDict()
+        gates = [g for g, used in (("eta", "eta" in self.generators), ("alpha", "alpha" in self.generators),
+                                   ("mu", "eta" in self.generators and self.rcfg.momentum)) if used]
+        for g in gates:
+            self.readout[f"w_{g}"] = nn.Parameter(torch.empty(H, dh))
+            self.readout[f"b_{g}"] = nn.Parameter(torch.empty(H))
+        self.out_norm = RMSNorm(dh, cfg.norm_eps)
+        self.gate = nn.Linear(cfg.dim, H * dh, bias=False)
+        self.wo = nn.Linear(H * dh, cfg.dim, bias=False)
+        self.reference = False  # True: run the token-by-token reference (tests)
+
+    def _layer_shapes(self) -> list[tuple[int, int]]:
+        d, h = self.head_dim, self.memory_hidden
+        return [(d, d)] if self.memory_type == "linear" else [(d, h), (h, d)]  # (W,) | (W1, W2)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Projections, gate ~ N(0, std); wo ~ N(0, out_std); memory initial states: linear W = I + N(0, std),
+        MLP W1 ~ N(0, std), W2 ~ N(0, 1/hidden) (M starts near the identity); readout w ~ N(0, std),
+        biases from `_BIAS_INIT`."""
+        for p in self.proj.values():
+            nn.init.normal_(p.linear.weight, std=std)
+            if p.conv is not None:
+                p.conv.init_weights()
+        for name, w in self.memory_init.items():
+            if self.memory_type == "linear":
+                with torch.no_grad():
+                    nn.init.normal_(w, std=std).add_(torch.eye(self.head_dim, device=w.device, dtype=w.dtype))
+            else:
+                nn.init.normal_(w, std=std if name.endswith("_0") else 1.0 / math.sqrt(self.memory_hidden))
+        for name, w in self.readout.items():
+            if name.startswith("w_"):
+                nn.init.normal_(w, std=std)
+            else:
+                nn.init.constant_(w, _BIAS_INIT[name[2:]])
+        if self.gate_proj is not None:
+            nn.init.normal_(self.gate_proj.weight, std=std)
+            with torch.no_grad():
+                for i, g in enumerate(("eta", "alpha", "mu")):
+                    self.gate_proj.bias[i * self.n_heads:(i + 1) * self.n_heads] = _BIAS_INIT[g]
+        self.out_norm.reset_parameters()
+        nn.init.normal_(self.gate.weight, std=std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+    def _states(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        n_layers = len(self._layer_shapes())
+        return {name: tuple(self.memory_init[f"{name}_{i}"] for i in range(n_layers))
+                for name in (*self.generators, "memory")}
+
+    def _gate_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.gate_proj is None:
+            return {}
+        logits = self.gate_proj(x).unflatten(-1, (3, self.n_heads)).permute(2, 0, 3, 1)  # [3, B, H, T]
+        return dict(zip(("eta", "alpha", "mu"), logits))
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        o = self.out_norm(o).transpose(1, 2).flatten(2)  # [B, T, H * dh]
+        return self.wo(o * F.silu(self.gate(x)))
+
+    def _recurrence_inputs(self, inputs: dict[str, torch.Tensor], x: torch.Tensor):
+        """(z, static, states, readout) for nl.ops.titans, in at least fp32: the inner recurrence
+        (decays, triangular solves) always runs in fp32 or wider, whatever the model's dtype."""
+        ct = torch.promote_types(x.dtype, torch.float32)
+        z = inputs.pop("z", None)
+        static = {n: t.to(ct) for n, t in {**inputs, **self._gate_logits(x)}.items()}
+        states = {n: tuple(w.to(ct) for w in m) for n, m in self._states().items()}
+        return (None if z is None else z.to(ct)), static, states, {n: w.to(ct) for n, w in self.readout.items()}
+
+    def forward_with_state(self, x: torch.Tensor) -> tuple[torch.Tensor, MixerState]:
+        inputs, caches = {}, {}
+        for name, p in self.proj.items():
+            inputs[name], caches[name] = p(x)
+        z, static, states, readout = self._recurrence_inputs(inputs, x)
+        run = titans_reference if self.reference else titans_chunked
+        o, rec = run(z, static, states, readout, self.rcfg)
+        return self._output(o.to(x.dtype), x), MixerState(caches, rec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_state(x)[0]
+
+    def step(self, x: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """One token x [B, 1, dim] from `state` -> (y [B, 1, dim], the next state)."""
+        inputs, caches = {}, {}
+        for name, p in self.proj.items():
+            inputs[name], caches[name] = p.step(x, state.conv[name])
+        z, static, _, readout = self._recurrence_inputs(inputs, x)
+        o, rec = titans_step(state.rec, z, static, readout, self.rcfg)
+        return self._output(o.to(x.dtype), x), MixerState(caches, rec)
+
+
+class CMSLevel(nn.Module):
+    """x + SwiGLU(RMSNorm(x)). x: [B, T, dim] -> [B, T, dim]."""
+
+    def __init__(self, dim: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class CMS(nn.Module):
+    """Continuum Memory System: a chain of levels, level l updated every chunk_sizes[l] outer steps."""
+
+    def __init__(self, dim: int, hidden: int, chunk_sizes: list[int], eps: float) -> None:
+        super().__init__()
+        self.chunk_sizes = list(chunk_sizes)
+        self.levels = nn.ModuleList(CMSLevel(dim, hidden, eps) for _ in chunk_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for level in self.levels:
+            x = level(x)
+        return x
+
+
+class HopeBlock(nn.Module):
+    """h = x + Mixer(RMSNorm(x)); y = CMS(h). x: [B, T, dim] -> [B, T, dim]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hc = cfg.hope
+        self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mixer = Attention(cfg.dim, cfg.n_heads) if hc.mixer == "attention" else SelfModifyingTitans(cfg)
+        hidden = int(hc.cms_hidden) or resolve_ffn_hidden(cfg.dim, cfg.ffn_hidden, cfg.ffn_multiple_of)
+        self.cms = CMS(cfg.dim, hidden, list(hc.cms_chunk_sizes), cfg.norm_eps)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.mixer_norm.reset_parameters()
+        if isinstance(self.mixer, Attention):
+            for linear in (self.mixer.wq, self.mixer.wk, self.mixer.wv):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(self.mixer.wo.weight, std=out_std)
+        else:
+            self.mixer.init_weights(std, out_std)
+        for level in self.cms.levels:
+            level.norm.reset_parameters()
+            nn.init.normal_(level.mlp.w1.weight, std=std)
+            nn.init.normal_(level.mlp.w3.weight, std=std)
+            nn.init.normal_(level.mlp.w2.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = self.mixer_norm(x)
+        h = self.mixer(h, *rope) if rope is not None else self.mixer(h)
+        return self.cms(x + h)
+
+
+def _validate_hope(cfg: ModelConfig) -> None:
+    hc = cfg.hope
+    if len(hc.cms_chunk_sizes) == 0 or any(c < 1 for c in hc.cms_chunk_sizes):
+        raise ConfigError(f"model.hope.cms_chunk_sizes={list(hc.cms_chunk_sizes)} must be a non-empty list of "
+                          f"positive integers (one per CMS level; [1] = a single MLP)")
+    for key in ("chunk_size", "memory_chunk_size", "conv_size"):
+        if getattr(hc, key) < 1:
+            raise ConfigError(f"model.hope.{key} must be >= 1, got {getattr(hc, key)}")
+    if hc.eta_max <= 0:
+        raise ConfigError(f"model.hope.eta_max must be positive, got {hc.eta_max}")
+
+
+@register_model("hope")
+class Hope(nn.Module):
+    """HOPE language model. forward: input_ids LongTensor[B, T] -> logits FloatTensor[B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _validate_hope(cfg)
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.rope_theta = float(cfg.rope_theta)
+        self.init_std = float(cfg.init_std)
+        self.tie_embeddings = bool(cfg.tie_embeddings)
+        self.mixer = str(cfg.hope.mixer)
+        self.cms_chunk_sizes = [int(c) for c in cfg.hope.cms_chunk_sizes]
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(HopeBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (after `to_empty`, or to re-initialise).
+
+        Embedding, input projections, LM head ~ N(0, init_std); residual-branch outputs (mixer
+        wo, CMS w2) ~ N(0, init_std / sqrt(2 * n_blocks)); see SelfModifyingTitans.init_weights."""
+        std = self.init_std
+        if self.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        out_std = std / math.sqrt(2 * len(self.layers))
+        for block in self.layers:
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if not self.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def cms_level_params(self) -> dict[int | None, list[nn.Parameter]]:
+        """{level: its parameters over all blocks}; key None: every parameter outside the CMS."""
+        groups: dict[int | None, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            groups.setdefault(cms_level_of(name), []).append(p)
+        return groups
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(input_ids)
+        rope = None
+        if self.mixer == "attention":
+            rope = precompute_rope(self.head_dim, input_ids.shape[1], self.rope_theta, device=h.device)
+        for block in self.layers:
+            h = block(h, rope)
+        return self.output(self.norm(h)).float()
+
+    # ------------------------------------------------------------ inference ----------
+
+    def _check_recurrent(self) -> None:
+        if self.mixer == "attention":
+            raise RuntimeError("recurrent decoding needs a recurrent mixer; Hope-Attention would need a "
+                                      "KV cache: decode it with repeated forward() calls")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MixerState]]:
+        """Chunked forward over a prompt [B, T] -> (logits [B, T, V], per-block recurrent state)."""
+        self._check_recurrent()
+        h = self.tok_embeddings(input_ids)
+        states = []
+        for block in self.layers:
+            o, state = block.mixer.forward_with_state(block.mixer_norm(h))
+            h = block.cms(h + o)
+            states.append(state)
+        return self.output(self.norm(h)).float(), states
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, states: list[MixerState]) -> tuple[torch.Tensor, list[MixerState]]:
+        """One token per sequence, token [B] -> (logits [B, V], the next states). Constant memory per token."""
+        h = self.tok_embeddings(token[:, None])
+        new = []
+        for block, state in zip(self.layers, states):
+            o, state = block.mixer.step(block.mixer_norm(h), state)
+            h = block.cms(h + o)
+            new.append(state)
+        return self.output(self.norm(h))[:, 0].float(), new
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue prompts [B, T] by max_new_tokens tokens -> [B, T + max_new_tokens].
+
+        temperature 0 = greedy; top_k > 0 samples among the k most likely tokens."""
+        logits, states = self.prefill(input_ids)
+        logits, out = logits[:, -1], [input_ids]
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            out.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                logits, states = self.step(token, states)
+        return torch.cat(out, dim=1)
+
+
+@contextlib.contextmanager
+def restore_after_adaptation(model: nn.Module) -> Iterator[nn.Module]:
+    """Undo every change test-time adaptation makes to `model` inside the block.
+
+    Restores, in place, all parameters and buffers (values; tied weights stay tied),
+    requires_grad flags and train/eval modes. (The inner memories of a forward pass are
+    per-call state and never touch the module; this covers adaptation that writes weights.)"""
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(saved[k])
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        for n, m in model.named_modules():
+            m.training = modes[n]

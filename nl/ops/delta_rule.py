@@ -1,0 +1,175 @@
+"""Delta Gradient Descent (DGD) on one linear layer: the token-by-token step and its chunk form.
+
+A layer S (shape [..., O, I]) is trained in context on inputs x_t ([I]) with the gradient
+term g_t x_t^T of an objective, g_t ([O]) taken at the chunk's ANCHOR (the state at the end
+of the previous chunk; see HOPE_SPEC.md section 2). Per token (arXiv Eq. 88, DGD):
+
+    S_t = S_{t-1} (alpha_t I - eta_t x_t x_t^T) - eta_t g_t x_t^T                   (no momentum)
+
+With inner momentum P (our design; Titans' S_t = mu S_{t-1} - eta grad, M_t = alpha M_{t-1} + S_t,
+with DGD's input-dependent decay kept on the memory itself):
+
+    P_t = mu_t P_{t-1} - eta_t g_t x_t^T
+    S_t = S_{t-1} (alpha_t I - eta_t x_t x_t^T) + P_t                                  (momentum)
+
+Without DGD the x_t x_t^T term is dropped (plain gradient step): S_t = alpha_t S_{t-1} + ....
+With chunk size 1 the anchor is S_{t-1}, so these are the fully online rules.
+
+Chunk form (UT transform, as in flash-linear-attention). Inside a chunk of C tokens with
+S_0 the anchor, write w_t = -eta_t g_t and delta_t = -eta_t S_{t-1} x_t (zero without DGD),
+so that S_t = alpha_t S_{t-1} + delta_t x_t^T + P_t. With cumulative products
+gamma_t = prod_{i<=t} alpha_i and m_t = prod_{i<=t} mu_i, D[t, j] = gamma_t / gamma_j and
+Mu[i, j] = m_i / m_j (j <= i), unrolling gives
+
+    S_t = gamma_t S_0 + c_t P_0 + sum_{j<=t} (D[t, j] delta_j + E[t, j] w_j) x_j^T,
+    E = D @ Mu,  c = D @ m                   (no momentum: E = D, no P term)
+
+and delta_t = -eta_t S_{t-1} x_t is the lower-triangular system
+
+    delta_t + eta_t sum_{j<t} D[t-1, j] (x_t . x_j) delta_j
+        = -eta_t (gamma_{t-1} S_0 x_t + c_{t-1} P_0 x_t + sum_{j<t} E[t-1, j] (x_t . x_j) w_j),
+
+solved for all t at once with one triangular solve (no loop over tokens). A read with a query
+q_t before the write at t is S_{t-1} q_t, from the same formula with (x_j . q_t).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_exp(rows: torch.Tensor, cols: torch.Tensor, diagonal: int) -> torch.Tensor:
+    """exp(rows[..., t] - cols[..., j]) where j <= t + diagonal, else 0. rows, cols [..., C] -> [..., C, C]."""
+    C = rows.shape[-1]
+    keep = torch.ones(C, C, dtype=torch.bool, device=rows.device).tril(diagonal)
+    diff = rows[..., :, None] - cols[..., None, :]
+    return diff.masked_fill(~keep, float("-inf")).exp()
+
+
+class ChunkGates:
+    """Decay coefficients of one chunk, shared by every layer and memory stepped with the same gates.
+
+    log_alpha, eta, log_mu: [..., C] (log_mu None = no momentum). Attributes (all [..., C] or
+    [..., C, C]): gamma_prev[t] = gamma_{t-1}; Dp[t, j] = D[t-1, j] (j < t); Ep, cp the same
+    shift of E and c; and the end-of-chunk rows D_end, E_end, gamma_end, c_end, Mu_end, m_end."""
+
+    def __init__(self, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None) -> None:
+        self.eta = eta
+        self.momentum = log_mu is not None
+        lg = log_alpha.cumsum(-1)
+        lg_prev = lg - log_alpha
+        self.gamma_prev = lg_prev.exp()
+        self.gamma_end = lg[..., -1].exp()
+        self.Dp = _masked_exp(lg_prev, lg, diagonal=-1)
+        self.D_end = (lg[..., -1:] - lg).exp()
+        if self.momentum:
+            lm = log_mu.cumsum(-1)
+            mu_mat = _masked_exp(lm, lm, diagonal=0)
+            m = lm.exp()
+            self.Ep = self.Dp @ mu_mat
+            self.cp = (self.Dp @ m[..., None])[..., 0]
+            self.E_end = (self.D_end[..., None, :] @ mu_mat)[..., 0, :]
+            self.c_end = (self.D_end * m).sum(-1)
+            self.Mu_end = mu_mat[..., -1, :]
+            self.m_end = m[..., -1]
+        else:
+            self.Ep = self.Dp
+            self.E_end = self.D_end
+
+
+class ChunkLayer:
+    """One linear layer S over one chunk: solves for the DGD terms once, then reads and the end state.
+
+    S0, P0: [..., O, I] anchor and momentum at the chunk start (P0 None without momentum);
+    X: [..., C, I] layer inputs x_t; G: [..., C, O] gradient factors g_t (grad_S L_t = g_t x_t^T,
+    computed at the anchor); gates: ChunkGates broadcastable to [..., C]."""
+
+    def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
+                 gates: ChunkGates, dgd: bool) -> None:
+        self.S0, self.P0, self.X, self.g = S0, P0, X, gates
+        eta = gates.eta[..., None]
+        self.W = -eta * G                                    # w_t = -eta_t g_t
+        XX = X @ X.mT                                        # [..., C, C]
+        self.delta = None
+        if dgd:
+            base = gates.gamma_prev[..., None] * (X @ S0.mT) + (gates.Ep * XX) @ self.W
+            if P0 is not None:
+                base = base + gates.cp[..., None] * (X @ P0.mT)
+            A = eta * (gates.Dp * XX)                        # strictly lower triangular
+            self.delta = torch.linalg.solve_triangular(A, -eta * base, upper=False, unitriangular=True)
+
+    def read(self, Q: torch.Tensor) -> torch.Tensor:
+        """S_{t-1} q_t for every token of the chunk (read before write). Q: [..., C, I] -> [..., C, O]."""
+        g = self.g
+        QX = Q @ self.X.mT
+        out = g.gamma_prev[..., None] * (Q @ self.S0.mT)
+        if self.P0 is not None:
+            out = out + g.cp[..., None] * (Q @ self.P0.mT)
+        if self.delta is not None and not g.momentum:
+            return out + (g.Dp * QX) @ (self.W + self.delta)
+        out = out + (g.Ep * QX) @ self.W
+        if self.delta is not None:
+            out = out + (g.Dp * QX) @ self.delta
+        return out
+
+    def end_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S_C, P_C): the layer and its momentum after the chunk's last token."""
+        g = self.g
+        coef = g.E_end[..., None] * self.W
+        if self.delta is not None:
+            coef = coef + g.D_end[..., None] * self.delta
+        S = g.gamma_end[..., None, None] * self.S0 + coef.mT @ self.X
+        if self.P0 is None:
+            return S, None
+        S = S + g.c_end[..., None, None] * self.P0
+        P = g.m_end[..., None, None] * self.P0 + (g.Mu_end[..., None] * self.W).mT @ self.X
+        return S, P
+
+
+def dgd_step(S: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor,
+             eta: torch.Tensor, mu: torch.Tensor | None, dgd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token of the rule, straight from the equations (reference and decoding path).
+
+    S, P: [..., O, I]; x: [..., I]; g: [..., O] (gradient factor at the anchor); alpha, eta, mu: [...]."""
+    a, e = alpha[..., None, None], eta[..., None, None]
+    grad = g[..., :, None] * x[..., None, :]                 # g x^T
+    new = a * S
+    if dgd:
+        new = new - e * (S @ x[..., :, None]) * x[..., None, :]   # S (eta x x^T)
+    if P is None:
+        return new - e * grad, None
+    P = mu[..., None, None] * P - e * grad
+    return new + P, P
+
+
+# ---------------------------------------------------------------- memories -------------
+# A memory state is a tuple of layer weights with leading batch dims: linear (W,) with
+# M(z) = W z; mlp (W1, W2) with M(z) = z + W1 silu(W2 z), W1 [..., d, hidden], W2 [..., hidden, d].
+
+def memory_apply(state: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
+    """M(z) for a batch of vectors. state layers [..., O, I]; z: [..., N, d] -> [..., N, d]."""
+    if len(state) == 1:
+        return z @ state[0].mT
+    W1, W2 = state
+    return z + F.silu(z @ W2.mT) @ W1.mT
+
+
+def _silu_grad(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def memory_grad_factors(state: tuple[torch.Tensor, ...], k: torch.Tensor,
+                        target: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (x, g) with grad_{W_l} of L = 1/2 ||M(k) - target||^2 equal to g x^T, aligned with state.
+
+    k, target: [..., N, d]. Linear: [(k, e)], e = W k - target. MLP (layer by layer,
+    HOPE_SPEC.md section 1): [(h, e), (k, (W1^T e) * silu'(W2 k))], h = silu(W2 k)."""
+    if len(state) == 1:
+        return [(k, memory_apply(state, k) - target)]
+    W1, W2 = state
+    pre = k @ W2.mT
+    h = F.silu(pre)
+    e = k + h @ W1.mT - target
+    return [(h, e), (k, (e @ W1) * _silu_grad(pre))]

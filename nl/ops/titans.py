@@ -1,0 +1,207 @@
+"""Self-modifying Titans recurrence (HOPE_SPEC.md section 2): token-by-token reference and chunked form.
+
+Per head, on d-dimensional vectors. Inner memories (each a `delta_rule` memory state):
+generators g in {q, k, v, eta, alpha} (any subset; the rest come in `static`) and `memory`.
+At token t, with A_c the ANCHOR of memory c (its state at the end of the previous chunk;
+chunk size `chunk_size` for the generators, `memory_chunk_size` for `memory`):
+
+    q_t = l2norm(A_q(z_t) or static q_t)          k_t = l2norm(A_k(z_t) or static k_t)
+    v_t = A_v(z_t) or static v_t
+    eta_t   = eta_max * sigmoid(w_eta . A_eta(z_t) + b_eta)          (or a static logit)
+    alpha_t = sigmoid(w_alpha . A_alpha(z_t) + b_alpha)              (1 without retention)
+    mu_t    = sigmoid(w_mu . A_eta(z_t) + b_mu)                      (momentum only)
+    o_t     = M_{memory, t-1}(q_t)                                   (read before write)
+    for every memory c:  vhat_c = A_c(v_t);  L_c = 1/2 ||M_c(k_t) - vhat_c||^2 with its gradient
+        at A_c; every layer of M_c takes one `delta_rule` step (DGD, decays token by token).
+
+Chunk size 1 makes every anchor the previous state: the fully online recurrence.
+`titans_reference` runs this loop token by token; `titans_chunked` runs the same math with a
+loop over chunks only (the generators' chunks first, then the memory's chunks with reads).
+Both return (o [B, H, T, d], RecurrentState), and `titans_step` (one token) continues from
+a RecurrentState: that is the decoding path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from nl.ops.delta_rule import ChunkGates, ChunkLayer, dgd_step, memory_apply, memory_grad_factors
+
+GENERATORS = ("q", "k", "v", "eta", "alpha")
+
+Memory = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class RecurrenceConfig:
+    chunk_size: int = 64         # generators (q, k, v, eta, alpha)
+    memory_chunk_size: int = 64  # the read-out memory
+    eta_max: float = 1.0
+    dgd: bool = True             # DGD's x x^T decay term (False: plain gradient step)
+    momentum: bool = False       # inner momentum P_t = mu_t P_{t-1} - eta_t grad
+    retention: bool = True       # alpha gate (False: alpha = 1)
+    # Recompute each chunk's intermediates in the backward pass (torch.utils.checkpoint, non-
+    # reentrant) instead of storing them: activation memory per chunk drops from ~30 [C, hidden]
+    # tensors per memory to the chunk's input state, for ~1/3 more compute.
+    recompute: bool = False
+
+
+@dataclass
+class RecurrentState:
+    """Everything the recurrence carries from token to token (constant size in the sequence length).
+
+    pos: tokens consumed; cur / anchor / mom: per memory name, the current layers, the anchor
+    (state at the last chunk boundary) and the momentum (None without momentum)."""
+
+    pos: int
+    cur: dict[str, Memory]
+    anchor: dict[str, Memory]
+    mom: dict[str, Memory | None]
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def initial_state(states: dict[str, Memory], cfg: RecurrenceConfig) -> RecurrentState:
+    mom = {n: tuple(torch.zeros_like(w) for w in m) if cfg.momentum else None for n, m in states.items()}
+    return RecurrentState(0, dict(states), dict(states), mom)
+
+
+def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], readout: dict[str, torch.Tensor],
+            cfg: RecurrenceConfig):
+    """q, k, v [B, H, N, d] and eta, log_alpha, log_mu [B, H, N] from generator outputs or static inputs."""
+    def logit(name: str, source: str) -> torch.Tensor:
+        if source in gen:  # w [H, d], b [H] against [B, H, N, d]
+            return (gen[source] * readout[f"w_{name}"][:, None, :]).sum(-1) + readout[f"b_{name}"][:, None]
+        return static[name]
+
+    q = l2norm(gen["q"] if "q" in gen else static["q"])
+    k = l2norm(gen["k"] if "k" in gen else static["k"])
+    v = gen["v"] if "v" in gen else static["v"]
+    eta = cfg.eta_max * torch.sigmoid(logit("eta", "eta"))
+    log_alpha = F.logsigmoid(logit("alpha", "alpha")) if cfg.retention else torch.zeros_like(eta)
+    log_mu = F.logsigmoid(logit("mu", "eta")) if cfg.momentum else None
+    return q, k, v, eta, log_alpha, log_mu
+
+
+def _chunk_of(name: str, cfg: RecurrenceConfig) -> int:
+    return cfg.memory_chunk_size if name == "memory" else cfg.chunk_size
+
+
+def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str, torch.Tensor],
+                readout: dict[str, torch.Tensor], cfg: RecurrenceConfig) -> tuple[torch.Tensor, RecurrentState]:
+    """One token, straight from the equations. z: [B, H, 1, d]; static values [B, H, 1, ...].
+
+    Returns (o_t [B, H, 1, d], the state after the token)."""
+    anchor = {n: (state.cur[n] if state.pos % _chunk_of(n, cfg) == 0 else state.anchor[n]) for n in state.cur}
+    gen = {n: memory_apply(anchor[n], z) for n in GENERATORS if n in state.cur}
+    q, k, v, eta, log_alpha, log_mu = _derive(gen, static, readout, cfg)
+    eta, alpha = eta[..., 0], log_alpha[..., 0].exp()
+    mu = None if log_mu is None else log_mu[..., 0].exp()
+    o = memory_apply(state.cur["memory"], q)  # read before write
+    cur, mom = {}, {}
+    for name, layers in state.cur.items():
+        A = anchor[name]
+        factors = memory_grad_factors(A, k, memory_apply(A, v))
+        stepped = [dgd_step(S, None if state.mom[name] is None else state.mom[name][i], x[..., 0, :], g[..., 0, :],
+                            alpha, eta, mu, cfg.dgd) for i, (S, (x, g)) in enumerate(zip(layers, factors))]
+        cur[name] = tuple(s for s, _ in stepped)
+        mom[name] = tuple(p for _, p in stepped) if cfg.momentum else None
+    return o, RecurrentState(state.pos + 1, cur, anchor, mom)
+
+
+def titans_reference(z: torch.Tensor | None, static: dict[str, torch.Tensor], states: dict[str, Memory],
+                     readout: dict[str, torch.Tensor], cfg: RecurrenceConfig) -> tuple[torch.Tensor, RecurrentState]:
+    """Token-by-token reference (slow: a Python loop over tokens). Shapes as in `titans_chunked`."""
+    T = (z if z is not None else static["q"] if "q" in static else static["k"]).shape[2]
+    state = initial_state(states, cfg)
+    outs = []
+    for t in range(T):
+        st = {n: s[:, :, t:t + 1] for n, s in static.items()}
+        o, state = titans_step(state, None if z is None else z[:, :, t:t + 1], st, readout, cfg)
+        outs.append(o)
+    return torch.cat(outs, dim=2), state
+
+
+def _chunk_layers(S: Memory, P: Memory | None, k: torch.Tensor, v: torch.Tensor, gates: ChunkGates,
+                  dgd: bool) -> list[ChunkLayer]:
+    factors = memory_grad_factors(S, k, memory_apply(S, v))
+    return [ChunkLayer(S[i], None if P is None else P[i], x, g, gates, dgd) for i, (x, g) in enumerate(factors)]
+
+
+def _ends(layers: list[ChunkLayer], momentum: bool) -> tuple[Memory, Memory | None]:
+    ends = [layer.end_state() for layer in layers]
+    return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
+
+
+def _maybe_recompute(cfg: RecurrenceConfig, fn, *args):
+    if cfg.recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], states: dict[str, Memory],
+                   readout: dict[str, torch.Tensor], cfg: RecurrenceConfig) -> tuple[torch.Tensor, RecurrentState]:
+    """Chunk-wise parallel form: a loop over chunks, none over tokens; no host-device sync.
+
+    z: [B, H, T, d] input of the generators (None if there are none); static: the values not
+    generated, q/k/v [B, H, T, d] and eta/alpha/mu logits [B, H, T]; states: initial layers per
+    memory name ('memory' required), each [H, O, I] (or with a batch dim); readout: w_eta,
+    b_eta, w_alpha, b_alpha, w_mu, b_mu ([H, d], [H]) for the generated gates.
+    Returns o [B, H, T, d] and the RecurrentState after token T."""
+    gen_names = [n for n in GENERATORS if n in states]
+    T = (z if z is not None else static["q"] if "q" in static else static["k"]).shape[2]
+    C1, C2 = cfg.chunk_size, cfg.memory_chunk_size
+    final = initial_state(states, cfg)
+    if gen_names:
+        # Stack the generators along a new dim 1: they share inputs (z, k, v) and gates.
+        n_layers = len(states[gen_names[0]])
+        S = tuple(torch.stack(torch.broadcast_tensors(*[states[n][i] for n in gen_names])) for i in range(n_layers))
+        P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
+        def generator_chunk(c0: int, S: Memory, P: Memory | None):
+            out = memory_apply(S, z[:, None, :, c0:c0 + C1])
+            gen = {n: out[:, i] for i, n in enumerate(gen_names)}
+            q, k, v, eta, log_alpha, log_mu = _derive(gen, {n: s[:, :, c0:c0 + C1] for n, s in static.items()},
+                                                      readout, cfg)
+            gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None])
+            S, P = _ends(_chunk_layers(S, P, k[:, None], v[:, None], gates, cfg.dgd), cfg.momentum)
+            return (q, k, v, eta, log_alpha, log_mu), S, P
+
+        pieces = []
+        for c0 in range(0, T, C1):
+            anchor = S
+            piece, S, P = _maybe_recompute(cfg, generator_chunk, c0, S, P)
+            pieces.append(piece)
+        for i, n in enumerate(gen_names):
+            final.cur[n] = tuple(w[:, i] for w in S)
+            final.anchor[n] = tuple(w[:, i] for w in anchor)
+            final.mom[n] = None if P is None else tuple(w[:, i] for w in P)
+        q, k, v, eta, log_alpha, log_mu = (None if p[0] is None else torch.cat(p, dim=2) for p in zip(*pieces))
+    else:
+        q, k, v, eta, log_alpha, log_mu = _derive({}, static, readout, cfg)
+
+    S, P = states["memory"], final.mom["memory"]
+    def memory_chunk(c0: int, S: Memory, P: Memory | None):
+        sl = slice(c0, c0 + C2)
+        gates = ChunkGates(log_alpha[..., sl], eta[..., sl], None if log_mu is None else log_mu[..., sl])
+        layers = _chunk_layers(S, P, k[:, :, sl], v[:, :, sl], gates, cfg.dgd)
+        qc = q[:, :, sl]
+        if len(layers) == 1:
+            o = layers[0].read(qc)
+        else:  # M(q) = q + W1 silu(W2 q) with per-token W1, W2
+            o = qc + layers[0].read(F.silu(layers[1].read(qc)))
+        return (o, *_ends(layers, cfg.momentum))
+
+    outs = []
+    for c0 in range(0, T, C2):
+        anchor = S
+        o, S, P = _maybe_recompute(cfg, memory_chunk, c0, S, P)
+        outs.append(o)
+    final.cur["memory"], final.anchor["memory"], final.mom["memory"] = S, anchor, P
+    final.pos = T
+    return torch.cat(outs, dim=2), final

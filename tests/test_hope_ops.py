@@ -1,0 +1,226 @@
+"""HOPE kernels: chunked == token-by-token reference (float64, outputs and gradients), chunk size 1
+== the online recurrence written from HOPE_SPEC.md with autograd gradients, and the linear
+memory's inner update == flash-linear-attention's gated delta rule (an outside oracle)."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nl.ops.delta_rule import ChunkGates, ChunkLayer, memory_apply
+from nl.ops.titans import RecurrenceConfig, titans_chunked, titans_reference
+
+DT = torch.float64
+B, H, D, HID = 2, 2, 4, 6
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(memory_type: str, generators: tuple[str, ...], static: tuple[str, ...], T: int, seed: int = 0):
+    """Random leaf tensors (requires_grad) for the recurrence: z, static, states, readout."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=DT)).requires_grad_()  # noqa: E731
+    states = {}
+    for name in (*generators, "memory"):
+        if memory_type == "linear":
+            states[name] = ((torch.eye(D, dtype=DT) + 0.3 * torch.randn(H, D, D, generator=g, dtype=DT))
+                            .requires_grad_(),)
+        else:
+            states[name] = (rnd(H, D, HID, scale=0.3), rnd(H, HID, D, scale=0.5))
+    readout = {f"{p}_{n}": rnd(H, D, scale=0.5) if p == "w" else rnd(H)
+               for p in "wb" for n in ("eta", "alpha", "mu")}
+    st = {n: rnd(B, H, T, D) for n in static if n in ("q", "k", "v")}
+    st.update({n: rnd(B, H, T) for n in static if n in ("eta", "alpha", "mu")})
+    z = rnd(B, H, T, D) if generators else None
+    return z, st, states, readout
+
+
+def leaves(z, static, states, readout) -> list[torch.Tensor]:
+    out = [] if z is None else [z]
+    out += list(static.values()) + [w for m in states.values() for w in m] + list(readout.values())
+    return [t for t in out if t.requires_grad]
+
+
+def outputs_and_grads(fn, inputs, cfg: RecurrenceConfig):
+    o, state = fn(*inputs, cfg)
+    final = torch.cat([w.flatten() for m in state.cur.values() for w in m])
+    g = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=g, dtype=DT)).sum() + (final * torch.randn(
+        final.shape, generator=g, dtype=DT)).sum()
+    params = leaves(*inputs)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return o, final, list(grads)  # None: an input this configuration does not use
+
+
+def check_equal(inputs, cfg: RecurrenceConfig, tol: float = 1e-6) -> None:
+    o_ref, s_ref, g_ref = outputs_and_grads(titans_reference, inputs, cfg)
+    o_chk, s_chk, g_chk = outputs_and_grads(titans_chunked, inputs, cfg)
+    assert rel(o_chk, o_ref) < tol, rel(o_chk, o_ref)
+    assert rel(s_chk, s_ref) < tol, rel(s_chk, s_ref)
+    assert [a is None for a in g_chk] == [b is None for b in g_ref]
+    assert sum(b is not None for b in g_ref) >= len(g_ref) - 6  # only readouts of unused gates
+    for i, (a, b) in enumerate(zip(g_chk, g_ref)):
+        if b is None:
+            continue
+        assert b.abs().sum() > 0, f"gradient {i} is zero: the test would not see an error"
+        assert rel(a, b) < tol, (i, rel(a, b))
+
+
+HOPE = ("k", "v", "eta", "alpha")
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8, 16])
+def test_chunked_equals_reference_hope(memory_type, chunk):
+    """Default HOPE mixer (DGD + momentum + retention), T = 19 not divisible by any chunk > 1,
+    generator and memory chunk sizes different."""
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=19)
+    cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=max(1, chunk // 2) if chunk != 4 else 8,
+                           eta_max=0.8, dgd=True, momentum=True, retention=True)
+    check_equal(inputs, cfg)
+
+
+@pytest.mark.parametrize("dgd,momentum,retention", [(True, False, True), (False, True, True),
+                                                    (False, False, True), (True, True, False)])
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+def test_chunked_equals_reference_switches(dgd, momentum, retention, memory_type):
+    gens = HOPE if retention else ("k", "v", "eta")
+    inputs = make_inputs(memory_type, gens, ("q",), T=13, seed=2)
+    check_equal(inputs, RecurrenceConfig(4, 3, 0.8, dgd, momentum, retention))
+
+
+@pytest.mark.parametrize("generators,static", [
+    (("q", "k", "v", "eta", "alpha"), ()),                 # adaptive q
+    (("v", "eta", "alpha"), ("q", "k")),                   # static k
+    (("k", "eta", "alpha"), ("q", "v")),                   # static v
+    ((), ("q", "k", "v", "eta", "alpha", "mu")),           # Titans baseline: all static
+])
+def test_chunked_equals_reference_generator_sets(generators, static):
+    inputs = make_inputs("mlp", generators, static, T=11, seed=3)
+    check_equal(inputs, RecurrenceConfig(4, 2, 0.8, dgd=not static[3:], momentum=True, retention=True))
+
+
+def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig) -> torch.Tensor:
+    """HOPE_SPEC.md section 2 as a fully online loop, gradients of 1/2 ||M(k) - vhat||^2 by autograd.
+
+    Independent of nl.ops except memory_apply (M(z) = W z or z + W1 silu(W2 z))."""
+    T = z.shape[2]
+    unit = lambda x: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)  # noqa: E731  (l2norm, eps 1e-6)
+    cur = {n: [w.detach().expand(B, *w.shape).clone() for w in m] for n, m in states.items()}
+    mom = {n: [torch.zeros_like(w) for w in m] for n, m in cur.items()}
+    ro = {k: v.detach() for k, v in readout.items()}
+    outs = []
+    for t in range(T):
+        zt = z[:, :, t:t + 1].detach()
+        gen = {n: memory_apply(tuple(cur[n]), zt) for n in cur if n != "memory"}
+        k = unit(gen["k"])
+        v = gen["v"]
+        q = unit(static["q"][:, :, t:t + 1].detach())
+        eta = cfg.eta_max * torch.sigmoid((gen["eta"] * ro["w_eta"][:, None]).sum(-1) + ro["b_eta"][:, None])
+        alpha = torch.sigmoid((gen["alpha"] * ro["w_alpha"][:, None]).sum(-1) + ro["b_alpha"][:, None])
+        mu = torch.sigmoid((gen["eta"] * ro["w_mu"][:, None]).sum(-1) + ro["b_mu"][:, None])
+        eta, alpha, mu = (s[..., None, None] for s in (eta[..., 0], alpha[..., 0], mu[..., 0]))
+        outs.append(memory_apply(tuple(cur["memory"]), q))
+        for n, layers in cur.items():
+            target = memory_apply(tuple(layers), v)
+            loss = lambda ws: 0.5 * (memory_apply(tuple(ws), k) - target).pow(2).sum()  # noqa: E731
+            grads = torch.func.grad(loss)(layers)
+            # Layer inputs: k for W (linear) or W2; h = silu(W2 k) for W1.
+            xs = [k] if len(layers) == 1 else [F.silu(k @ layers[1].mT), k]
+            new = []
+            for i, (W, x, gr) in enumerate(zip(layers, xs, grads)):
+                x = x[..., 0, :]
+                mom[n][i] = mu * mom[n][i] - eta * gr
+                decay = alpha * torch.eye(W.shape[-1], dtype=DT) - eta * x[..., :, None] * x[..., None, :]
+                new.append(W @ decay + mom[n][i])
+            cur[n] = new
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+def test_chunk_size_one_is_the_online_recurrence(memory_type):
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=9, seed=4)
+    cfg = RecurrenceConfig(1, 1, 0.8, dgd=True, momentum=True, retention=True)
+    expected = online_recurrence(*inputs, cfg)
+    with torch.no_grad():
+        o, _ = titans_chunked(*inputs, cfg)
+    assert rel(o, expected) < 1e-10
+    # ... and chunk size 2 is a different recurrence (the test can tell them apart).
+    with torch.no_grad():
+        o2, _ = titans_chunked(*inputs, RecurrenceConfig(2, 2, 0.8, True, True, True))
+    assert rel(o2, expected) > 1e-6
+
+
+# ------------------------------------------------------------ outside oracle: fla ----------
+
+def load_fla_naive() -> types.ModuleType:
+    """fla-core's pure-PyTorch gated delta rule, loaded by file path (fla's package __init__ imports
+    Triton). Its functions cast to float32; they run in float64 here by giving the module a `torch`
+    whose float32 is float64."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fla-core is not installed (pip install fla-core==0.6.0)")
+    path = Path(spec.submodule_search_locations[0]) / "ops" / "gated_delta_rule" / "naive.py"
+    if not path.is_file():
+        pytest.skip(f"{path} not found: this fla-core version has no naive gated delta rule")
+    module_spec = importlib.util.spec_from_file_location("fla_gated_delta_rule_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    shim = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+    shim.float32 = torch.float64
+    module.torch = shim
+    return module
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 32])
+def test_linear_memory_update_is_fla_gated_delta_rule(chunk):
+    """S_t = S_{t-1}(alpha I - eta k k^T) - eta (S_A k - vhat) k^T is fla's
+    S_t = a S_{t-1}(I - beta k k^T) + beta v' k^T with a = alpha, beta = eta / alpha,
+    v' = alpha (vhat - S_A k); fla reads after the write, we before: our o_{t+1} = fla's o_t
+    with fla's query at t set to q_{t+1}."""
+    naive = load_fla_naive()
+    g = torch.Generator().manual_seed(5)
+    T = 21
+    q = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=DT), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=DT), dim=-1)
+    vhat = torch.randn(B, H, T, D, generator=g, dtype=DT)
+    eta = 0.9 * torch.rand(B, H, T, generator=g, dtype=DT)
+    alpha = 0.5 + 0.5 * torch.rand(B, H, T, generator=g, dtype=DT)
+    S = torch.randn(B, H, D, D, generator=g, dtype=DT)
+
+    ours, fla_out, S_fla = [], [], S
+    for c0 in range(0, T, chunk):
+        sl = slice(c0, c0 + chunk)
+        kc, qc = k[:, :, sl], q[:, :, sl]
+        gates = ChunkGates(alpha[..., sl].log(), eta[..., sl], None)
+        layer = ChunkLayer(S, None, kc, memory_apply((S,), kc) - vhat[:, :, sl], gates, dgd=True)
+        ours.append(layer.read(qc))
+        S, _ = layer.end_state()
+        # fla on the same chunk from its own state (state layout [K, V] = our S^T, [B, T, H, ...]).
+        vprime = alpha[..., sl, None] * (vhat[:, :, sl] - kc @ S_fla.mT)
+        q_next = q[:, :, c0 + 1:c0 + chunk + 1]
+        q_next = torch.cat([q_next, torch.zeros_like(qc[:, :, : qc.shape[2] - q_next.shape[2]])], dim=2)
+        o, h = naive.naive_recurrent_gated_delta_rule(
+            q_next.transpose(1, 2), kc.transpose(1, 2), vprime.transpose(1, 2),
+            (eta[..., sl] / alpha[..., sl]).transpose(1, 2), alpha[..., sl].log().transpose(1, 2),
+            scale=1.0, initial_state=S_fla.mT, output_final_state=True)
+        assert o.dtype == DT
+        fla_out.append(o.transpose(1, 2))
+        S_fla = h.mT
+    ours, fla_out = torch.cat(ours, dim=2), torch.cat(fla_out, dim=2)
+    assert rel(ours[:, :, 1:], fla_out[:, :, :-1]) < 1e-10
+    assert rel(S, S_fla) < 1e-10
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+def test_recomputed_chunks_give_the_same_outputs_and_gradients(memory_type):
+    """recompute=True (activation checkpointing per chunk) against the reference."""
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=19, seed=6)
+    check_equal(inputs, RecurrenceConfig(4, 8, 0.8, True, True, True, recompute=True))
