@@ -13,6 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-test.txt
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

@@ -128,11 +128,15 @@ class RunConfig:
 @dataclass
 class DistConfig:
     # single: one process. ddp: DistributedDataParallel. fsdp: FSDP2 fully_shard per block.
+    # deepspeed: a DeepSpeed ZeRO engine (pip install deepspeed; see nl/distributed/deepspeed.py).
     strategy: str = "single"
     # Activation checkpointing of the model's blocks: none | full (every block) | every_n.
     activation_checkpointing: str = "none"
     ac_every_n: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
     timeout_s: int = 600  # every collective fails after this long instead of hanging
+    zero_stage: int = 1  # deepspeed only: ZeRO stage 0 | 1 | 2 | 3
+    # deepspeed only: a ds_config JSON whose keys override (deep-merged) the generated config.
+    deepspeed_config: str = ""
 
 
 @dataclass
@@ -161,7 +165,8 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("offline", "online", "disabled"),
-    "dist.strategy": ("single", "ddp", "fsdp"),
+    "dist.strategy": ("single", "ddp", "fsdp", "deepspeed"),
+    "dist.zero_stage": (0, 1, 2, 3),
     "dist.activation_checkpointing": ("none", "full", "every_n"),
     "model.hope.mixer": ("self_modifying", "attention", "titans"),
     "model.hope.memory_type": ("mlp", "linear"),
@@ -205,7 +210,7 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

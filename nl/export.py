@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from nl.checkpoint import find_checkpoint, load_checkpoint
+from nl.checkpoint import find_checkpoint, is_deepspeed_checkpoint, load_checkpoint
 from nl.config import Config, ModelConfig, config_from_dict
 from nl.models import build_model
 
@@ -37,9 +37,14 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> 
     ckpt = find_checkpoint(run_dir, step)
     cfg = _checkpoint_config(ckpt)
     model = build_model(cfg.model, device="cpu")
-    state = {"model": model.state_dict()}
-    load_checkpoint(ckpt, state)
-    model.load_state_dict(state["model"])
+    if is_deepspeed_checkpoint(ckpt):  # dist.strategy=deepspeed: consolidate the ZeRO shards (fp32)
+        from nl.distributed.deepspeed import consolidated_state_dict
+
+        model.load_state_dict(consolidated_state_dict(ckpt))
+    else:
+        state = {"model": model.state_dict()}
+        load_checkpoint(ckpt, state)
+        model.load_state_dict(state["model"])
 
     data = TokenShards(cfg.data.dir, split="train", verify_checksums=False)
     output = Path(output)

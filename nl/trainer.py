@@ -4,11 +4,14 @@ One obvious path (nanoGPT style). The global batch is `train.batch_size` sequenc
 rank takes batch_size / world_size of them and splits those into micro-batches of
 `train.micro_batch_size`. Every micro-batch loss is a token-loss SUM divided by the global
 token count, so gradients do not depend on the micro-batch split or the world size.
+With dist.strategy=deepspeed the ZeRO engine does backward, accumulation, clipping and the
+optimizer step (nl/distributed/deepspeed.py); the branches are marked `ds_engine`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -187,27 +190,42 @@ def train(cfg: Config) -> dict:
     n_params = count_parameters(model)  # before sharding: FSDP2 parameters hold only a shard
     model = parallelize(model, cfg, env, use_bf16)
     optimizer = build_optimizer(model, cfg)
+    ds_engine = None  # dist.strategy=deepspeed: the engine does backward, accumulation, clipping, step
+    if cfg.dist.strategy == "deepspeed":
+        from nl.distributed import deepspeed as ds
+
+        ds_config = ds.build_ds_config(cfg, micro_bs, accum_steps, use_bf16)
+        if coordinator:
+            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        model = ds_engine = ds.initialize(model, optimizer, ds_config, cfg)
+        optimizer = ds_engine.optimizer  # the ZeRO wrapper: its param_groups carry the lr
+        autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself (bf16.enabled)
     schedule = LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
                           cfg.train.min_lr_ratio, cfg.train.decay_fraction)
     loader = TokenLoader(train_data, cfg.data.seq_len, cfg.train.batch_size, rank=rank,
                          world_size=world_size, seed=cfg.train.seed)
     step, tokens_seen = 0, 0
 
+    def trainer_state() -> dict:
+        return {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
+                "scheduler": {"kind": schedule.kind, "step": step}, "rng": _rng_state()}
+
     def checkpoint_state() -> dict:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {"model": model_sd, "optim": optim_sd,
-                "trainer": {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
-                            "scheduler": {"kind": schedule.kind, "step": step}, "rng": _rng_state()}}
+        return {"model": model_sd, "optim": optim_sd, "trainer": trainer_state()}
 
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if resume_from is not None:
-        state = checkpoint_state()
-        load_checkpoint(resume_from, state)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        trainer_state = state["trainer"]
-        step, tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
-        loader.load_state_dict(trainer_state["loader"])
-        _set_rng_state(trainer_state["rng"])
+        if ds_engine is not None:
+            resumed = ds.load(ds_engine, resume_from, world_size, cfg.dist.zero_stage)["trainer"]
+        else:
+            state = checkpoint_state()
+            load_checkpoint(resume_from, state)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            resumed = state["trainer"]
+        step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
+        loader.load_state_dict(resumed["loader"])
+        _set_rng_state(resumed["rng"])
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -220,7 +238,11 @@ def train(cfg: Config) -> dict:
                    f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'} | run {run_dir}")
 
     def save() -> None:
-        save_checkpoint(run_dir, step, checkpoint_state(), config_yaml, cfg.checkpoint.keep_last)
+        if ds_engine is not None:
+            ds.save(ds_engine, run_dir, step, {"trainer": trainer_state(), "strategy": "deepspeed"}, config_yaml,
+                    cfg.checkpoint.keep_last, world_size, cfg.dist.zero_stage)
+        else:
+            save_checkpoint(run_dir, step, checkpoint_state(), config_yaml, cfg.checkpoint.keep_last)
 
     def validate() -> float | None:
         if val_data is None:
@@ -249,17 +271,32 @@ def train(cfg: Config) -> dict:
                 y = targets[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
                 with set_gradient_sync(model, micro == accum_steps - 1), autocast:
                     loss = token_loss_sum(model, x, y) / tokens_per_step
-                    # DDP and FSDP average gradients over ranks; the sum over ranks is wanted.
-                    (loss * world_size).backward()
+                    # DDP, FSDP and DeepSpeed average gradients over ranks; the sum over ranks is wanted.
+                    if ds_engine is None:
+                        (loss * world_size).backward()
+                    else:  # no 1/GAS from DeepSpeed: the loss already is a share of the global batch
+                        ds_engine.backward(loss * world_size, scale_wrt_gas=False)
+                        if micro < accum_steps - 1:
+                            ds_engine.step()  # accumulation only; the boundary step is below
                 loss_sum += loss.detach()
-            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = full_norm(nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True))
+            if ds_engine is None:
+                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                grad_norm = full_norm(nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True))
             # One host sync per step, deliberately: a non-finite loss must stop the run before
             # the optimizer writes it into the weights (and so into any later checkpoint). The
             # same all-reduce tells every rank whether any of them was asked to stop.
             stop_flag = torch.tensor(float(stop.received is not None), device=device)
             reduced = all_reduce_sum(torch.stack([loss_sum, stop_flag]))
-            (loss_value, stop_votes), norm_value = reduced.tolist(), grad_norm.item()
+            loss_value, stop_votes = reduced.tolist()
+            if ds_engine is None:
+                norm_value = grad_norm.item()
+            elif math.isfinite(loss_value):
+                # DeepSpeed clips and steps at the boundary in one call, so its grad norm is known
+                # only after the weights changed: a non-finite norm stops the run just below,
+                # before anything is saved (the last checkpoint stays intact).
+                norm_value = ds.boundary_step(ds_engine)
+            else:
+                norm_value = float("nan")  # non-finite loss: stop before DeepSpeed's optimizer step
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 last_ckpt = latest_checkpoint(run_dir)
                 raise TrainingError(
@@ -267,8 +304,9 @@ def train(cfg: Config) -> dict:
                     f"{step + 1} (loss={loss_value}, grad_norm={norm_value}); nothing was saved after it"
                     f"{f' and {last_ckpt} is intact' if last_ckpt else ''}. Lower train.lr, raise "
                     f"train.warmup_steps or check the data, then rerun to resume")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if ds_engine is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step

@@ -5,6 +5,11 @@ config.yaml (the resolved run config, so export never depends on a later edit of
 config). A checkpoint is first written to checkpoints/.tmp-step_00000100 and renamed only
 when complete, so a crash or a full disk during a save never damages the previous one.
 
+dist.strategy=deepspeed writes its own format through the same atomic scheme (see
+nl/distributed/deepspeed.py): such a directory holds the marker file deepspeed.json instead
+of .metadata, and the two formats are not interchangeable (loading one as the other is
+refused with a CheckpointError naming the fix).
+
 The state is a nested dict, e.g. {"model": ..., "optim": ..., "trainer": {...}}; DCP stores
 tensors shard-aware (the same call saves an FSDP-sharded model) and other values pickled.
 """
@@ -25,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+DEEPSPEED_MARKER = "deepspeed.json"  # marks (and describes) a dist.strategy=deepspeed checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -47,9 +53,13 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / ".metadata").is_file():
+        if m and p.is_dir() and ((p / ".metadata").is_file() or (p / DEEPSPEED_MARKER).is_file()):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DEEPSPEED_MARKER).is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -158,6 +168,10 @@ def _check_shapes(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Load checkpoint `path` into `state` in place (tensors copied into existing ones)."""
     path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} was written by dist.strategy=deepspeed: resume it with "
+                              f"dist.strategy=deepspeed (same ZeRO stage and world size), or export it "
+                              f"(python -m nl.export) and start a new run.dir; conversion is not supported")
     _check_shapes(path, state)
     try:
         with warnings.catch_warnings():

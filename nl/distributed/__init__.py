@@ -42,12 +42,20 @@ def init_distributed(cfg: Config, device: torch.device) -> DistEnv:
     Every collective gets a finite timeout (dist.timeout_s) so a dead rank cannot hang the job."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        if cfg.dist.strategy not in ("single", "ddp", "fsdp"):
+        if cfg.dist.strategy not in ("single", "ddp", "fsdp", "deepspeed"):
             raise ConfigError(f"unknown dist.strategy {cfg.dist.strategy!r}")
+        if cfg.dist.strategy == "deepspeed" and not dist.is_initialized():
+            # DeepSpeed needs a process group even for one process: a private 1-rank one.
+            for var in ("RANK", "LOCAL_RANK"):  # DeepSpeed asserts these exist, as torchrun sets them
+                os.environ.setdefault(var, "0")
+            if device.type == "cuda":
+                torch.cuda.set_device(device.index or 0)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s))
         return DistEnv(0, 1, 0, device)
     if cfg.dist.strategy == "single":
         raise ConfigError(f"dist.strategy=single but {world_size} processes were launched: set "
-                          f"dist.strategy=ddp or fsdp, or launch one process")
+                          f"dist.strategy=ddp, fsdp or deepspeed, or launch one process")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -75,8 +83,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int) ->
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv, bf16: bool) -> nn.Module:
     """Apply activation checkpointing, then the data-parallel strategy of cfg.dist.strategy."""
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing, cfg.dist.ac_every_n)
-    if env.world_size == 1 or cfg.dist.strategy == "single":
-        return model
+    if env.world_size == 1 or cfg.dist.strategy in ("single", "deepspeed"):
+        return model  # deepspeed: the engine wraps it later (nl/distributed/deepspeed.py)
     if cfg.dist.strategy == "ddp":
         ids = [env.device.index] if env.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,201 @@
+"""dist.strategy=deepspeed: a DeepSpeed ZeRO engine (stage dist.zero_stage) around our model.
+
+The only module that imports deepspeed (lazily, inside the functions), so the single / ddp /
+fsdp path never needs it. Install: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed.
+
+- The DeepSpeed config is generated from ours (`build_ds_config`): batch split, gradient
+  clipping, bf16 and the ZeRO stage. It has no "optimizer" or "scheduler" section: we pass our
+  torch AdamW (an optimizer named in the config would JIT-compile fused_adam) and set the lr
+  of every param group each step, as the loop does for the other strategies. A user JSON at
+  dist.deepspeed_config is deep-merged over it (its keys win); the merged config is written
+  to RUN_DIR/ds_config.json.
+- Checkpoints go through `engine.save_checkpoint` into the same atomic scheme as DCP ones:
+  checkpoints/.tmp-step_X/ then renamed to checkpoints/step_X/. The directory holds DeepSpeed's
+  files under the tag "ds", config.yaml, and the marker deepspeed.json (strategy, ZeRO stage,
+  world size) by which `nl.checkpoint.list_checkpoints` finds it. Trainer state (step, tokens,
+  loader, RNG) travels in DeepSpeed's client_state.
+- Resume needs the same strategy, ZeRO stage and world size; anything else is refused with a
+  CheckpointError naming the fix (no DeepSpeed universal-checkpoint conversion). Export
+  (`python -m nl.export`) reads any deepspeed checkpoint, at any world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nl.checkpoint import (DEEPSPEED_MARKER, CheckpointError, _barrier, _is_coordinator, checkpoints_root,
+                           latest_checkpoint, list_checkpoints, step_dir_name)
+from nl.config import Config, ConfigError
+
+TAG = "ds"  # DeepSpeed's sub-directory inside every step_X checkpoint
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError(f"dist.strategy=deepspeed needs the deepspeed package ({e}): install it with "
+                          f"DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 "
+                          f"(or `make setup`), or use dist.strategy=ddp/fsdp") from None
+    return deepspeed
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_ds_config(cfg: Config, micro_bs: int, accum_steps: int, bf16: bool) -> dict:
+    """The DeepSpeed config of this run: generated from ours, then the user JSON merged over it."""
+    stage = int(cfg.dist.zero_stage)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"dist.zero_stage={stage} is not one of 0, 1, 2, 3")
+    ds = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro_bs,
+        "gradient_accumulation_steps": accum_steps,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "bf16": {"enabled": bool(bf16)},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.dist.deepspeed_config:
+        path = Path(cfg.dist.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"dist.deepspeed_config={path} cannot be read ({e.strerror}): give the path "
+                              f"of a DeepSpeed JSON config or leave it empty") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"dist.deepspeed_config={path} is not valid JSON ({e})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"dist.deepspeed_config={path} must hold a JSON object")
+        for section in ("optimizer", "scheduler"):
+            if section in user:
+                raise ConfigError(f"dist.deepspeed_config={path} has an '{section}' section: remove it; the "
+                                  f"optimizer and lr schedule come from optim.* and train.* (a DeepSpeed "
+                                  f"optimizer would also JIT-compile fused_adam)")
+        ds = _deep_merge(ds, user)
+    return ds
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, cfg: Config):
+    """deepspeed.initialize on the process group init_distributed created; returns the engine."""
+    deepspeed = _import_deepspeed()
+    # Joins the existing torch.distributed group (gloo on CPU, nccl on CUDA). The first call
+    # JIT-compiles DeepSpeed's shared-memory comm op on CPU (~30 s; cached afterwards).
+    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist.timeout_s))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def _marker(path: Path) -> dict:
+    return json.loads((path / DEEPSPEED_MARKER).read_text())
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], config_yaml: str,
+         keep_last: int, world_size: int, zero_stage: int) -> Path:
+    """engine.save_checkpoint into checkpoints/.tmp-step_X, then rename (collective)."""
+    root = checkpoints_root(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    coordinator = _is_coordinator()
+    if coordinator:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        tmp.mkdir()
+    _barrier()
+    try:
+        engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
+        if coordinator:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / DEEPSPEED_MARKER).write_text(json.dumps(
+                {"strategy": "deepspeed", "tag": TAG, "zero_stage": zero_stage, "world_size": world_size,
+                 "step": step}, indent=2) + "\n")
+    except OSError as e:
+        if coordinator:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}. Free space on {root} "
+                              f"(or lower checkpoint.keep_last) and rerun to resume") from None
+    _barrier()
+    if coordinator:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
+    """Load checkpoint `path` into the engine (weights, optimizer); returns its client_state."""
+    path = Path(path)
+    if not (path / DEEPSPEED_MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} was written by dist.strategy=single/ddp/fsdp (DCP format), "
+                              f"not deepspeed: resume it with dist.strategy=fsdp (or ddp/single), or start "
+                              f"a new run.dir; conversion is not supported")
+    meta = _marker(path)
+    if int(meta["world_size"]) != world_size or int(meta["zero_stage"]) != zero_stage:
+        raise CheckpointError(f"checkpoint {path} was written by deepspeed ZeRO-{meta['zero_stage']} on "
+                              f"{meta['world_size']} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
+                              f"resume with dist.zero_stage={meta['zero_stage']} on {meta['world_size']} ranks, "
+                              f"or export it (python -m nl.export) and start a new run.dir")
+    try:
+        load_path, client_state = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG),
+                                                         load_module_strict=True)
+    except Exception as e:  # noqa: BLE001 - any read failure
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or ['no detail'])[-1][:300]}); if it is corrupt, "
+                              f"move it away to resume from the previous checkpoint") from None
+    if load_path is None or not client_state or "trainer" not in client_state:
+        raise CheckpointError(f"checkpoint {path} has no DeepSpeed state under tag '{TAG}': it is incomplete; "
+                              f"move it away to resume from the previous checkpoint")
+    return client_state
+
+
+def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model state dict of deepspeed checkpoint `path` (any stage, any world size), offline."""
+    path = Path(path)
+    meta = _marker(path)
+    tag = meta.get("tag", TAG)
+    if int(meta["zero_stage"]) == 0:  # no ZeRO partitions: the module states hold the weights
+        state = torch.load(path / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k.replace("_checkpoint_wrapped_module.", ""): v.float() for k, v in state["module"].items()}
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    # named_parameters() keeps activation checkpointing's wrapper prefix; state_dict() does not.
+    return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+
+
+def boundary_step(engine) -> float:
+    """The accumulation-boundary engine.step() (clip + optimizer step); returns the global grad norm.
+
+    ZeRO optimizers report the norm themselves; with stage 0 in fp32 DeepSpeed steps our torch
+    optimizer directly and tracks none, so it is computed from the (all-reduced) gradients first."""
+    pre_norm = None
+    if not hasattr(engine.optimizer, "_global_grad_norm"):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        pre_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = pre_norm if norm is None else norm
+    return float(norm) if norm is not None else float("nan")
