@@ -242,3 +242,13 @@ def test_bf16_autocast_trains_on_cpu(token_dir, tmp_path):
     losses = [r["loss"] for r in read_metrics(run)[0]]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert abs(losses[0] - math.log(1024)) < 0.3 and summary["step"] == 3
+
+
+def test_hope_trains_with_train_py_and_val_loss_falls(token_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_cfg(token_dir, run, "train.steps=40", "eval.every=20", "model.hope.chunk_size=8",
+                    "model.hope.memory_chunk_size=8", arch="hope"))
+    train_rows, val_rows = read_metrics(run)
+    first, last = np.mean([r["loss"] for r in train_rows[:5]]), np.mean([r["loss"] for r in train_rows[-5:]])
+    assert last < first - 0.5, (first, last)
+    assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"] < math.log(1024)
