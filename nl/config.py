@@ -45,7 +45,8 @@ class HopeConfig:
     # (activation memory of the inner memories drops ~10x for ~1/3 more compute).
     recompute_chunks: bool = True
     # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
-    # ([1] = no CMS: one ordinary MLP).
+    # ([1] = no CMS: one ordinary MLP). Only the length is used today: the per-level update
+    # frequency (the outer multi-frequency schedule) is not built yet, so every level steps every step.
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])
     cms_hidden: int = 0  # SwiGLU width of every CMS level; 0 = model.ffn_hidden rule
 

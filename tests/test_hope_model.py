@@ -213,3 +213,21 @@ def test_restore_after_adaptation_undoes_weight_updates():
     assert not model.training and all(p.requires_grad for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_sequence_shorter_than_one_chunk():
+    """Regression: T <= chunk size (a single chunk) used to index the generators' anchor wrongly."""
+    import torch
+    from nl.config import load_config
+    from nl.models import build_model
+
+    cfg = load_config("configs/hope_tiny.yaml", ["model.vocab_size=50", "model.dim=32", "model.n_heads=2",
+                                                 "model.n_layers=1", "model.hope.chunk_size=64",
+                                                 "model.hope.memory_chunk_size=64"]).model
+    model = build_model(cfg, seed=0)
+    x = torch.randint(0, 50, (3, 10))
+    logits = model(x)
+    assert logits.shape == (3, 10, 50) and torch.isfinite(logits).all()
+    _, states = model.prefill(x)
+    step_logits, _ = model.step(x[:, -1], states)
+    assert step_logits.shape == (3, 50)

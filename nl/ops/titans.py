@@ -159,9 +159,13 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     C1, C2 = cfg.chunk_size, cfg.memory_chunk_size
     final = initial_state(states, cfg)
     if gen_names:
-        # Stack the generators along a new dim 1: they share inputs (z, k, v) and gates.
+        # Stack the generators along a new dim 1: they share inputs (z, k, v) and gates. A leading
+        # batch dim (1 for the unbatched initial states) keeps dim 1 the generator index even when
+        # the anchor below is still the initial state (a sequence no longer than one chunk).
         n_layers = len(states[gen_names[0]])
-        S = tuple(torch.stack(torch.broadcast_tensors(*[states[n][i] for n in gen_names])) for i in range(n_layers))
+        S = tuple(torch.stack([w if w.dim() == 4 else w[None] for w in
+                               torch.broadcast_tensors(*[states[n][i] for n in gen_names])], dim=1)
+                  for i in range(n_layers))
         P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
         def generator_chunk(c0: int, S: Memory, P: Memory | None):
             out = memory_apply(S, z[:, None, :, c0:c0 + C1])
