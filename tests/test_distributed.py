@@ -168,3 +168,11 @@ def test_slurm_script_on_preemption_saves_and_requeues(token_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert len(list_checkpoints(run)) == 1 and "stop signal received" in out
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
+def test_hope_fsdp_on_two_ranks_equals_single_process(token_dir, tmp_path):
+    hope = ("model.arch=hope", "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8",
+            "train.steps=4", "eval.every=0", "checkpoint.every=0")
+    single, _ = launch(1, token_dir, tmp_path / "single", *hope)
+    fsdp, _ = launch(2, token_dir, tmp_path / "fsdp", "dist.strategy=fsdp", *hope)
+    np.testing.assert_allclose(fsdp, single, rtol=1e-5)
