@@ -21,7 +21,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -99,11 +99,12 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], config_yaml: str,
-                    keep_last: int = 2) -> Path:
-    """Write `state` as checkpoint `step` atomically, then prune to the newest `keep_last`.
+def atomic_save(run_dir: str | Path, step: int, write: Callable[[Path], None], config_yaml: str,
+                keep_last: int = 2) -> Path:
+    """Run `write(tmp_dir)` (every rank), add config.yaml, rename tmp_dir to step_X, prune.
 
-    Collective under torch.distributed: every rank calls it with its own (sharded) state."""
+    The one place that makes a save atomic, for DCP and DeepSpeed checkpoints alike: a crash or
+    a full disk inside `write` leaves the previous checkpoints untouched and no partial step_X."""
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -114,9 +115,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], confi
         tmp.mkdir()
     _barrier()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DCP warns when no process group is initialised
-            dcp.save(state, checkpoint_id=str(tmp))
+        write(tmp)
         if coordinator:
             (tmp / "config.yaml").write_text(config_yaml)
     except (OSError, CheckpointException) as wrapped:
@@ -140,6 +139,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], confi
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], config_yaml: str,
+                    keep_last: int = 2) -> Path:
+    """Write `state` in DCP format as checkpoint `step` (collective: every rank passes its shards)."""
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP warns when no process group is initialised
+            dcp.save(state, checkpoint_id=str(tmp))
+
+    return atomic_save(run_dir, step, write, config_yaml, keep_last)
 
 
 def _check_shapes(path: Path, state: dict[str, Any]) -> None:

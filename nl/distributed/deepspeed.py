@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nl.checkpoint import (DEEPSPEED_MARKER, CheckpointError, _barrier, _is_coordinator, checkpoints_root,
-                           latest_checkpoint, list_checkpoints, step_dir_name)
+from nl.checkpoint import DEEPSPEED_MARKER, CheckpointError, _is_coordinator, atomic_save
 from nl.config import Config, ConfigError
 
 TAG = "ds"  # DeepSpeed's sub-directory inside every step_X checkpoint
@@ -109,39 +107,16 @@ def _marker(path: Path) -> dict:
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], config_yaml: str,
          keep_last: int, world_size: int, zero_stage: int) -> Path:
-    """engine.save_checkpoint into checkpoints/.tmp-step_X, then rename (collective)."""
-    root = checkpoints_root(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    coordinator = _is_coordinator()
-    if coordinator:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
-        tmp.mkdir()
-    _barrier()
-    try:
+    """engine.save_checkpoint through nl.checkpoint.atomic_save (collective)."""
+
+    def write(tmp: Path) -> None:
         engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
-        if coordinator:
-            (tmp / "config.yaml").write_text(config_yaml)
+        if _is_coordinator():
             (tmp / DEEPSPEED_MARKER).write_text(json.dumps(
                 {"strategy": "deepspeed", "tag": TAG, "zero_stage": zero_stage, "world_size": world_size,
                  "step": step}, indent=2) + "\n")
-    except OSError as e:
-        if coordinator:
-            shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}. Free space on {root} "
-                              f"(or lower checkpoint.keep_last) and rerun to resume") from None
-    _barrier()
-    if coordinator:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+
+    return atomic_save(run_dir, step, write, config_yaml, keep_last)
 
 
 def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
