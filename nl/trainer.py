@@ -287,16 +287,15 @@ def train(cfg: Config) -> dict:
             # same all-reduce tells every rank whether any of them was asked to stop.
             stop_flag = torch.tensor(float(stop.received is not None), device=device)
             reduced = all_reduce_sum(torch.stack([loss_sum, stop_flag]))
-            loss_value, stop_votes = reduced.tolist()
-            if ds_engine is None:
-                norm_value = grad_norm.item()
-            elif math.isfinite(loss_value):
+            if ds_engine is None:  # the grad norm rides along in the same device-to-host copy
+                loss_value, stop_votes, norm_value = torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
+            else:
+                loss_value, stop_votes = reduced.tolist()
                 # DeepSpeed clips and steps at the boundary in one call, so its grad norm is known
                 # only after the weights changed: a non-finite norm stops the run just below,
-                # before anything is saved (the last checkpoint stays intact).
-                norm_value = ds.boundary_step(ds_engine)
-            else:
-                norm_value = float("nan")  # non-finite loss: stop before DeepSpeed's optimizer step
+                # before anything is saved (the last checkpoint stays intact). A non-finite loss
+                # stops before DeepSpeed's optimizer step.
+                norm_value = ds.boundary_step(ds_engine) if math.isfinite(loss_value) else float("nan")
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 last_ckpt = latest_checkpoint(run_dir)
                 raise TrainingError(

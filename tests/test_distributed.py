@@ -57,6 +57,14 @@ def launch(nproc: int, token_dir: Path, run_dir: Path, *extra: str) -> tuple[lis
     return metrics(run_dir)
 
 
+def crashed_after_step_5(src: Path, run: Path) -> Path:
+    """A copy of a finished 10-step run as if it had crashed right after its step-5 checkpoint."""
+    shutil.copytree(src, run)
+    shutil.rmtree(dict(list_checkpoints(run))[10])
+    (run / "metrics.jsonl").write_text("")
+    return run
+
+
 def metrics(run_dir: Path) -> tuple[list[float], list[float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
@@ -88,28 +96,19 @@ def test_ddp_and_fsdp_on_two_ranks_equal_single_process(token_dir, tmp_path, sin
 
 def test_fsdp_resume_at_same_world_size_is_bit_exact(token_dir, tmp_path, fsdp_run):
     full, _ = metrics(fsdp_run)
-    run = tmp_path / "run"
-    shutil.copytree(fsdp_run, run)
-    shutil.rmtree(dict(list_checkpoints(run))[10])
-    (run / "metrics.jsonl").write_text("")
+    run = crashed_after_step_5(fsdp_run, tmp_path / "run")
     resumed, _ = launch(2, token_dir, run, "dist.strategy=fsdp")
     assert resumed == full[5:]
 
 
 def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(token_dir, tmp_path, single_run, fsdp_run):
     full_fsdp, _ = metrics(fsdp_run)
-    run = tmp_path / "two_to_one"
-    shutil.copytree(fsdp_run, run)
-    shutil.rmtree(dict(list_checkpoints(run))[10])
-    (run / "metrics.jsonl").write_text("")
+    run = crashed_after_step_5(fsdp_run, tmp_path / "two_to_one")
     resumed, _ = launch(1, token_dir, run)  # same data stream, now in one process
     np.testing.assert_allclose(resumed, full_fsdp[5:], rtol=1e-5)
 
     full_single, _ = metrics(single_run)
-    run = tmp_path / "one_to_two"
-    shutil.copytree(single_run, run)
-    shutil.rmtree(dict(list_checkpoints(run))[10])
-    (run / "metrics.jsonl").write_text("")
+    run = crashed_after_step_5(single_run, tmp_path / "one_to_two")
     resumed, _ = launch(2, token_dir, run, "dist.strategy=fsdp")
     np.testing.assert_allclose(resumed, full_single[5:], rtol=1e-5)
 
