@@ -1,4 +1,4 @@
-"""Train a model: `python train.py --config configs/tiny.yaml key=value ...`.
+"""Train a model: `python train.py --config configs/tiny.yaml [--config configs/optim/dmgd.yaml] key=value ...`.
 
 Rerunning the same command with the same run.dir resumes from its latest checkpoint.
 """
@@ -14,7 +14,9 @@ from nl.config import load_config
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="a YAML preset (configs/*.yaml); default: schema defaults")
+    ap.add_argument("--config", action="append", default=None,
+                    help="a YAML preset (configs/*.yaml); repeat to layer presets, e.g. a model preset then "
+                         "configs/optim/m3.yaml (later files win); default: schema defaults")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.dim=256")
     args = ap.parse_args(argv)
 

@@ -5,6 +5,7 @@ that is not in the schema, or a value of the wrong type, fails before any work s
 with the nearest valid key names in the message.
 
     cfg = load_config("configs/tiny.yaml", ["train.steps=200", "model.dim=256"])
+    cfg = load_config(["configs/hope_tiny.yaml", "configs/optim/dmgd.yaml"])  # later files win
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class HopeConfig:
     # (activation memory of the inner memories drops ~10x for ~1/3 more compute).
     recompute_chunks: bool = True
     # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
-    # ([1] = no CMS: one ordinary MLP). Only the length is used today: the per-level update
-    # frequency (the outer multi-frequency schedule) is not built yet, so every level steps every step.
+    # ([1] = no CMS: one ordinary MLP). Level l is stepped every cms_chunk_sizes[l] optimizer steps
+    # with its accumulated gradient (optim.cms; nl/optim/base.py).
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])
     cms_hidden: int = 0  # SwiGLU width of every CMS level; 0 = model.ffn_hidden rule
 
@@ -97,15 +98,63 @@ class TrainConfig:
 
 
 @dataclass
+class DMGDConfig:
+    """Deep Momentum GD's memory MLP (nl/optim/memories.py DMGD)."""
+
+    hidden: int = 8  # hidden width of the per-coordinate memory MLP
+    internal_loss: str = "l2"  # l2: regression of the output onto P u | dot: -<output, P u> (needs memory_decay)
+    memory_lr: float = 1e-2  # gradient-descent step of the memory on its internal objective
+    memory_decay: float = 0.0  # retention: theta <- (1 - memory_decay) theta before each memory step
+
+
+@dataclass
+class M3Config:
+    """Multi-scale Momentum Muon (nl/optim/m3.py); fast/second-moment coefficients are optim.beta1/beta2."""
+
+    beta_slow: float = 0.9  # b3 of the slow momentum
+    alpha: float = 1.0  # weight of the slow momentum's orthogonalised direction
+    slow_every: int = 16  # f: the slow momentum is refreshed every f steps
+    ns_steps: int = 5  # Newton-Schulz iterations
+    ema: bool = True  # True: EMAs with bias correction | False: the literal sums of arXiv Algorithm 1
+    # before: W -= lr s NS(M / (sqrt(V)+eps)) (bounded, default) | after: arXiv Algorithm 1's
+    # W -= lr NS(M) / (sqrt(V)+eps), unbounded where a gradient coordinate vanishes (nl/optim/m3.py)
+    precondition: str = "before"
+
+
+@dataclass
+class CMSScheduleConfig:
+    """The outer multi-frequency schedule (HOPE_SPEC.md Sec. 3): slow groups step every C steps."""
+
+    # arch hope: CMS level l is stepped every model.hope.cms_chunk_sizes[l] optimizer steps with
+    # the gradient accumulated since its last step. False: every level steps every step.
+    enabled: bool = True
+    lr_scale: list[float] = field(default_factory=list)  # per CMS level lr multiplier; [] = all 1.0
+    reduce: str = "sum"  # sum (NeurIPS Eq. 31) | mean: the accumulated gradient divided by C
+    # More groups on their own frequency, "REGEX:EVERY" or "REGEX:EVERY:LR_SCALE" matched against
+    # parameter names (first match wins, before the CMS levels).
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
 class OptimConfig:
+    # adamw | momentum | precond_momentum | delta_momentum | dmgd | m3 | dgd (README: Optimizers)
     name: str = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float = 0.95  # also b2 of the RMS preconditioner P of precond/delta momentum and DMGD
     eps: float = 1e-8
     # Decoupled weight decay is applied to matrices only; these extend it.
     decay_embeddings: bool = False
     decay_norms_and_biases: bool = False
+    momentum: float = 0.9  # a of momentum / precond_momentum / delta_momentum; DMGD's initial mix
+    delta_beta: float = 1.0  # delta_momentum: strength of the m k^T k forgetting term
+    dgd_strength: float = 1.0  # dgd: gamma of the decay along the inputs, W <- W (I - lr gamma C) - lr u
+    # m3 / dgd: lr multiplier of their matrix rule (linear-layer weights) relative to the AdamW
+    # rule of the other parameters.
+    matrix_lr_scale: float = 1.0
+    dmgd: DMGDConfig = field(default_factory=DMGDConfig)
+    m3: M3Config = field(default_factory=M3Config)
+    cms: CMSScheduleConfig = field(default_factory=CMSScheduleConfig)
 
 
 @dataclass
@@ -171,6 +220,10 @@ _CHOICES = {
     "dist.activation_checkpointing": ("none", "full", "every_n"),
     "model.hope.mixer": ("self_modifying", "attention", "titans"),
     "model.hope.memory_type": ("mlp", "linear"),
+    "optim.name": ("adamw", "momentum", "precond_momentum", "delta_momentum", "dmgd", "m3", "dgd"),
+    "optim.dmgd.internal_loss": ("l2", "dot"),
+    "optim.cms.reduce": ("sum", "mean"),
+    "optim.m3.precondition": ("before", "after"),
 }
 
 
@@ -214,17 +267,16 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML preset at `path` <- `key=value` overrides, validated.
-
-    Returns a typed `Config` (an OmegaConf object behaving like the dataclass)."""
+def load_config(path: str | Path | list | tuple | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML preset(s) at `path` (merged left to right) <- `key=value`
+    overrides, validated. Returns a typed `Config` (an OmegaConf object behaving like the dataclass)."""
     cfg: DictConfig = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets are in configs/)")
-        loaded = OmegaConf.load(path)
-        cfg = _merge(cfg, loaded, str(path))
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (presets are in configs/)")
+        cfg = _merge(cfg, OmegaConf.load(p), str(p))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")

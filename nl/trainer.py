@@ -1,4 +1,4 @@
-"""The training loop: data -> model -> loss -> AdamW -> metrics and checkpoints.
+"""The training loop: data -> model -> loss -> optimizer (nl/optim) -> metrics and checkpoints.
 
 One obvious path (nanoGPT style). The global batch is `train.batch_size` sequences; each
 rank takes batch_size / world_size of them and splits those into micro-batches of
@@ -32,6 +32,7 @@ from nl.distributed import all_reduce_sum, full_norm, init_distributed, parallel
 from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.metrics import MetricsLogger, peak_flops
 from nl.models import build_model, count_parameters, flops_per_token
+from nl.optim import attach_zero_partitions, build_optimizer, check_supported
 
 
 class TrainingError(RuntimeError):
@@ -80,29 +81,6 @@ class LRSchedule:
         if step < decay_start:
             return 1.0
         return 1.0 - (1 - self.min_ratio) * min(1.0, (step - decay_start + 1) / decay_steps)
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices; none on norms, biases and embeddings
-    unless optim.decay_norms_and_biases / optim.decay_embeddings say otherwise."""
-    if cfg.optim.name != "adamw":
-        raise ConfigError(f"optim.name={cfg.optim.name!r} is not available; valid: adamw")
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in embeddings:
-            (decay if cfg.optim.decay_embeddings else no_decay).append(p)
-        elif p.ndim < 2:
-            (decay if cfg.optim.decay_norms_and_biases else no_decay).append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr,
-                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                             foreach=True)
 
 
 def _batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -177,6 +155,7 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(device, cfg.train.precision)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     micro_bs, accum_steps = _batch_split(cfg, world_size)
+    check_supported(cfg)
     train_data, val_data = _open_data(cfg)
 
     run_dir = Path(cfg.run.dir)
@@ -189,7 +168,7 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     n_params = count_parameters(model)  # before sharding: FSDP2 parameters hold only a shard
     model = parallelize(model, cfg, env, use_bf16)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = inner_optimizer = build_optimizer(model, cfg)  # inner: ours, also under DeepSpeed
     ds_engine = None  # dist.strategy=deepspeed: the engine does backward, accumulation, clipping, step
     if cfg.dist.strategy == "deepspeed":
         from nl.distributed import deepspeed as ds
@@ -199,6 +178,7 @@ def train(cfg: Config) -> dict:
             (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         model = ds_engine = ds.initialize(model, optimizer, ds_config, cfg)
         optimizer = ds_engine.optimizer  # the ZeRO wrapper: its param_groups carry the lr
+        attach_zero_partitions(inner_optimizer, optimizer, cfg.dist.zero_stage)
         autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself (bf16.enabled)
     schedule = LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
                           cfg.train.min_lr_ratio, cfg.train.decay_fraction)
@@ -262,8 +242,9 @@ def train(cfg: Config) -> dict:
     try:
         stop.__enter__()
         while step < cfg.train.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.train.lr * schedule(step)
+            lr = cfg.train.lr * schedule(step)
+            for group in optimizer.param_groups:  # lr_scale: per CMS level / matrix rule (nl/optim)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)
             inputs, targets = loader.next_batch()
             for micro in range(accum_steps):
@@ -315,9 +296,12 @@ def train(cfg: Config) -> dict:
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                record = {"step": step, "loss": loss_value, "lr": lr,
                           "grad_norm": norm_value, "tokens": tokens_seen,
                           "tokens_per_s": window_tokens / elapsed}
+                if getattr(inner_optimizer, "last_internal_loss", None):  # DMGD: its memory's own objective
+                    losses = inner_optimizer.last_internal_loss.values()
+                    record["memory_loss"] = sum(losses) / len(losses)
                 if peak is not None:
                     record["mfu"] = flops_per_step * (window_tokens / tokens_per_step) / elapsed / (peak * world_size)
                 logger.log(record)

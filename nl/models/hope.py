@@ -8,10 +8,9 @@
 
 Mixer (`model.hope.mixer`): `self_modifying` (HOPE), `attention` (Hope-Attention: causal
 softmax attention with RoPE) or `titans` (baseline: static projections, one neural memory).
-CMS level l's parameters are named `layers.<i>.cms.levels.<l>.*` (`cms_level_of`), so that
-an optimizer can step level l every `cms_chunk_sizes[l]` outer steps. That multi-frequency
-schedule is not built yet: today every level is stepped every step, and `cms_chunk_sizes`
-sets only the number of levels.
+CMS level l's parameters are named `layers.<i>.cms.levels.<l>.*` (`cms_level_of`): the
+optimizers of nl/optim step level l every `cms_chunk_sizes[l]` outer steps with the gradient
+accumulated since its last step (optim.cms; the outer multi-frequency schedule of Sec. 3).
 
 Inference: `prefill(input_ids)` runs the chunked forward and returns the recurrent state
 (inner memories, their anchors and momenta, the convolution tails: constant size in the

@@ -1,0 +1,205 @@
+"""Optimizers as associative memories (HOPE_SPEC.md Sec. 5; NeurIPS Sec. 2.3, arXiv Sec. 4).
+
+u = grad L(W) (after the CMS accumulation of nl/optim/base.py); lr = the group's scheduled
+learning rate (eta); a = optim.momentum; P = the diagonal RMS preconditioner of
+`rms_precondition`. Every rule is written on local shards; where it needs a whole-tensor
+quantity it reduces over the shard group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nl.optim.base import NLOptimizer, adamw_update, local, rms_precondition
+
+
+class AdamW(NLOptimizer):
+    """The baseline: AdamW (decoupled weight decay), equal to torch.optim.AdamW, but with the
+    CMS schedule and the sharding layouts of NLOptimizer."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    def _step_group(self, group, params, grads) -> None:
+        adamw_update(self, group, params, grads)
+
+
+class Momentum(NLOptimizer):
+    """Momentum as a memory of past gradients (HOPE_SPEC.md Sec. 5):
+        m_{i+1} = a m_i - lr u_i ;   W_{i+1} = W_i + m_{i+1}"""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "betas": tuple(betas), "eps": eps})
+
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return local(state["momentum"])
+
+    def _step_group(self, group, params, grads) -> None:
+        for p, g in zip(params, grads):
+            m = self._buffer(p)
+            m.mul_(group["momentum"]).add_(local(g), alpha=-group["lr"])
+            local(p).add_(m)
+
+
+class PreconditionedMomentum(Momentum):
+    """m_{i+1} = a m_i - lr P_i u_i ;  W_{i+1} = W_i + m_{i+1}   (HOPE_SPEC.md Sec. 5)
+    P_i u = u / (sqrt(v_i / (1 - b2^i)) + eps), v_i = b2 v_{i-1} + (1 - b2) u^2 (optim.beta2)."""
+
+    def _step_group(self, group, params, grads) -> None:
+        for p, g in zip(params, grads):
+            pu = rms_precondition(self, group, p, local(g))
+            m = self._buffer(p)
+            m.mul_(group["momentum"]).add_(pu, alpha=-group["lr"])
+            local(p).add_(m)
+
+
+class DeltaRuleMomentum(Momentum):
+    """Delta-rule momentum: the momentum is a linear memory trained on an L2 objective, so it
+    forgets along the directions the new gradient writes (HOPE_SPEC.md Sec. 5):
+        m_{i+1} = m_i (a I - beta k_i^T k_i) - lr P_i u_i ,   k_i = u_i / ||u_i||_F
+    A parameter is seen as a matrix [rows, -1] (a vector as one row), so k^T k is the [cols, cols]
+    Gram of the normalised gradient's rows. Decision: the key is L2-normalised (as the spec does for
+    the DGD keys), which bounds the decay term by beta (optim.delta_beta) and keeps it stable.
+    Under FSDP the Gram and the norm are sums over rows: each rank adds its rows' share."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8, delta_beta: float = 1.0):
+        super().__init__(params, lr, momentum, weight_decay, betas, eps)
+        for group in self.param_groups:
+            group.setdefault("delta_beta", delta_beta)
+
+    def _step_group(self, group, params, grads) -> None:
+        a, beta = group["momentum"], group["delta_beta"]
+        for p, g in zip(params, grads):
+            u = local(g)
+            pu = rms_precondition(self, group, p, u)
+            m = self._buffer(p)
+            norm_sq = self.shard_sum(u.float().pow(2).sum(), p)
+            k = u / norm_sq.sqrt().clamp_min(1e-30).to(u.dtype)
+            if p.ndim >= 2:  # rows are sharded: the [cols, cols] Gram sums over all rows
+                k2, m2 = k.reshape(k.shape[0], -1), m.reshape(m.shape[0], -1)
+                gram = self.shard_sum(k2.T @ k2, p)
+                decay = (m2 @ gram).reshape(m.shape)
+            else:  # one row: m k^T k = (m . k) k, the dot product summed over the shards
+                decay = self.shard_sum((m * k).sum(), p) * k
+            m.mul_(a).sub_(decay, alpha=beta).add_(pu, alpha=-group["lr"])
+            local(p).add_(m)
+
+
+class DMGD(NLOptimizer):
+    """Deep Momentum Gradient Descent (HOPE_SPEC.md Sec. 5): the momentum is an MLP memory.
+
+    Per coordinate c of a parameter, with features phi_c = [ (P u)_c , o_prev_c ]:
+        o_c = m_theta(phi_c) = w . phi_c + w2 . silu(W1 phi_c + b1)      (w: 2, W1: [h, 2], b1, w2: h)
+        W_{i+1} = W_i - lr o            (the paper's W_{i+1} = W_i + m_{i+1}(u_i), sign inside m)
+    o_prev is the memory's previous output (its velocity). Each step, before it is read, the memory
+    is trained by one gradient step on its internal objective over every coordinate of the group:
+        l2  (default): L2(theta) = mean_c (o_c - (P u)_c)^2       (regression onto P u)
+        dot          : L2(theta) = -mean_c o_c (P u)_c             (the paper's dot-product example)
+        theta <- (1 - memory_decay) theta - memory_lr grad L2(theta)
+    so m_{i+1} is the memory after that step. theta starts as w = [1 - a, a], W1 ~ N(0, 1/2),
+    b1 = 0, w2 = 0: exactly an EMA momentum of P u, from which it learns.
+
+    One memory per param group (all its parameters' coordinates feed its objective), stored in
+    the state of the group's first parameter (under ZeRO: its flat partition). Its gradient is a
+    sum over coordinates, added up over shards (FSDP mesh, or the ZeRO group with padding masked),
+    so every rank keeps the same memory as a single process would. The gradient is written out by
+    hand (a two-layer MLP) and evaluated in chunks to bound memory; tests check it against autograd.
+    """
+
+    CHUNK = 1 << 20  # coordinates per evaluation: [CHUNK, hidden] floats of scratch
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8, hidden: int = 8, internal_loss: str = "l2",
+                 memory_lr: float = 1e-2, memory_decay: float = 0.0, seed: int = 0):
+        if internal_loss not in ("l2", "dot"):
+            raise ValueError(f"dmgd internal_loss must be 'l2' or 'dot', got {internal_loss!r}")
+        if internal_loss == "dot" and memory_decay <= 0:
+            raise ValueError("dmgd internal_loss='dot' is unbounded below without retention: set "
+                             "optim.dmgd.memory_decay > 0 (e.g. 0.01)")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "betas": tuple(betas), "eps": eps, "hidden": hidden,
+                                  "internal_loss": internal_loss, "memory_lr": memory_lr,
+                                  "memory_decay": memory_decay})
+        self.seed = seed
+        for i, group in enumerate(self.param_groups):
+            group.setdefault("group_id", i)  # stable under DeepSpeed, which steps one group at a time
+        self.last_internal_loss: dict[int, float] = {}  # group_id -> L2 before this step's update
+
+    # theta packed in one vector: [w (2) | W1 (2h, row-major [h, 2]) | b1 (h) | w2 (h)]
+    @staticmethod
+    def unpack(theta: torch.Tensor, hidden: int):
+        w, rest = theta[:2], theta[2:]
+        return w, rest[:2 * hidden].view(hidden, 2), rest[2 * hidden:3 * hidden], rest[3 * hidden:]
+
+    def init_memory(self, group: dict, device) -> torch.Tensor:
+        h, a = group["hidden"], group["momentum"]
+        gen = torch.Generator().manual_seed(self.seed + group["group_id"])
+        w1 = torch.randn(h, 2, generator=gen, dtype=torch.float32) * 0.5 ** 0.5
+        theta = torch.cat([torch.tensor([1 - a, a]), w1.flatten(), torch.zeros(h), torch.zeros(h)])
+        return theta.to(device)
+
+    @staticmethod
+    def memory_forward(theta: torch.Tensor, hidden: int, phi: torch.Tensor):
+        """phi: [n, 2] -> (o [n], pre-activation z [n, h])."""
+        w, w1, b1, w2 = DMGD.unpack(theta, hidden)
+        z = torch.addmm(b1, phi, w1.T)
+        return phi @ w + F.silu(z) @ w2, z
+
+    def _step_group(self, group, params, grads) -> None:
+        h, kind = group["hidden"], group["internal_loss"]
+        owner = self.state[group["params"][0]]
+        if "memory" not in owner:
+            owner["memory"] = self.init_memory(group, local(params[0]).device)
+        theta = owner["memory"]
+        feats = []  # (param, phi [n, 2] fp32, mask or None)
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            pu = rms_precondition(self, group, p, local(g))
+            prev = local(state["momentum"])
+            phi = torch.stack([pu.reshape(-1).float(), prev.reshape(-1).float()], dim=1)
+            feats.append((p, phi, self.zero_masks.get(id(p))))
+
+        # Internal objective: its gradient, summed over coordinates and shards, then a GD step.
+        grad_sum = torch.zeros(theta.numel() + 2, device=theta.device)  # [grad theta | loss sum | count]
+        w, w1, b1, w2 = self.unpack(theta, h)
+        for _, phi, mask in feats:
+            for start in range(0, phi.shape[0], self.CHUNK):
+                x = phi[start:start + self.CHUNK]
+                o, z = self.memory_forward(theta, h, x)
+                target = x[:, 0]
+                if kind == "l2":
+                    loss, dl_do = (o - target).pow(2), 2 * (o - target)
+                else:
+                    loss, dl_do = -o * target, -target
+                if mask is not None:
+                    keep = mask[start:start + self.CHUNK].to(o.dtype)
+                    loss, dl_do = loss * keep, dl_do * keep
+                    count = keep.sum()
+                else:
+                    count = torch.tensor(float(x.shape[0]), device=x.device)
+                sig = torch.sigmoid(z)
+                dz = dl_do[:, None] * w2 * (sig * (1 + z * (1 - sig)))  # d silu(z)/dz
+                grad_sum += torch.cat([x.T @ dl_do, (dz.T @ x).flatten(), dz.sum(0), F.silu(z).T @ dl_do,
+                                       loss.sum().reshape(1), count.reshape(1)])
+        grad_sum = self.shard_sum(grad_sum, group["params"][0])
+        n = grad_sum[-1].clamp_min(1)
+        self.last_internal_loss[group["group_id"]] = float(grad_sum[-2] / n)
+        theta.mul_(1 - group["memory_decay"]).sub_(grad_sum[:-2] / n, alpha=group["memory_lr"])
+
+        # Read the updated memory: o = m_{i+1}(phi); W <- W - lr o; o becomes the next o_prev.
+        for p, phi, _ in feats:
+            out = torch.cat([self.memory_forward(theta, h, phi[s:s + self.CHUNK])[0]
+                             for s in range(0, phi.shape[0], self.CHUNK)])
+            lp = local(p)
+            out = out.view(lp.shape).to(lp.dtype)
+            local(self.state[p]["momentum"]).copy_(out)
+            lp.sub_(out, alpha=group["lr"])
