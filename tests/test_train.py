@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 from nl.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from nl.config import ConfigError, load_config
 from nl.data.shards import DataError
@@ -252,3 +252,21 @@ def test_hope_trains_with_train_py_and_val_loss_falls(token_dir, tmp_path):
     first, last = np.mean([r["loss"] for r in train_rows[:5]]), np.mean([r["loss"] for r in train_rows[-5:]])
     assert last < first - 0.5, (first, last)
     assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"] < math.log(1024)
+
+
+def test_layered_presets_select_optimizer_and_cms_schedule(tmp_path):
+    """--config may repeat: configs/optim/<name>.yaml on a model preset, later files win."""
+    from nl.models import build_model
+    from nl.optim import OPTIMIZERS
+
+    presets = sorted((REPO / "configs" / "optim").glob("*.yaml"))
+    assert {p.stem for p in presets} == set(OPTIMIZERS)
+    for preset in presets:
+        cfg = load_config([REPO / "configs/hope_tiny.yaml", preset], ["model.vocab_size=256", "model.n_layers=1"])
+        assert cfg.optim.name == preset.stem and cfg.model.arch == "hope" and cfg.optim.cms.enabled
+        opt = build_optimizer(build_model(cfg.model), cfg)
+        assert type(opt) is OPTIMIZERS[preset.stem]
+        every = sorted({g["every"] for g in opt.param_groups})
+        assert every == sorted(set(cfg.model.hope.cms_chunk_sizes))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([REPO / "configs/hope_tiny.yaml", tmp_path / "missing.yaml"])
