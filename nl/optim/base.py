@@ -76,6 +76,29 @@ class NLOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"unexpected shard layout {tuple(like.to_local().shape)} of {tuple(full.shape)}")
         return shard
 
+    # ---- state --------------------------------------------------------------------------
+    # Per-parameter state tensors (zeros like the parameter) of the optimizer's own rule, and
+    # whether it counts steps. Created on a group's first step() call even when the CMS schedule
+    # does not step it yet: a checkpoint template (DCP's get_state_dict) then has every key, so a
+    # resume in the middle of a window restores the whole state.
+    STATE_KEYS: tuple[str, ...] = ()
+    COUNTS_STEPS = False
+    ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def _ensure_state(self, group: dict, params: list[torch.Tensor]) -> None:
+        keys, counts = (self.ADAMW_KEYS, True) if group["rule"] == "adamw" else (self.STATE_KEYS, self.COUNTS_STEPS)
+        if group["every"] > 1:
+            keys = (*keys, "cms_accum")
+        for p in params:
+            state = self.state[p]
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if counts and "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            if group["every"] > 1 and "cms_count" not in state:
+                state["cms_count"] = torch.zeros((), dtype=torch.float32)
+
     # ---- the step ---------------------------------------------------------------------
     def _due(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """CMS schedule: add this step's gradients to each parameter's accumulator; on every
@@ -86,9 +109,6 @@ class NLOptimizer(torch.optim.Optimizer):
         due = False
         for p in params:
             state = self.state[p]
-            if "cms_accum" not in state:
-                state["cms_accum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["cms_count"] = torch.zeros((), dtype=torch.float32)
             state["cms_accum"].add_(p.grad)
             state["cms_count"] += 1
             due = int(state["cms_count"]) >= every
@@ -115,6 +135,7 @@ class NLOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            self._ensure_state(group, params)
             grads = self._due(group, params)
             if grads is None:
                 continue  # a slow CMS level between its updates: weights and state stay as they are
@@ -129,8 +150,6 @@ class NLOptimizer(torch.optim.Optimizer):
 
 
 def _step_count(state: dict) -> float:
-    if "step" not in state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
     state["step"] += 1
     return float(state["step"])
 
@@ -141,11 +160,8 @@ def adamw_update(opt: NLOptimizer, group: dict, params: list[torch.Tensor], grad
     Per coordinate, so it runs on any shard. foreach kernels over the group."""
     b1, b2 = group["betas"]
     exp_avgs, exp_avg_sqs = [], []
-    for p in params:
+    for p in params:  # state created by NLOptimizer._ensure_state
         state = opt.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         exp_avgs.append(local(state["exp_avg"]))
         exp_avg_sqs.append(local(state["exp_avg_sq"]))
         t = _step_count(state)
@@ -164,8 +180,6 @@ def rms_precondition(opt: NLOptimizer, group: dict, p: torch.Tensor, g: torch.Te
     """P u: the diagonal preconditioner of HOPE_SPEC.md Sec. 5 as we define it (local shard):
         v <- b2 v + (1-b2) u^2 ;  P u = u / (sqrt(v / (1 - b2^t)) + eps)"""
     state = opt.state[p]
-    if "exp_avg_sq" not in state:
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     t = _step_count(state)
     b2 = group["betas"][1]
     v = local(state["exp_avg_sq"])

@@ -49,6 +49,8 @@ class M3(NLOptimizer):
     and the HOPE memories' per-head initial states) use AdamW, as Muon does.
     """
 
+    STATE_KEYS, COUNTS_STEPS = ("fast", "slow", "slow_sum", "slow_ortho", "second_moment"), True
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  beta_slow: float = 0.9, alpha: float = 1.0, slow_every: int = 16, ns_steps: int = 5,
                  ema: bool = True, precondition: str = "before"):
@@ -79,10 +81,6 @@ class M3(NLOptimizer):
         b3, ema, before = group["beta_slow"], group["ema"], group["precondition"] == "before"
         for p, g in zip(params, grads):
             state = self.state[p]
-            if "fast" not in state:
-                for key in ("fast", "slow", "slow_sum", "slow_ortho", "second_moment"):
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = torch.zeros((), dtype=torch.float32)
             state["step"] += 1
             t = int(state["step"])
             u = local(g)

@@ -18,6 +18,8 @@ class AdamW(NLOptimizer):
     """The baseline: AdamW (decoupled weight decay), equal to torch.optim.AdamW, but with the
     CMS schedule and the sharding layouts of NLOptimizer."""
 
+    STATE_KEYS, COUNTS_STEPS = ("exp_avg", "exp_avg_sq"), True
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
@@ -29,16 +31,15 @@ class Momentum(NLOptimizer):
     """Momentum as a memory of past gradients (HOPE_SPEC.md Sec. 5):
         m_{i+1} = a m_i - lr u_i ;   W_{i+1} = W_i + m_{i+1}"""
 
+    STATE_KEYS = ("momentum",)
+
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                   "betas": tuple(betas), "eps": eps})
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return local(state["momentum"])
+        return local(self.state[p]["momentum"])
 
     def _step_group(self, group, params, grads) -> None:
         for p, g in zip(params, grads):
@@ -50,6 +51,8 @@ class Momentum(NLOptimizer):
 class PreconditionedMomentum(Momentum):
     """m_{i+1} = a m_i - lr P_i u_i ;  W_{i+1} = W_i + m_{i+1}   (HOPE_SPEC.md Sec. 5)
     P_i u = u / (sqrt(v_i / (1 - b2^i)) + eps), v_i = b2 v_{i-1} + (1 - b2) u^2 (optim.beta2)."""
+
+    STATE_KEYS, COUNTS_STEPS = ("momentum", "exp_avg_sq"), True
 
     def _step_group(self, group, params, grads) -> None:
         for p, g in zip(params, grads):
@@ -67,6 +70,8 @@ class DeltaRuleMomentum(Momentum):
     Gram of the normalised gradient's rows. Decision: the key is L2-normalised (as the spec does for
     the DGD keys), which bounds the decay term by beta (optim.delta_beta) and keeps it stable.
     Under FSDP the Gram and the norm are sums over rows: each rank adds its rows' share."""
+
+    STATE_KEYS, COUNTS_STEPS = ("momentum", "exp_avg_sq"), True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, delta_beta: float = 1.0):
@@ -114,6 +119,7 @@ class DMGD(NLOptimizer):
     """
 
     CHUNK = 1 << 20  # coordinates per evaluation: [CHUNK, hidden] floats of scratch
+    STATE_KEYS, COUNTS_STEPS = ("momentum", "exp_avg_sq"), True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, hidden: int = 8, internal_loss: str = "l2",
@@ -152,17 +158,18 @@ class DMGD(NLOptimizer):
         z = torch.addmm(b1, phi, w1.T)
         return phi @ w + F.silu(z) @ w2, z
 
-    def _step_group(self, group, params, grads) -> None:
-        h, kind = group["hidden"], group["internal_loss"]
+    def _ensure_state(self, group, params) -> None:
+        super()._ensure_state(group, params)
         owner = self.state[group["params"][0]]
         if "memory" not in owner:
-            owner["memory"] = self.init_memory(group, local(params[0]).device)
-        theta = owner["memory"]
+            owner["memory"] = self.init_memory(group, local(group["params"][0]).device)
+
+    def _step_group(self, group, params, grads) -> None:
+        h, kind = group["hidden"], group["internal_loss"]
+        theta = self.state[group["params"][0]]["memory"]
         feats = []  # (param, phi [n, 2] fp32, mask or None)
         for p, g in zip(params, grads):
             state = self.state[p]
-            if "momentum" not in state:
-                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             pu = rms_precondition(self, group, p, local(g))
             prev = local(state["momentum"])
             phi = torch.stack([pu.reshape(-1).float(), prev.reshape(-1).float()], dim=1)
