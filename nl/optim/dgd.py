@@ -11,7 +11,8 @@ micro-batches of the step and over ranks (each rank sees different tokens), then
 the global token count, so it equals a single process's C on the same global batch. Under FSDP
 the weight's rows are sharded and C is whole, so W_local C needs no gather.
 
-Forward passes without grad (evaluation) and activation-checkpoint recomputations (which run
+C is accumulated and applied in float32 whatever the weight's dtype (bf16 activations under
+mixed precision). Forward passes without grad (evaluation) and activation-checkpoint recomputations (which run
 inside backward) are not counted: each token is seen once per step.
 """
 

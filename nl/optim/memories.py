@@ -85,7 +85,7 @@ class DeltaRuleMomentum(Momentum):
             u = local(g)
             pu = rms_precondition(self, group, p, u)
             m = self._buffer(p)
-            norm_sq = self.shard_sum(u.float().pow(2).sum(), p)
+            norm_sq = self.shard_sum(u.to(torch.promote_types(u.dtype, torch.float32)).pow(2).sum(), p)
             k = u / norm_sq.sqrt().clamp_min(1e-30).to(u.dtype)
             if p.ndim >= 2:  # rows are sharded: the [cols, cols] Gram sums over all rows
                 k2, m2 = k.reshape(k.shape[0], -1), m.reshape(m.shape[0], -1)
@@ -157,6 +157,13 @@ class DMGD(NLOptimizer):
         w, w1, b1, w2 = DMGD.unpack(theta, hidden)
         z = torch.addmm(b1, phi, w1.T)
         return phi @ w + F.silu(z) @ w2, z
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts floating state to the parameter's dtype on load; the memory stays float32."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "memory" in state:
+                state["memory"] = state["memory"].float()
 
     def _ensure_state(self, group, params) -> None:
         super()._ensure_state(group, params)
