@@ -161,11 +161,11 @@ def ref_precond_update(p, g, s, hp):
 
 def ref_delta_update(p, g, s, hp):
     """m_{i+1} = m_i (a I - beta k^T k) - lr P_i u_i, k = u / ||u||_F, the parameter seen as a matrix
-    [rows, -1] (a vector as one row); W_{i+1} = W_i + m_{i+1}."""
+    [-1, last dim] (a vector as one row); W_{i+1} = W_i + m_{i+1}."""
     m = s.get("m", torch.zeros_like(p))
-    rows = p.shape[0] if p.ndim >= 2 else 1
-    k = (g / torch.linalg.vector_norm(g)).reshape(rows, -1)
-    mat = m.reshape(rows, -1)
+    cols = p.shape[-1]
+    k = (g / torch.linalg.vector_norm(g)).reshape(-1, cols)
+    mat = m.reshape(-1, cols)
     forget = (hp["momentum"] * mat - hp["delta_beta"] * mat @ (k.T @ k)).reshape(p.shape)
     s["m"] = forget - hp["lr"] * ref_rms(g, s, hp)
     return p + s["m"]
@@ -224,11 +224,11 @@ def ref_m3(ps, gs, state, hp, gid):
 
 
 def dmgd_init(hp, gid, seed=0) -> dict:
-    """DMGD's documented initial memory: w = [1-a, a], W1 ~ N(0, 1/2) from a generator seeded with
+    """DMGD's documented initial memory: w = [0, 1], W1 ~ N(0, 1/2) from a generator seeded with
     seed + group_id (drawn in float32), b1 = 0, w2 = 0."""
-    h, a = hp["hidden"], hp["momentum"]
+    h = hp["hidden"]
     w1 = torch.randn(h, 2, generator=torch.Generator().manual_seed(seed + gid), dtype=torch.float32)
-    return {"w": torch.tensor([1 - a, a], dtype=F64), "W1": w1.to(F64) * math.sqrt(0.5),
+    return {"w": torch.tensor([0.0, 1.0], dtype=F64), "W1": w1.to(F64) * math.sqrt(0.5),
             "b1": torch.zeros(h, dtype=F64), "w2": torch.zeros(h, dtype=F64)}
 
 
@@ -238,16 +238,18 @@ def dmgd_memory(theta, phi):
 
 
 def ref_dmgd(ps, gs, state, hp, gid):
-    """DMGD (nl/optim/memories.py docstring): features phi_c = [(P u)_c, o_prev_c] over every coordinate
-    of the group; one GD step of the memory on its internal objective, gradient by autograd:
+    """DMGD (nl/optim/memories.py docstring): mbar <- a mbar + (1 - a) P u, features phi_c =
+    [(P u)_c, mbar_c] over every coordinate of the group; one GD step of the memory on its internal objective, gradient by autograd:
         l2:  L = mean_c (o_c - (P u)_c)^2 ;   dot: L = -mean_c o_c (P u)_c
         theta <- (1 - memory_decay) theta - memory_lr grad L
-    then o = m_theta(phi) with the new theta, W <- W - lr o, and o is the next o_prev."""
+    then o = m_theta(phi) with the new theta, W <- W - lr o."""
     theta = state.setdefault("theta", dmgd_init(hp, gid))
     feats = []
     for i, (p, g) in enumerate(zip(ps, gs)):
-        s = state.setdefault(i, {"prev": torch.zeros_like(p)})
-        feats.append(torch.stack([ref_rms(g, s, hp).reshape(-1), s["prev"].reshape(-1)], dim=1))
+        s = state.setdefault(i, {"mbar": torch.zeros_like(p)})
+        pu = ref_rms(g, s, hp)
+        s["mbar"] = hp["momentum"] * s["mbar"] + (1 - hp["momentum"]) * pu
+        feats.append(torch.stack([pu.reshape(-1), s["mbar"].reshape(-1)], dim=1))
     phi = torch.cat(feats)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
     with torch.enable_grad():
@@ -259,8 +261,7 @@ def ref_dmgd(ps, gs, state, hp, gid):
                       for (k, v), dv in zip(theta.items(), grads)}
     out = dmgd_memory(state["theta"], phi).split([p.numel() for p in ps])
     new = []
-    for i, (p, o) in enumerate(zip(ps, out)):
-        state[i]["prev"] = o.view(p.shape)
+    for p, o in zip(ps, out):
         new.append(p - hp["lr"] * o.view(p.shape))
     return new
 

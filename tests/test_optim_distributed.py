@@ -161,5 +161,5 @@ def test_dmgd_trains_500_steps_stably_and_its_memory_learns(token_dir, tmp_path)
     assert memory[-1] < memory[0], memory
     thetas = single_memories(run, tmp_path / "ckpt.pt")
     assert thetas, "no DMGD memory in the checkpoint"
-    initial_mix = torch.tensor([0.1, 0.9])  # w = [1 - a, a] at the start
+    initial_mix = torch.tensor([0.0, 1.0])  # w = [0, 1] at the start: an EMA momentum
     assert all(not torch.allclose(t[:2], initial_mix, atol=1e-3) for t in thetas)

@@ -66,8 +66,9 @@ class DeltaRuleMomentum(Momentum):
     """Delta-rule momentum: the momentum is a linear memory trained on an L2 objective, so it
     forgets along the directions the new gradient writes (HOPE_SPEC.md Sec. 5):
         m_{i+1} = m_i (a I - beta k_i^T k_i) - lr P_i u_i ,   k_i = u_i / ||u_i||_F
-    A parameter is seen as a matrix [rows, -1] (a vector as one row), so k^T k is the [cols, cols]
-    Gram of the normalised gradient's rows. Decision: the key is L2-normalised (as the spec does for
+    A parameter is seen as a matrix [-1, last dim] (a vector as one row; a per-head stack
+    [H, in, out] as H*in rows of width out), so k^T k is the [cols, cols] Gram of the normalised
+    gradient's rows. Decision: the key is L2-normalised (as the spec does for
     the DGD keys), which bounds the decay term by beta (optim.delta_beta) and keeps it stable.
     Under FSDP the Gram and the norm are sums over rows: each rank adds its rows' share."""
 
@@ -88,7 +89,7 @@ class DeltaRuleMomentum(Momentum):
             norm_sq = self.shard_sum(u.to(torch.promote_types(u.dtype, torch.float32)).pow(2).sum(), p)
             k = u / norm_sq.sqrt().clamp_min(1e-30).to(u.dtype)
             if p.ndim >= 2:  # rows are sharded: the [cols, cols] Gram sums over all rows
-                k2, m2 = k.reshape(k.shape[0], -1), m.reshape(m.shape[0], -1)
+                k2, m2 = k.reshape(-1, k.shape[-1]), m.reshape(-1, m.shape[-1])
                 gram = self.shard_sum(k2.T @ k2, p)
                 decay = (m2 @ gram).reshape(m.shape)
             else:  # one row: m k^T k = (m . k) k, the dot product summed over the shards
@@ -100,16 +101,21 @@ class DeltaRuleMomentum(Momentum):
 class DMGD(NLOptimizer):
     """Deep Momentum Gradient Descent (HOPE_SPEC.md Sec. 5): the momentum is an MLP memory.
 
-    Per coordinate c of a parameter, with features phi_c = [ (P u)_c , o_prev_c ]:
+    Per coordinate c of a parameter, with features phi_c = [ (P u)_c , mbar_c ]:
+        mbar <- a mbar + (1 - a) P u                                      (a = optim.momentum)
         o_c = m_theta(phi_c) = w . phi_c + w2 . silu(W1 phi_c + b1)      (w: 2, W1: [h, 2], b1, w2: h)
         W_{i+1} = W_i - lr o            (the paper's W_{i+1} = W_i + m_{i+1}(u_i), sign inside m)
-    o_prev is the memory's previous output (its velocity). Each step, before it is read, the memory
-    is trained by one gradient step on its internal objective over every coordinate of the group:
+    Each step, before it is read, the memory is trained by one gradient step on its internal
+    objective over every coordinate of the group:
         l2  (default): L2(theta) = mean_c (o_c - (P u)_c)^2       (regression onto P u)
         dot          : L2(theta) = -mean_c o_c (P u)_c             (the paper's dot-product example)
         theta <- (1 - memory_decay) theta - memory_lr grad L2(theta)
-    so m_{i+1} is the memory after that step. theta starts as w = [1 - a, a], W1 ~ N(0, 1/2),
-    b1 = 0, w2 = 0: exactly an EMA momentum of P u, from which it learns.
+    so m_{i+1} is the memory after that step. theta starts as w = [0, 1], W1 ~ N(0, 1/2), b1 = 0,
+    w2 = 0: exactly an EMA momentum of P u, from which it learns.
+    Decision: the second feature is the EMA mbar, not the memory's own previous output. Fed its own
+    output, the memory is a recurrence whose slope it does not control; on the tiny HOPE that
+    diverged (NaN after ~60 steps at lr 1e-3). With mbar both inputs are bounded (|P u| <=
+    1/sqrt(1 - b2)) and the memory is a feed-forward map of them.
 
     One memory per param group (all its parameters' coordinates feed its objective), stored in
     the state of the group's first parameter (under ZeRO: its flat partition). Its gradient is a
@@ -145,10 +151,10 @@ class DMGD(NLOptimizer):
         return w, rest[:2 * hidden].view(hidden, 2), rest[2 * hidden:3 * hidden], rest[3 * hidden:]
 
     def init_memory(self, group: dict, device) -> torch.Tensor:
-        h, a = group["hidden"], group["momentum"]
+        h = group["hidden"]
         gen = torch.Generator().manual_seed(self.seed + group["group_id"])
         w1 = torch.randn(h, 2, generator=gen, dtype=torch.float32) * 0.5 ** 0.5
-        theta = torch.cat([torch.tensor([1 - a, a]), w1.flatten(), torch.zeros(h), torch.zeros(h)])
+        theta = torch.cat([torch.tensor([0.0, 1.0]), w1.flatten(), torch.zeros(h), torch.zeros(h)])
         return theta.to(device)
 
     @staticmethod
@@ -178,8 +184,9 @@ class DMGD(NLOptimizer):
         for p, g in zip(params, grads):
             state = self.state[p]
             pu = rms_precondition(self, group, p, local(g))
-            prev = local(state["momentum"])
-            phi = torch.stack([pu.reshape(-1).float(), prev.reshape(-1).float()], dim=1)
+            mbar = local(state["momentum"])
+            mbar.mul_(group["momentum"]).add_(pu, alpha=1 - group["momentum"])
+            phi = torch.stack([pu.reshape(-1).float(), mbar.reshape(-1).float()], dim=1)
             feats.append((p, phi, self.zero_masks.get(id(p))))
 
         # Internal objective: its gradient, summed over coordinates and shards, then a GD step.
@@ -209,11 +216,9 @@ class DMGD(NLOptimizer):
         self.last_internal_loss[group["group_id"]] = float(grad_sum[-2] / n)
         theta.mul_(1 - group["memory_decay"]).sub_(grad_sum[:-2] / n, alpha=group["memory_lr"])
 
-        # Read the updated memory: o = m_{i+1}(phi); W <- W - lr o; o becomes the next o_prev.
+        # Read the updated memory: o = m_{i+1}(phi); W <- W - lr o.
         for p, phi, _ in feats:
             out = torch.cat([self.memory_forward(theta, h, phi[s:s + self.CHUNK])[0]
                              for s in range(0, phi.shape[0], self.CHUNK)])
             lp = local(p)
-            out = out.view(lp.shape).to(lp.dtype)
-            local(self.state[p]["momentum"]).copy_(out)
-            lp.sub_(out, alpha=group["lr"])
+            lp.sub_(out.view(lp.shape).to(lp.dtype), alpha=group["lr"])
