@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from nl.config import load_config  # noqa: E402
 from nl.models import build_model, count_parameters  # noqa: E402
 from nl.optim import OPTIMIZERS, build_optimizer  # noqa: E402
-from nl.trainer import train  # noqa: E402
+from nl.trainer import TrainingError, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,12 @@ def main() -> None:
                          "checkpoint.every=0", f"run.dir={tmp}/{name}", "checkpoint.resume=false", *args.overrides]
             cfg = load_config(presets(name), overrides)
             start = time.perf_counter()
-            summary = train(cfg)
+            try:
+                summary = train(cfg)
+            except TrainingError as e:  # a diverged optimizer is a result too: say where it stopped
+                rows[name] = {"diverged": str(e).split(";")[0]}
+                print(json.dumps({name: rows[name]}), flush=True)
+                continue
             wall = time.perf_counter() - start
             logs = [json.loads(line) for line in Path(f"{tmp}/{name}/metrics.jsonl").read_text().splitlines()]
             speeds = [r["tokens_per_s"] for r in logs if "tokens_per_s" in r][1:]  # first window: warm-up
@@ -103,6 +108,9 @@ def main() -> None:
     print("| optimizer | train step time / AdamW | optimizer.step time / AdamW | val loss | train loss | state bytes/param |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
+        if "diverged" in r:
+            print(f"| {name} | - | - | {r['diverged']} | - | - |")
+            continue
         note = f" (memory loss {r['memory'][0]:.3f} -> {r['memory'][1]:.3f})" if r["memory"] else ""
         print(f"| {name} | {r['step_time'] / base['step_time']:.2f} | {r['opt_step'] / base['opt_step']:.2f} | "
               f"{r['val_loss']:.3f}{note} | {r['train_loss']:.3f} | {r['bytes']:.1f} |")

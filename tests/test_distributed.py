@@ -143,6 +143,41 @@ def test_sigterm_saves_on_every_rank_and_rerun_resumes(token_dir, tmp_path):
     assert len(metrics(run)[0]) == 2  # resumed at the saved step and ran the remaining two
 
 
+def _rank_pid(run: Path, rank: int) -> int | None:
+    """The pid of the train.py process of LOCAL_RANK=rank training into run.dir=run."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run.dir={run}".encode() in cmdline and f"LOCAL_RANK={rank}".encode() in environ \
+                and any(arg.endswith(b"train.py") for arg in cmdline):
+            return int(pid)
+    return None
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(token_dir, tmp_path):
+    """Rank 1 dies (SIGKILL, as the OOM killer would) mid-training: torchrun stops rank 0 at
+    once instead of letting it wait on a collective, and exits non-zero naming rank 1."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(2, token_dir, run, "dist.strategy=fsdp", "train.steps=2000",
+                                    "checkpoint.every=0", "eval.every=0"),
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_steps(proc, run, 3)
+    victim = _rank_pid(run, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    start = time.time()
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.time() - start < 30, "rank 0 was left waiting"
+    assert "local_rank: 1" in out and "SIGKILL" in out, out[-3000:]
+    assert _rank_pid(run, 0) is None  # no rank left behind
+    assert not list_checkpoints(run)  # nothing half-written
+
+
 def test_slurm_script_on_preemption_saves_and_requeues(token_dir, tmp_path):
     """launch/slurm.sbatch run as slurm would (srun/scontrol replaced by local shims), then
     sent the pre-emption signal USR1: every rank saves, and the job requeues itself."""
