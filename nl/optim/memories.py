@@ -191,7 +191,7 @@ class DMGD(NLOptimizer):
 
         # Internal objective: its gradient, summed over coordinates and shards, then a GD step.
         grad_sum = torch.zeros(theta.numel() + 2, device=theta.device)  # [grad theta | loss sum | count]
-        w, w1, b1, w2 = self.unpack(theta, h)
+        w2 = self.unpack(theta, h)[3]
         for _, phi, mask in feats:
             for start in range(0, phi.shape[0], self.CHUNK):
                 x = phi[start:start + self.CHUNK]
