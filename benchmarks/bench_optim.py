@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nl.config import load_config  # noqa: E402
+from nl.data.shards import TokenShards  # noqa: E402
 from nl.models import build_model, count_parameters  # noqa: E402
 from nl.optim import OPTIMIZERS, build_optimizer  # noqa: E402
 from nl.trainer import TrainingError, train  # noqa: E402
@@ -43,7 +44,7 @@ def optimizer_cost(name: str, overrides: list[str], repeats: int) -> tuple[float
     """(seconds per optimizer.step(), state bytes per parameter) on the preset's model."""
     cfg = load_config(presets(name), overrides)
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        cfg.model.vocab_size = TokenShards(cfg.data.dir, split="train", verify_checksums=False).vocab_size
     model = build_model(cfg.model, device=torch.device("cpu"), seed=0)
     optimizer = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ class AdamW(NLOptimizer):
     """The baseline: AdamW (decoupled weight decay), equal to torch.optim.AdamW, but with the
     CMS schedule and the sharding layouts of NLOptimizer."""
 
-    STATE_KEYS, COUNTS_STEPS = ("exp_avg", "exp_avg_sq"), True
+    STATE_KEYS, COUNTS_STEPS = NLOptimizer.ADAMW_KEYS, True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
@@ -142,7 +142,13 @@ class DMGD(NLOptimizer):
         self.seed = seed
         for i, group in enumerate(self.param_groups):
             group.setdefault("group_id", i)  # stable under DeepSpeed, which steps one group at a time
-        self.last_internal_loss: dict[int, float] = {}  # group_id -> L2 before this step's update
+        # group_id -> L2 before this step's update, kept on device: read (and synced) only when logged
+        self._internal_loss: dict[int, torch.Tensor] = {}
+
+    @property
+    def last_internal_loss(self) -> dict[int, float]:
+        """{group_id: internal loss L2 before the last memory step} (one host sync per read)."""
+        return {k: float(v) for k, v in self._internal_loss.items()}
 
     # theta packed in one vector: [w (2) | W1 (2h, row-major [h, 2]) | b1 (h) | w2 (h)]
     @staticmethod
@@ -213,7 +219,7 @@ class DMGD(NLOptimizer):
                                        loss.sum().reshape(1), count.reshape(1)])
         grad_sum = self.shard_sum(grad_sum, group["params"][0])
         n = grad_sum[-1].clamp_min(1)
-        self.last_internal_loss[group["group_id"]] = float(grad_sum[-2] / n)
+        self._internal_loss[group["group_id"]] = grad_sum[-2] / n
         theta.mul_(1 - group["memory_decay"]).sub_(grad_sum[:-2] / n, alpha=group["memory_lr"])
 
         # Read the updated memory: o = m_{i+1}(phi); W <- W - lr o.
