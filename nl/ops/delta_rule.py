@@ -62,6 +62,7 @@ class ChunkGates:
         self.gamma_prev = lg_prev.exp()
         self.gamma_end = lg[..., -1].exp()
         self.Dp = _masked_exp(lg_prev, lg, diagonal=-1)
+        self.eta_Dp = eta[..., None] * self.Dp
         self.D_end = (lg[..., -1:] - lg).exp()
         if self.momentum:
             lm = log_mu.cumsum(-1)
@@ -83,20 +84,22 @@ class ChunkLayer:
 
     S0, P0: [..., O, I] anchor and momentum at the chunk start (P0 None without momentum);
     X: [..., C, I] layer inputs x_t; G: [..., C, O] gradient factors g_t (grad_S L_t = g_t x_t^T,
-    computed at the anchor); gates: ChunkGates broadcastable to [..., C]."""
+    computed at the anchor); gates: ChunkGates broadcastable to [..., C]; XS: X @ S0^T [..., C, O]
+    when the caller already has it (the anchor's own output on X; computed here otherwise)."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
-                 gates: ChunkGates, dgd: bool) -> None:
+                 gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None) -> None:
         self.S0, self.P0, self.X, self.g = S0, P0, X, gates
         eta = gates.eta[..., None]
         self.W = -eta * G                                    # w_t = -eta_t g_t
-        XX = X @ X.mT                                        # [..., C, C]
         self.delta = None
         if dgd:
-            base = gates.gamma_prev[..., None] * (X @ S0.mT) + (gates.Ep * XX) @ self.W
+            XX = X @ X.mT                                    # [..., C, C]
+            XS = X @ S0.mT if XS is None else XS
+            base = gates.gamma_prev[..., None] * XS + (gates.Ep * XX) @ self.W
             if P0 is not None:
                 base = base + gates.cp[..., None] * (X @ P0.mT)
-            A = eta * (gates.Dp * XX)                        # strictly lower triangular
+            A = gates.eta_Dp * XX                            # eta_t D[t-1, j]: strictly lower triangular
             self.delta = torch.linalg.solve_triangular(A, -eta * base, upper=False, unitriangular=True)
 
     def read(self, Q: torch.Tensor) -> torch.Tensor:
@@ -161,15 +164,18 @@ def _silu_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def memory_grad_factors(state: tuple[torch.Tensor, ...], k: torch.Tensor,
-                        target: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (x, g) with grad_{W_l} of L = 1/2 ||M(k) - target||^2 equal to g x^T, aligned with state.
+                        target: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer (x, g, x W^T) with grad_{W_l} of L = 1/2 ||M(k) - target||^2 equal to g x^T, aligned with
+    state; the third item, the layer's own output on x, comes free and spares the chunk form a matmul.
 
-    k, target: [..., N, d]. Linear: [(k, e)], e = W k - target. MLP (layer by layer,
-    HOPE_SPEC.md section 1): [(h, e), (k, (W1^T e) * silu'(W2 k))], h = silu(W2 k)."""
+    k, target: [..., N, d]. Linear: [(k, e, W k)], e = W k - target. MLP (layer by layer,
+    HOPE_SPEC.md section 1): [(h, e, W1 h), (k, (W1^T e) * silu'(W2 k), W2 k)], h = silu(W2 k)."""
     if len(state) == 1:
-        return [(k, memory_apply(state, k) - target)]
+        out = k @ state[0].mT
+        return [(k, out - target, out)]
     W1, W2 = state
     pre = k @ W2.mT
     h = F.silu(pre)
-    e = k + h @ W1.mT - target
-    return [(h, e), (k, (e @ W1) * _silu_grad(pre))]
+    h_out = h @ W1.mT
+    e = k + h_out - target
+    return [(h, e, h_out), (k, (e @ W1) * _silu_grad(pre), pre)]

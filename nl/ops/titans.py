@@ -109,7 +109,7 @@ def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str,
         A = anchor[name]
         factors = memory_grad_factors(A, k, memory_apply(A, v))
         stepped = [dgd_step(S, None if state.mom[name] is None else state.mom[name][i], x[..., 0, :], g[..., 0, :],
-                            alpha, eta, mu, cfg.dgd) for i, (S, (x, g)) in enumerate(zip(layers, factors))]
+                            alpha, eta, mu, cfg.dgd) for i, (S, (x, g, _)) in enumerate(zip(layers, factors))]
         cur[name] = tuple(s for s, _ in stepped)
         mom[name] = tuple(p for _, p in stepped) if cfg.momentum else None
     return o, RecurrentState(state.pos + 1, cur, anchor, mom)
@@ -131,12 +131,18 @@ def titans_reference(z: torch.Tensor | None, static: dict[str, torch.Tensor], st
 def _chunk_layers(S: Memory, P: Memory | None, k: torch.Tensor, v: torch.Tensor, gates: ChunkGates,
                   dgd: bool) -> list[ChunkLayer]:
     factors = memory_grad_factors(S, k, memory_apply(S, v))
-    return [ChunkLayer(S[i], None if P is None else P[i], x, g, gates, dgd) for i, (x, g) in enumerate(factors)]
+    return [ChunkLayer(S[i], None if P is None else P[i], x, g, gates, dgd, xs) for i, (x, g, xs) in enumerate(factors)]
 
 
 def _ends(layers: list[ChunkLayer], momentum: bool) -> tuple[Memory, Memory | None]:
     ends = [layer.end_state() for layer in layers]
     return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
+
+
+def _split_chunks(tensors: dict[str, torch.Tensor], C: int, T: int) -> list[dict[str, torch.Tensor]]:
+    """Per chunk of C tokens, the slices of every [B, H, T, ...] tensor along T (dim 2)."""
+    parts = {n: t.split(C, dim=2) for n, t in tensors.items()}
+    return [{n: p[i] for n, p in parts.items()} for i in range(-(-T // C))]
 
 
 def _maybe_recompute(cfg: RecurrenceConfig, fn, *args):
@@ -167,19 +173,18 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
                                torch.broadcast_tensors(*[states[n][i] for n in gen_names])], dim=1)
                   for i in range(n_layers))
         P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
-        def generator_chunk(c0: int, S: Memory, P: Memory | None):
-            out = memory_apply(S, z[:, None, :, c0:c0 + C1])
+        def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
+            out = memory_apply(S, zc[:, None])
             gen = {n: out[:, i] for i, n in enumerate(gen_names)}
-            q, k, v, eta, log_alpha, log_mu = _derive(gen, {n: s[:, :, c0:c0 + C1] for n, s in static.items()},
-                                                      readout, cfg)
+            q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None])
             S, P = _ends(_chunk_layers(S, P, k[:, None], v[:, None], gates, cfg.dgd), cfg.momentum)
             return (q, k, v, eta, log_alpha, log_mu), S, P
 
         pieces = []
-        for c0 in range(0, T, C1):
+        for zc, sc in zip(z.split(C1, dim=2), _split_chunks(static, C1, T)):
             anchor = S
-            piece, S, P = _maybe_recompute(cfg, generator_chunk, c0, S, P)
+            piece, S, P = _maybe_recompute(cfg, generator_chunk, zc, sc, S, P)
             pieces.append(piece)
         for i, n in enumerate(gen_names):
             final.cur[n] = tuple(w[:, i] for w in S)
@@ -190,21 +195,25 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         q, k, v, eta, log_alpha, log_mu = _derive({}, static, readout, cfg)
 
     S, P = states["memory"], final.mom["memory"]
-    def memory_chunk(c0: int, S: Memory, P: Memory | None):
-        sl = slice(c0, c0 + C2)
-        gates = ChunkGates(log_alpha[..., sl], eta[..., sl], None if log_mu is None else log_mu[..., sl])
-        layers = _chunk_layers(S, P, k[:, :, sl], v[:, :, sl], gates, cfg.dgd)
-        qc = q[:, :, sl]
+    def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
+        gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"))
+        layers = _chunk_layers(S, P, c["k"], c["v"], gates, cfg.dgd)
+        qc = c["q"]
         if len(layers) == 1:
             o = layers[0].read(qc)
         else:  # M(q) = q + W1 silu(W2 q) with per-token W1, W2
             o = qc + layers[0].read(F.silu(layers[1].read(qc)))
         return (o, *_ends(layers, cfg.momentum))
 
+    # Split every input into chunks once: the backward of split is one concatenation, where the
+    # backward of T/C separate slices would write T/C zero-padded full-length gradients (O(T^2)).
+    inputs = {"q": q, "k": k, "v": v, "eta": eta, "log_alpha": log_alpha}
+    if log_mu is not None:
+        inputs["log_mu"] = log_mu
     outs = []
-    for c0 in range(0, T, C2):
+    for c in _split_chunks(inputs, C2, T):
         anchor = S
-        o, S, P = _maybe_recompute(cfg, memory_chunk, c0, S, P)
+        o, S, P = _maybe_recompute(cfg, memory_chunk, c, S, P)
         outs.append(o)
     final.cur["memory"], final.anchor["memory"], final.mom["memory"] = S, anchor, P
     final.pos = T
