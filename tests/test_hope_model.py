@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import nl.models.hope  # noqa: F401  (registers arch 'hope' until nl/models/__init__.py imports it)
 from nl.config import HopeConfig, ModelConfig, load_config
-from nl.models import MODEL_REGISTRY, build_model, count_parameters
+from nl.models import MODEL_REGISTRY, build_model, count_parameters, flops_per_token, matmul_parameters
 from nl.models.hope import SelfModifyingTitans, cms_level_of, restore_after_adaptation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -231,3 +231,59 @@ def test_sequence_shorter_than_one_chunk():
     _, states = model.prefill(x)
     step_logits, _ = model.step(x[:, -1], states)
     assert step_logits.shape == (3, 50)
+
+
+# ------------------------------------------------------- FLOPs for MFU ------------------
+
+def _solve_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Forward substitution with a unit lower-triangular [.., c, c] and [.., c, O] right-hand sides."""
+    c, O = b_shape[-2], b_shape[-1]
+    batch = 1
+    for n in torch.broadcast_shapes(a_shape[:-2], b_shape[:-2]):
+        batch *= n
+    return batch * c * (c - 1) * O
+
+
+def _cpu_attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and AV over the full square (torch counts SDPA's CUDA kernels, not the CPU one)."""
+    B, H, T, dh = q_shape
+    return 2 * (2 * B * H * T * k_shape[2] * dh)
+
+
+COUNT_EXTRA = {torch.ops.aten.linalg_solve_triangular: _solve_flops,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_flops_per_token_equals_counted_forward_flops(variant):
+    """The MFU formula against torch's FlopCounterMode on a real forward pass: every matmul, conv,
+    attention and triangular solve of the model, counted by shape, must equal the formula's
+    forward part (2 N + F_mix) exactly, with T = 22 leaving a partial last chunk."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = small(8, memory_chunk_size=4, **VARIANTS[variant])
+    model = build_model(cfg, seed=0)
+    B, T = 3, 22
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    counter = FlopCounterMode(display=False, custom_mapping=COUNT_EXTRA)
+    with counter, torch.no_grad():
+        model(ids)
+    counted = counter.get_total_flops() / (B * T)
+    mixing = model.mixing_flops_per_token(T)
+    assert mixing > 0
+    assert counted == pytest.approx(2 * matmul_parameters(model) + mixing, rel=1e-12)
+    assert flops_per_token(cfg, T) == pytest.approx(6 * matmul_parameters(model) + 3 * mixing, rel=1e-12)
+
+
+def test_transformer_flops_per_token_equals_counted_forward_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(arch="transformer", vocab_size=64, dim=16, n_layers=2, n_heads=2)
+    model = build_model(cfg, seed=0)
+    B, T = 3, 22
+    counter = FlopCounterMode(display=False, custom_mapping=COUNT_EXTRA)
+    with counter, torch.no_grad():
+        model(torch.randint(0, 64, (B, T)))
+    mixing = model.mixing_flops_per_token(T)
+    assert mixing == 4 * 2 * 16 * T
+    assert counter.get_total_flops() / (B * T) == pytest.approx(2 * matmul_parameters(model) + mixing, rel=1e-12)

@@ -158,8 +158,8 @@ def test_adamw_overfits_a_fixed_batch():
 def test_flops_per_token_hand_computation():
     V, d, L, H, T, hidden = 100, 32, 3, 4, 64, 96  # resolve_ffn_hidden(32, 0, 32) = 96
     cfg = ModelConfig(vocab_size=V, dim=d, n_layers=L, n_heads=H, ffn_multiple_of=32)
-    per_layer = 4 * d * d + 3 * d * hidden + 2 * d  # attention, SwiGLU, two norms
-    n = L * per_layer + d + V * d  # + final norm + LM head (input embedding excluded)
+    per_layer = 4 * d * d + 3 * d * hidden  # attention and SwiGLU weights (norm gains are elementwise)
+    n = L * per_layer + V * d  # + LM head (the input embedding is a lookup)
     assert flops_per_token(cfg, T) == 6 * n + 12 * L * d * T
     tied = ModelConfig(vocab_size=V, dim=d, n_layers=L, n_heads=H, ffn_multiple_of=32, tie_embeddings=True)
     assert flops_per_token(tied, T) == flops_per_token(cfg, T)  # the head matmul is counted either way

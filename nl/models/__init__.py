@@ -77,18 +77,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU: 6 * N + 12 * n_layers * dim * seq_len.
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters that multiply every token's activations: the weights of nn.Linear modules (the
+    LM head included, tied or not) and of modules that declare `matmul_weight = True` (HOPE's
+    depthwise convolutions). Not counted: the input embedding (a lookup), norm gains and biases
+    (elementwise), HOPE's memory initial states and gate readouts (counted in the mixing term)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) or getattr(m, "matmul_weight", False))
 
-    The PaLM (appendix B) / nanoGPT estimate. N counts every parameter that takes part in a
-    matmul: all unique parameters of the model minus the input embedding table (a lookup),
-    whose matrix still counts when it is tied to the LM head. 12 * L * d * T is the attention
-    score and value products (QK^T and AV, 2 * 2 * T * d per token per layer forward, x3 for
-    forward + backward), counted over the full T x T square as PaLM does (no causal halving)."""
-    n = count_parameters(build_model(cfg, device="meta"))
-    if not cfg.tie_embeddings:
-        n -= cfg.vocab_size * cfg.dim
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), for MFU: 6 * N + 3 * F_mix(T).
+
+    N = `matmul_parameters` (2 FLOPs per weight per token forward, x3 for forward + backward: the
+    PaLM appendix B / nanoGPT estimate). F_mix(T) = the model's `mixing_flops_per_token(T)`: the
+    forward FLOPs per token of its sequence mixing, which no weight matrix accounts for:
+    attention 4 * L * d * T (QK^T and AV over the full T x T square, as PaLM, no causal halving);
+    HOPE's inner memories their chunk form's matrix products and triangular solves
+    (`nl.ops.titans.chunked_matmul_flops`). Recomputation (activation checkpointing) is not
+    counted: this is model FLOPs, as MFU defines them."""
+    model = build_model(cfg, device="meta")
+    return 6.0 * matmul_parameters(model) + 3.0 * model.mixing_flops_per_token(seq_len)
 
 
 # Each architecture module registers itself on import; import new ones (e.g. hope) here.

@@ -54,7 +54,8 @@ from nl.config import ConfigError, ModelConfig
 from nl.models import register_model
 from nl.models.layers import RMSNorm, SwiGLU, precompute_rope, resolve_ffn_hidden
 from nl.models.transformer import Attention
-from nl.ops.titans import GENERATORS, RecurrenceConfig, RecurrentState, titans_chunked, titans_reference, titans_step
+from nl.ops.titans import (GENERATORS, RecurrenceConfig, RecurrentState, chunked_matmul_flops, titans_chunked,
+                            titans_reference, titans_step)
 
 _CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
 
@@ -73,6 +74,8 @@ def cms_level_of(param_name: str) -> int | None:
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time, window `size`. x: [B, T, C] -> [B, T, C]."""
+
+    matmul_weight = True  # 2 FLOPs per weight per token, like a Linear (nl.models.matmul_parameters)
 
     def __init__(self, channels: int, size: int) -> None:
         super().__init__()
@@ -180,6 +183,15 @@ class SelfModifyingTitans(nn.Module):
         self.gate = nn.Linear(cfg.dim, H * dh, bias=False)
         self.wo = nn.Linear(H * dh, cfg.dim, bias=False)
         self.reference = False  # True: run the token-by-token reference (tests)
+
+    def mixing_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the inner memories (matrix products and triangular solves of
+        the chunk form, all heads; `nl.ops.titans.chunked_matmul_flops`). The static projections,
+        gate and output are Linear weights, counted in 6 N."""
+        c = self.rcfg
+        mm, solve = chunked_matmul_flops(seq_len, self.head_dim, self.memory_hidden, self.memory_type,
+                                         len(self.generators), c.chunk_size, c.memory_chunk_size, c.dgd, c.momentum)
+        return self.n_heads * (mm + solve) / seq_len
 
     def _layer_shapes(self) -> list[tuple[int, int]]:
         d, h = self.head_dim, self.memory_hidden
@@ -370,6 +382,13 @@ class Hope(nn.Module):
         for name, p in self.named_parameters():
             groups.setdefault(cms_level_of(name), []).append(p)
         return groups
+
+    def mixing_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of sequence mixing over all blocks: attention 4 * dim * T per block
+        (Hope-Attention), else the inner memories of each block (SelfModifyingTitans)."""
+        if self.mixer == "attention":
+            return 4.0 * len(self.layers) * self.tok_embeddings.embedding_dim * seq_len
+        return sum(block.mixer.mixing_flops_per_token(seq_len) for block in self.layers)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)

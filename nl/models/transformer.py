@@ -106,6 +106,10 @@ class Transformer(nn.Module):
         if not self.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
+    def mixing_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of attention itself (QK^T and AV, full square): 4 * L * dim * T."""
+        return 4.0 * len(self.layers) * self.tok_embeddings.embedding_dim * seq_len
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
         cos, sin = precompute_rope(self.head_dim, input_ids.shape[1], self.rope_theta, device=h.device)

@@ -218,3 +218,60 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     final.cur["memory"], final.anchor["memory"], final.mom["memory"] = S, anchor, P
     final.pos = T
     return torch.cat(outs, dim=2), final
+
+
+def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_generators: int, chunk_size: int,
+                         memory_chunk_size: int, dgd: bool, momentum: bool) -> tuple[int, int]:
+    """Forward FLOPs of `titans_chunked` for ONE sequence of T tokens and ONE head, as written.
+
+    Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
+    (2 * m * n * k), elementwise work is not. The solve term is c (c - 1) O per layer and chunk of
+    c tokens (forward substitution with O right-hand sides). Per chunk of c tokens, with a layer of
+    input width I and output width O (linear: one layer, I = O = d; MLP: W1 (I = hidden, O = d)
+    and W2 (I = d, O = hidden)) and A = the cost of one memory application (2 c d^2 or 4 c d hidden):
+      generators (each of n_generators): A on z, A on v (targets), the gradient factors
+          (linear 2 c d^2; MLP 6 c d hidden), and per layer the update terms below;
+      memory: A on v, the gradient factors, the update terms, and the read of q per layer;
+      update terms per layer: with DGD X X^T (2 c^2 I; for the layer whose input is k, once per
+          chunk: the generators share k), (E o XX) W (2 c^2 O), with momentum
+          X P0^T (2 c I O); the end state (2 c I O, twice with momentum);
+      read per layer: Q X^T (2 c^2 I), Q S0^T (2 c I O), with momentum Q P0^T (2 c I O), and the
+          in-chunk terms (2 c^2 O; twice when momentum and DGD are both on);
+      gates with momentum (once per chunk, shared by the memories): 2 c^3 + 4 c^2."""
+    mlp = memory_type == "mlp"
+    layers = [(hidden, d), (d, hidden)] if mlp else [(d, d)]
+    apply = (lambda c: 4 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
+    factors = (lambda c: 6 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
+
+    def update(c: int) -> tuple[int, int]:  # without the X X^T of the layer that reads k (k_gram)
+        mm = solve = 0
+        for i, (I, O) in enumerate(layers):
+            if dgd:
+                mm += (2 * c * c * I if i < len(layers) - 1 else 0) + 2 * c * c * O + (2 * c * I * O if momentum else 0)
+                solve += c * (c - 1) * O
+            mm += 2 * c * I * O * (2 if momentum else 1)
+        return mm, solve
+
+    def k_gram(c: int) -> int:  # k k^T of the layer whose input is k: once per chunk, the memories share k
+        return 2 * c * c * d if dgd else 0
+
+    def read(c: int) -> int:
+        in_chunk = 2 * c * c * sum(O for _, O in layers) * (2 if momentum and dgd else 1)
+        return sum(2 * c * c * I + 2 * c * I * O * (2 if momentum else 1) for I, O in layers) + in_chunk
+
+    def gates(c: int) -> int:
+        return 2 * c ** 3 + 4 * c * c if momentum else 0
+
+    def chunks(C: int) -> list[int]:
+        return [min(C, T - c0) for c0 in range(0, T, C)]
+
+    mm = solve = 0
+    for c in chunks(chunk_size) if n_generators else []:
+        up_mm, up_solve = update(c)
+        mm += gates(c) + k_gram(c) + n_generators * (2 * apply(c) + factors(c) + up_mm)
+        solve += n_generators * up_solve
+    for c in chunks(memory_chunk_size):
+        up_mm, up_solve = update(c)
+        mm += gates(c) + k_gram(c) + apply(c) + factors(c) + up_mm + read(c)
+        solve += up_solve
+    return mm, solve
