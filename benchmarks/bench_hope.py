@@ -2,10 +2,12 @@
 a Transformer++ of equal parameter count in training tokens/s.
 
     python benchmarks/bench_hope.py [--seq-lens 512 2048 8192] [--batch 4] [--steps 2] [--skip-reference]
+                                    [--hope momentum=true ...]
 
 Shape (ENGINEERING.md section 5): dim 256, 4 blocks, 4 heads, vocab 4096, fp32, AdamW steps on
-random tokens. HOPE: self-modifying Titans with MLP memories (hidden 128), DGD + momentum,
-chunk 64, 3-level CMS of width 256; the Transformer++'s ffn_hidden is set so both count the same
+random tokens. HOPE: self-modifying Titans with MLP memories (hidden 128), DGD, HopeConfig's
+defaults otherwise (inner momentum off; --hope momentum=true turns it on), chunk 64, 3-level CMS
+of width 256; the Transformer++'s ffn_hidden is set so both count the same
 parameters (within 1%). Batch is reduced at long T so that batch * T <= 8192. Timings are the
 best of --steps steps after one warm-up step. Peak memory is the process's max RSS; with
 --trim-heap glibc returns freed blocks (mallopt), so max RSS tracks live tensors (the chunk
@@ -27,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nl.models.hope  # noqa: E402,F401
@@ -80,9 +83,9 @@ def train_tokens_per_s(cfg: ModelConfig, T: int, batch: int, steps: int) -> floa
     return batch * T / best
 
 
-def layer_fwd_bwd_seconds(reference: bool, T: int, batch: int) -> float:
+def layer_fwd_bwd_seconds(reference: bool, T: int, batch: int, overrides: dict) -> float:
     torch.manual_seed(0)
-    layer = SelfModifyingTitans(hope_cfg())
+    layer = SelfModifyingTitans(hope_cfg(**overrides))
     layer.init_weights(0.02, 0.01)
     layer.reference = reference
     x = torch.randn(batch, T, 256, requires_grad=True)
@@ -102,7 +105,10 @@ def main() -> None:
     ap.add_argument("--layer-T", type=int, default=2048)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--trim-heap", action="store_true")
+    ap.add_argument("--hope", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="HopeConfig overrides for the benchmarked HOPE, e.g. momentum=true memory_type=linear")
     args = ap.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.hope)}
     if args.trim_heap:
         _release_freed_memory()
     torch.manual_seed(0)
@@ -112,14 +118,15 @@ def main() -> None:
           f"torch {torch.__version__}; date: {datetime.datetime.now().isoformat(timespec='minutes')}\n")
 
     if not args.skip_reference:
-        chunked = layer_fwd_bwd_seconds(False, args.layer_T, 1)
-        reference = layer_fwd_bwd_seconds(True, args.layer_T, 1)
+        chunked = layer_fwd_bwd_seconds(False, args.layer_T, 1, overrides)
+        reference = layer_fwd_bwd_seconds(True, args.layer_T, 1, overrides)
         print(f"| HOPE layer fwd+bwd, T={args.layer_T}, batch 1 | chunked | token-by-token reference | speed-up |")
         print("|---|---|---|---|")
         print(f"| dim 256, 4 heads, MLP memories, chunk 64 | {chunked:.2f} s | {reference:.2f} s | "
               f"{reference / chunked:.1f}x |\n")
 
-    hope = hope_cfg()
+    hope = hope_cfg(**overrides)
+    print(f"HOPE: {hope.hope}\n")
     n_hope = count_parameters(build_model(hope, device="meta"))
     tfm = matched_transformer(n_hope)
     n_tfm = count_parameters(build_model(tfm, device="meta"))

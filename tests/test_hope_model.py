@@ -33,7 +33,9 @@ VARIANTS = {
 
 
 def small(chunk: int = 4, **hope) -> ModelConfig:
-    hc = dict(chunk_size=chunk, memory_chunk_size=chunk, cms_chunk_sizes=[1, 4], cms_hidden=32)
+    # Inner momentum on in the base: the variants below switch single features off (HopeConfig's
+    # default is off; 'no_momentum' covers it).
+    hc = dict(chunk_size=chunk, memory_chunk_size=chunk, cms_chunk_sizes=[1, 4], cms_hidden=32, momentum=True)
     hc.update(hope)
     return ModelConfig(arch="hope", vocab_size=64, dim=16, n_layers=2, n_heads=2, hope=HopeConfig(**hc))
 

@@ -35,7 +35,8 @@ Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in
   outputs). Linear memories start at I + N(0, init_std).
 - Output: wo(RMSNorm_head(o) * silu(W_g x)) (GatedDeltaNet-style gate). The recurrence runs in
   fp32 (or wider) whatever the model dtype. The Titans baseline is mixer=titans with dgd=false
-  and cms_chunk_sizes=[1]: static q/k/v, eta/alpha/mu = linear(x) with bias, one MLP memory.
+  momentum=true and cms_chunk_sizes=[1]: static q/k/v, eta/alpha/mu = linear(x) with bias, one MLP memory.
+- Inner momentum is off by default (HopeConfig.momentum; decided by data, docs/HOPE.md).
 """
 
 from __future__ import annotations
