@@ -1,7 +1,8 @@
 """dist.strategy=deepspeed on 2 CPU ranks (gloo): ZeRO 1/2/3 equal single-process training,
-checkpoints resume bit-exactly at the same world size, export consolidates ZeRO shards, other
-strategies' checkpoints (and other world sizes) are refused clearly, and a user ds_config
-JSON is merged into the engine's config.
+checkpoints resume bit-exactly at the same world size, ZeRO-1/2 checkpoints reshard 2 -> 1 and
+1 -> 2, export consolidates ZeRO shards, other strategies' checkpoints (and ZeRO-3 at another
+world size, or another stage) are refused clearly, and a user ds_config JSON is merged into
+the engine's config.
 
 The first DeepSpeed launch on a machine JIT-compiles its shared-memory comm op (~30-60 s,
 cached in ~/.cache/torch_extensions afterwards)."""
@@ -130,6 +131,34 @@ def test_export_of_zero_checkpoints_equals_single_process_model(tmp_path, single
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_zero2_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs):
+    """A ZeRO-2 checkpoint of 2 ranks resumed by 1 process continues the same run (AdamW)."""
+    full, _ = metrics(zero_runs[2])
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero_runs[2], run_dir)
+    shutil.rmtree(dict(list_checkpoints(run_dir))[10])
+    (run_dir / "metrics.jsonl").write_text("")
+    run(1, token_dir, run_dir, *ds(2))
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+
+
+def test_zero1_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
+    """1 -> 2 ranks with DMGD (its memory MLP is not partitioned) and CMS levels stepping every 2
+    and 4 steps, resumed at step 5: mid-window, so the accumulators must be re-partitioned too."""
+    from test_optim_distributed import HOPE
+
+    extra = (*ds(1), *HOPE, "optim.name=dmgd")
+    full_dir = tmp_path / "one_rank"
+    run(1, token_dir, full_dir, *extra)
+    full, _ = metrics(full_dir)
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(full_dir, run_dir)
+    shutil.rmtree(dict(list_checkpoints(run_dir))[10])
+    (run_dir / "metrics.jsonl").write_text("")
+    run(2, token_dir, run_dir, *extra)
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+
+
 def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run, zero_runs):
     from nl.distributed.deepspeed import load
 
@@ -139,13 +168,17 @@ def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run
     ds_ckpt = dict(list_checkpoints(zero_runs[2]))[10]
     with pytest.raises(CheckpointError, match="written by dist.strategy=deepspeed"):
         load_checkpoint(ds_ckpt, {"model": {}})
-    # End to end: the ZeRO-2 run of 2 ranks resumed by 1 deepspeed process is refused, one line.
+    with pytest.raises(CheckpointError, match="ZeRO-2 on 2 ranks, this run is ZeRO-1 on 2: resume with "
+                                              "dist.zero_stage=2 on any world size"):
+        load(None, ds_ckpt, world_size=2, zero_stage=1)
+    # End to end: the ZeRO-3 run of 2 ranks resumed by 1 deepspeed process is refused, one line.
     run_dir = tmp_path / "one_rank"
-    shutil.copytree(zero_runs[2], run_dir)
-    proc = run(1, token_dir, run_dir, *ds(2), "train.steps=12", check=False)
+    shutil.copytree(zero_runs[3], run_dir)
+    proc = run(1, token_dir, run_dir, *ds(3), "train.steps=12", check=False)
     assert proc.returncode != 0
-    assert "error: checkpoint" in proc.stderr and "on 2 ranks, this run is ZeRO-2 on 1" in proc.stderr, \
+    assert "error: checkpoint" in proc.stderr and "on 2 ranks, this run is ZeRO-3 on 1" in proc.stderr, \
         proc.stderr[-3000:]
+    assert "dist.zero_stage=3 on 2 ranks" in proc.stderr
 
 
 def test_core_path_does_not_import_deepspeed():

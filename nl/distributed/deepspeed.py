@@ -14,9 +14,14 @@ fsdp path never needs it. Install: DS_BUILD_OPS=0 pip install --no-build-isolati
   files under the tag "ds", config.yaml, and the marker deepspeed.json (strategy, ZeRO stage,
   world size) by which `nl.checkpoint.list_checkpoints` finds it. Trainer state (step, tokens,
   loader, RNG) travels in DeepSpeed's client_state.
-- Resume needs the same strategy, ZeRO stage and world size; anything else is refused with a
-  CheckpointError naming the fix (no DeepSpeed universal-checkpoint conversion). Export
-  (`python -m nl.export`) reads any deepspeed checkpoint, at any world size.
+- Resume needs the same strategy and ZeRO stage. ZeRO-1/2 checkpoints also resume at another
+  world size (`_load_resharded`): the module and client_state load as usual, then every rank
+  rebuilds its flat partition of the fp32 master weights and of each per-coordinate optimizer
+  state from all saved ranks' partitions (state that is not partition-shaped, e.g. DMGD's
+  memory, identical on every rank, comes from rank 0). ZeRO-3 and ZeRO-0 at another world size,
+  another stage, or a checkpoint of another strategy are refused with a CheckpointError naming
+  the fix (no DeepSpeed universal-checkpoint conversion). Export (`python -m nl.export`) reads
+  any deepspeed checkpoint, at any world size.
 """
 
 from __future__ import annotations
@@ -130,14 +135,20 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
                               f"not deepspeed: resume it with dist.strategy=fsdp (or ddp/single), or start "
                               f"a new run.dir; conversion is not supported")
     meta = _marker(path)
-    if int(meta["world_size"]) != world_size or int(meta["zero_stage"]) != zero_stage:
+    saved_world = int(meta["world_size"])
+    reshard = saved_world != world_size
+    if int(meta["zero_stage"]) != zero_stage or (reshard and zero_stage not in (1, 2)):
         raise CheckpointError(f"checkpoint {path} was written by deepspeed ZeRO-{meta['zero_stage']} on "
-                              f"{meta['world_size']} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
-                              f"resume with dist.zero_stage={meta['zero_stage']} on {meta['world_size']} ranks, "
+                              f"{saved_world} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
+                              f"resume with dist.zero_stage={meta['zero_stage']} "
+                              f"{'on any world size' if int(meta['zero_stage']) in (1, 2) else f'on {saved_world} ranks'}, "
                               f"or export it (python -m nl.export) and start a new run.dir")
+    tag = meta.get("tag", TAG)
     try:
-        load_path, client_state = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG),
-                                                         load_module_strict=True)
+        load_path, client_state = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
+                                                         load_optimizer_states=not reshard)
+        if reshard and load_path is not None:
+            _load_resharded(engine, path / tag, saved_world)
     except Exception as e:  # noqa: BLE001 - any read failure
         raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or ['no detail'])[-1][:300]}); if it is corrupt, "
@@ -146,6 +157,50 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed state under tag '{TAG}': it is incomplete; "
                               f"move it away to resume from the previous checkpoint")
     return client_state
+
+
+def _load_resharded(engine, ckpt_dir: Path, saved_world: int) -> None:
+    """ZeRO-1/2 at a new world size: this rank's partition of the fp32 master weights and of every
+    per-coordinate optimizer state, cut from the concatenation of all saved ranks' partitions.
+
+    DeepSpeed flattens each param group into one buffer, pads it at the end to a multiple of the
+    alignment, and gives rank r the r-th equal slice; `group_paddings` says how much of each saved
+    slice is padding. State tensors of any other shape (step counters, DMGD's memory MLP, which
+    every rank holds identically) are taken from saved rank 0."""
+    import torch.distributed as dist
+
+    zero = engine.optimizer
+    inner = zero.optimizer
+    saved = [torch.load(ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"] for r in range(saved_world)]
+    rank = dist.get_rank(group=zero.dp_process_group) if dist.is_initialized() else 0
+    for g, group in enumerate(inner.param_groups):
+        flat_param = group["params"][0]
+        n_local = flat_param.numel()
+        parts = [sd["single_partition_of_fp32_groups"][g] for sd in saved]
+        n_true = sum(p.numel() for p in parts) - sum(int(sd["group_paddings"][g]) for sd in saved)
+        start = rank * n_local
+        keep = max(0, min(n_local, n_true - start))
+
+        def local_slice(partitions: list[torch.Tensor]) -> torch.Tensor:
+            out = torch.zeros(n_local, dtype=partitions[0].dtype)
+            out[:keep] = torch.cat([p.flatten() for p in partitions])[start:start + keep]
+            return out
+
+        zero.single_partition_of_fp32_groups[g].data.copy_(local_slice(parts))
+        states = [sd["base_optimizer_state"]["state"].get(g) for sd in saved]
+        if states[0] is None:  # the group had not stepped yet
+            continue
+        new_state = {}
+        for key, value in states[0].items():
+            if torch.is_tensor(value) and value.shape == parts[0].shape:
+                new_state[key] = local_slice([st[key] for st in states]).to(flat_param.device)
+            else:
+                new_state[key] = value.clone().to(flat_param.device) if torch.is_tensor(value) else copy.deepcopy(value)
+        inner.state[flat_param] = new_state
+    # The module (full weights, bit16 under bf16) was loaded from the model-states file; relink
+    # DeepSpeed's per-parameter views onto the replaced optimizer state, as its own load does.
+    zero._link_all_hp_params()
 
 
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
