@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("deepspeed", reason="dist.strategy=deepspeed needs the optional deepspeed package")
 
 from conftest import REPO  # noqa: E402
-from test_distributed import command, env, metrics  # noqa: E402
+from test_distributed import command, crashed_after_step_5, env, metrics  # noqa: E402
 
 from nl.checkpoint import CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
 
@@ -106,10 +106,7 @@ def test_user_ds_config_reaches_the_engine(zero_runs):
 
 def test_zero3_resume_at_same_world_size_is_bit_exact(token_dir, tmp_path, zero_runs):
     full, _ = metrics(zero_runs[3])
-    run_dir = tmp_path / "run"
-    shutil.copytree(zero_runs[3], run_dir)
-    shutil.rmtree(dict(list_checkpoints(run_dir))[10])
-    (run_dir / "metrics.jsonl").write_text("")
+    run_dir = crashed_after_step_5(zero_runs[3], tmp_path / "run")
     run(2, token_dir, run_dir, *ds(3))
     assert metrics(run_dir)[0] == full[5:]
 
@@ -134,10 +131,7 @@ def test_export_of_zero_checkpoints_equals_single_process_model(tmp_path, single
 def test_zero2_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs):
     """A ZeRO-2 checkpoint of 2 ranks resumed by 1 process continues the same run (AdamW)."""
     full, _ = metrics(zero_runs[2])
-    run_dir = tmp_path / "run"
-    shutil.copytree(zero_runs[2], run_dir)
-    shutil.rmtree(dict(list_checkpoints(run_dir))[10])
-    (run_dir / "metrics.jsonl").write_text("")
+    run_dir = crashed_after_step_5(zero_runs[2], tmp_path / "run")
     run(1, token_dir, run_dir, *ds(2))
     np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
 
@@ -151,10 +145,7 @@ def test_zero1_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
     full_dir = tmp_path / "one_rank"
     run(1, token_dir, full_dir, *extra)
     full, _ = metrics(full_dir)
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(full_dir, run_dir)
-    shutil.rmtree(dict(list_checkpoints(run_dir))[10])
-    (run_dir / "metrics.jsonl").write_text("")
+    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
     run(2, token_dir, run_dir, *extra)
     np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
 
