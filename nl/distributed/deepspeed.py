@@ -137,11 +137,12 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
     meta = _marker(path)
     saved_world = int(meta["world_size"])
     reshard = saved_world != world_size
-    if int(meta["zero_stage"]) != zero_stage or (reshard and zero_stage not in (1, 2)):
-        raise CheckpointError(f"checkpoint {path} was written by deepspeed ZeRO-{meta['zero_stage']} on "
+    saved_stage = int(meta["zero_stage"])
+    if saved_stage != zero_stage or (reshard and zero_stage not in (1, 2)):
+        where = "on any world size" if saved_stage in (1, 2) else f"on {saved_world} ranks"
+        raise CheckpointError(f"checkpoint {path} was written by deepspeed ZeRO-{saved_stage} on "
                               f"{saved_world} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
-                              f"resume with dist.zero_stage={meta['zero_stage']} "
-                              f"{'on any world size' if int(meta['zero_stage']) in (1, 2) else f'on {saved_world} ranks'}, "
+                              f"resume with dist.zero_stage={saved_stage} {where}, "
                               f"or export it (python -m nl.export) and start a new run.dir")
     tag = meta.get("tag", TAG)
     try:
