@@ -47,6 +47,21 @@ def _masked_exp(rows: torch.Tensor, cols: torch.Tensor, diagonal: int) -> torch.
     return diff.masked_fill(~keep, float("-inf")).exp()
 
 
+def _solve_unit_lower(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """X with (I + A) X = B for strictly lower-triangular A [..., C, C] and B [..., C, O].
+
+    Where A is broadcast along a batch dim of B (the generator memories share k, so the layer
+    reading k has one A for all of them), that dim is folded into B's columns: one solve with
+    G * O right-hand sides instead of G solves with a copied A."""
+    folded = [i for i, (a, b) in enumerate(zip(A.shape[:-2], B.shape[:-2])) if a == 1 and b > 1]
+    if len(folded) != 1 or A.dim() != B.dim():
+        return torch.linalg.solve_triangular(A, B, upper=False, unitriangular=True)
+    g = folded[0]
+    Bf = B.movedim(g, -2)                                   # [..., C, G, O] with dim g gone
+    X = torch.linalg.solve_triangular(A.squeeze(g), Bf.flatten(-2), upper=False, unitriangular=True)
+    return X.unflatten(-1, Bf.shape[-2:]).movedim(-2, g)
+
+
 class ChunkGates:
     """Decay coefficients of one chunk, shared by every layer and memory stepped with the same gates.
 
@@ -100,7 +115,7 @@ class ChunkLayer:
             if P0 is not None:
                 base = base + gates.cp[..., None] * (X @ P0.mT)
             A = gates.eta_Dp * XX                            # eta_t D[t-1, j]: strictly lower triangular
-            self.delta = torch.linalg.solve_triangular(A, -eta * base, upper=False, unitriangular=True)
+            self.delta = _solve_unit_lower(A, -eta * base)
 
     def read(self, Q: torch.Tensor) -> torch.Tensor:
         """S_{t-1} q_t for every token of the chunk (read before write). Q: [..., C, I] -> [..., C, O]."""
