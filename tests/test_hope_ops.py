@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nl.ops.delta_rule import ChunkGates, ChunkLayer, memory_apply
+from nl.ops.delta_rule import ChunkGates, ChunkLayer, _solve_unit_lower, memory_apply
 from nl.ops.titans import RecurrenceConfig, titans_chunked, titans_reference
 
 DT = torch.float64
@@ -217,6 +217,34 @@ def test_linear_memory_update_is_fla_gated_delta_rule(chunk):
     ours, fla_out = torch.cat(ours, dim=2), torch.cat(fla_out, dim=2)
     assert rel(ours[:, :, 1:], fla_out[:, :, :-1]) < 1e-10
     assert rel(S, S_fla) < 1e-10
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 64, 100])
+def test_unit_lower_solve_equals_lapack_in_value_and_gradient(n):
+    """The blocked explicit inverse (halves down to 16) and its closed-form backward against LAPACK's
+    triangular solve with autograd, float64, for sizes that split evenly, oddly and not at all;
+    A broadcast along a batch dim of B (folded into columns) and not."""
+    g = torch.Generator().manual_seed(n)
+    for a_shape, b_shape in [((2, 3, n, n), (2, 3, n, 5)), ((2, 1, n, n), (2, 4, n, 3))]:
+        A = (torch.randn(*a_shape, generator=g, dtype=DT) / n ** 0.5).tril(-1).requires_grad_()
+        Bm = torch.randn(*b_shape, generator=g, dtype=DT).requires_grad_()
+        w = torch.randn(torch.broadcast_shapes(a_shape[:-1] + (1,), b_shape), generator=g, dtype=DT)
+        eye = torch.eye(n, dtype=DT)
+        ref = torch.linalg.solve_triangular(A + eye, Bm, upper=False, unitriangular=True)
+        ours = _solve_unit_lower(A, Bm)
+        assert rel(ours, ref) < 1e-12
+        g_ref = torch.autograd.grad((ref * w).sum(), (A, Bm))
+        g_ours = torch.autograd.grad((ours * w).sum(), (A, Bm))
+        for a, b in zip(g_ours, g_ref):
+            assert rel(a, b.tril(-1) if b.shape == A.shape else b) < 1e-12
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+def test_chunks_longer_than_the_inverse_block_equal_reference(memory_type):
+    """Chunks of 40 and 24 tokens (T=45: one full and one partial chunk) take the blocked inverse's
+    recursive path, which the small chunks above never reach."""
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=45, seed=8)
+    check_equal(inputs, RecurrenceConfig(24, 40, 0.8, True, True, True))
 
 
 @pytest.mark.parametrize("memory_type", ["linear", "mlp"])

@@ -47,19 +47,59 @@ def _masked_exp(rows: torch.Tensor, cols: torch.Tensor, diagonal: int) -> torch.
     return diff.masked_fill(~keep, float("-inf")).exp()
 
 
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower-triangular A [..., n, n], by halves:
+    [[L11, 0], [L21, L22]]^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]], down to blocks of
+    at most 16 that are solved directly. Why not one triangular solve: batched LAPACK trsm on
+    these small matrices runs at ~7 GFLOP/s on our CPU where bmm runs at 40-50 (docs/BENCHMARKS.md);
+    flash-linear-attention's chunk kernels form the same explicit inverse (the UT transform)."""
+    n = A.shape[-1]
+    if n <= 16:
+        eye = torch.eye(n, dtype=A.dtype, device=A.device)
+        return torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+    h = n // 2
+    if n % 2 == 0:  # both halves in one call
+        inv = _unit_lower_inverse(torch.stack([A[..., :h, :h], A[..., h:, h:]]))
+        i11, i22 = inv[0], inv[1]
+    else:
+        i11, i22 = _unit_lower_inverse(A[..., :h, :h]), _unit_lower_inverse(A[..., h:, h:])
+    i21 = -i22 @ (A[..., h:, :h] @ i11)
+    top = torch.cat([i11, i11.new_zeros(*i11.shape[:-1], n - h)], dim=-1)
+    return torch.cat([top, torch.cat([i21, i22], dim=-1)], dim=-2)
+
+
+class _UnitLowerSolve(torch.autograd.Function):
+    """X = (I + A)^-1 B with its backward in closed form: gB = (I + A)^-T gX, gA = -tril(gB X^T, -1)
+    (A's diagonal and upper part are never read). A [..., C, C] must have B's batch dims."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        inv = _unit_lower_inverse(A)
+        X = inv @ B
+        ctx.save_for_backward(inv, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, gX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv, X = ctx.saved_tensors
+        gB = inv.mT @ gX
+        return -(gB @ X.mT).tril(-1), gB
+
+
 def _solve_unit_lower(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X with (I + A) X = B for strictly lower-triangular A [..., C, C] and B [..., C, O].
 
-    Where A is broadcast along a batch dim of B (the generator memories share k, so the layer
-    reading k has one A for all of them), that dim is folded into B's columns: one solve with
-    G * O right-hand sides instead of G solves with a copied A."""
+    X = (I + A)^-1 B with the inverse formed once (`_unit_lower_inverse`). Where A is broadcast
+    along a batch dim of B (the generator memories share k, so the layer reading k has one A for
+    all of them), that dim is folded into B's columns: one product with G * O columns."""
     folded = [i for i, (a, b) in enumerate(zip(A.shape[:-2], B.shape[:-2])) if a == 1 and b > 1]
-    if len(folded) != 1 or A.dim() != B.dim():
-        return torch.linalg.solve_triangular(A, B, upper=False, unitriangular=True)
-    g = folded[0]
-    Bf = B.movedim(g, -2)                                   # [..., C, G, O] with dim g gone
-    X = torch.linalg.solve_triangular(A.squeeze(g), Bf.flatten(-2), upper=False, unitriangular=True)
-    return X.unflatten(-1, Bf.shape[-2:]).movedim(-2, g)
+    if len(folded) == 1 and A.dim() == B.dim():
+        g = folded[0]
+        Bf = B.movedim(g, -2)                               # [..., C, G, O] with dim g gone
+        X = _UnitLowerSolve.apply(A.squeeze(g), Bf.flatten(-2))
+        return X.unflatten(-1, Bf.shape[-2:]).movedim(-2, g)
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    return _UnitLowerSolve.apply(A.expand(*batch, *A.shape[-2:]), B.expand(*batch, *B.shape[-2:]))
 
 
 class ChunkGates:

@@ -226,9 +226,10 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
 
     Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
     (2 * m * n * k), elementwise work is not. The solve term is c (c - 1) O per layer and chunk of
-    c tokens (forward substitution with O right-hand sides). Per chunk of c tokens, with a layer of
-    input width I and output width O (linear: one layer, I = O = d; MLP: W1 (I = hidden, O = d)
-    and W2 (I = d, O = hidden)) and A = the cost of one memory application (2 c d^2 or 4 c d hidden):
+    c tokens: forward substitution with O right-hand sides, the algorithm's count (model FLOPs);
+    the fast path forms an explicit inverse instead, which executes more FLOPs in less time.
+    Per chunk of c tokens, with a layer of input width I and output width O (linear: one layer,
+    I = O = d; MLP: W1 (I = hidden, O = d) and W2 (I = d, O = hidden)) and A = the cost of one memory application (2 c d^2 or 4 c d hidden):
       generators (each of n_generators): A on z, A on v (targets), the gradient factors
           (linear 2 c d^2; MLP 6 c d hidden), and per layer the update terms below;
       memory: A on v, the gradient factors, the update terms, and the read of q per layer;
