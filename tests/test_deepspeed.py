@@ -1,7 +1,7 @@
 """dist.strategy=deepspeed on 2 CPU ranks (gloo): ZeRO 1/2/3 equal single-process training,
-checkpoints resume bit-exactly at the same world size, ZeRO-1/2 checkpoints reshard 2 -> 1 and
-1 -> 2, export consolidates ZeRO shards, other strategies' checkpoints (and ZeRO-3 at another
-world size, or another stage) are refused clearly, and a user ds_config JSON is merged into
+checkpoints resume bit-exactly at the same world size, ZeRO-1/2/3 checkpoints reshard 2 -> 1
+and 1 -> 2, export consolidates ZeRO shards, other strategies' checkpoints (and another stage,
+or ZeRO-0 at another world size) are refused clearly, and a user ds_config JSON is merged into
 the engine's config.
 
 The first DeepSpeed launch on a machine JIT-compiles its shared-memory comm op (~30-60 s,
@@ -24,7 +24,7 @@ pytest.importorskip("deepspeed", reason="dist.strategy=deepspeed needs the optio
 from conftest import REPO  # noqa: E402
 from test_distributed import command, crashed_after_step_5, env, metrics  # noqa: E402
 
-from nl.checkpoint import CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
+from nl.checkpoint import DEEPSPEED_MARKER, CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
 
 BUCKET = 123456  # a user ds_config value that must reach the engine
 
@@ -150,6 +150,39 @@ def test_zero1_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
     np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
 
 
+def test_zero3_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs):
+    """ZeRO-3 partitions each parameter on its own: a 2-rank checkpoint resumed by 1 process (AdamW)."""
+    full, _ = metrics(zero_runs[3])
+    run_dir = crashed_after_step_5(zero_runs[3], tmp_path / "run")
+    run(1, token_dir, run_dir, *ds(3))
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+
+
+def test_zero3_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
+    """ZeRO-3, 1 -> 2 ranks with DMGD (memory MLP not partitioned) and CMS levels mid-window at step 5."""
+    from test_optim_distributed import HOPE
+
+    extra = (*ds(3), *HOPE, "optim.name=dmgd")
+    full_dir = tmp_path / "one_rank"
+    run(1, token_dir, full_dir, *extra)
+    full, _ = metrics(full_dir)
+    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
+    run(2, token_dir, run_dir, *extra)
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+
+
+def test_zero3_bf16_checkpoint_reshards_2_to_1(token_dir, tmp_path):
+    """bf16, the default on GPUs: DeepSpeed names the optimizer files bf16_*, and the bf16 working
+    weights must follow the loaded fp32 master. Within 1e-4: bf16 gradients sum in another order."""
+    extra = (*ds(3), "train.precision=bf16")
+    full_dir = tmp_path / "two_ranks"
+    run(2, token_dir, full_dir, *extra)
+    full, _ = metrics(full_dir)
+    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
+    run(1, token_dir, run_dir, *extra)
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-4)
+
+
 def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run, zero_runs):
     from nl.distributed.deepspeed import load
 
@@ -162,14 +195,21 @@ def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run
     with pytest.raises(CheckpointError, match="ZeRO-2 on 2 ranks, this run is ZeRO-1 on 2: resume with "
                                               "dist.zero_stage=2 on any world size"):
         load(None, ds_ckpt, world_size=2, zero_stage=1)
-    # End to end: the ZeRO-3 run of 2 ranks resumed by 1 deepspeed process is refused, one line.
+    zero0 = tmp_path / "zero0"  # the marker of a ZeRO-0 checkpoint is all that is read before refusing
+    zero0.mkdir()
+    (zero0 / DEEPSPEED_MARKER).write_text(json.dumps({"strategy": "deepspeed", "tag": "ds", "zero_stage": 0,
+                                                      "world_size": 2, "step": 10}))
+    with pytest.raises(CheckpointError, match="ZeRO-0 on 2 ranks, this run is ZeRO-0 on 1: resume with "
+                                              "dist.zero_stage=0 on 2 ranks"):
+        load(None, zero0, world_size=1, zero_stage=0)
+    # End to end: the ZeRO-3 run of 2 ranks resumed by 1 process at ZeRO-2 is refused, one line.
     run_dir = tmp_path / "one_rank"
     shutil.copytree(zero_runs[3], run_dir)
-    proc = run(1, token_dir, run_dir, *ds(3), "train.steps=12", check=False)
+    proc = run(1, token_dir, run_dir, *ds(2), "train.steps=12", check=False)
     assert proc.returncode != 0
-    assert "error: checkpoint" in proc.stderr and "on 2 ranks, this run is ZeRO-3 on 1" in proc.stderr, \
+    assert "error: checkpoint" in proc.stderr and "on 2 ranks, this run is ZeRO-2 on 1" in proc.stderr, \
         proc.stderr[-3000:]
-    assert "dist.zero_stage=3 on 2 ranks" in proc.stderr
+    assert "dist.zero_stage=3 on any world size" in proc.stderr
 
 
 def test_core_path_does_not_import_deepspeed():

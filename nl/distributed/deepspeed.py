@@ -14,14 +14,17 @@ fsdp path never needs it. Install: DS_BUILD_OPS=0 pip install --no-build-isolati
   files under the tag "ds", config.yaml, and the marker deepspeed.json (strategy, ZeRO stage,
   world size) by which `nl.checkpoint.list_checkpoints` finds it. Trainer state (step, tokens,
   loader, RNG) travels in DeepSpeed's client_state.
-- Resume needs the same strategy and ZeRO stage. ZeRO-1/2 checkpoints also resume at another
-  world size (`_load_resharded`): the module and client_state load as usual, then every rank
-  rebuilds its flat partition of the fp32 master weights and of each per-coordinate optimizer
-  state from all saved ranks' partitions (state that is not partition-shaped, e.g. DMGD's
-  memory, identical on every rank, comes from rank 0). ZeRO-3 and ZeRO-0 at another world size,
-  another stage, or a checkpoint of another strategy are refused with a CheckpointError naming
-  the fix (no DeepSpeed universal-checkpoint conversion). Export (`python -m nl.export`) reads
-  any deepspeed checkpoint, at any world size.
+- Resume needs the same strategy and ZeRO stage; ZeRO-1/2/3 checkpoints also resume at another
+  world size. ZeRO-1/2 (`_load_resharded`): the module and client_state load as usual, then every
+  rank rebuilds its flat partition of the fp32 master weights and of each per-coordinate
+  optimizer state from all saved ranks' partitions. ZeRO-3 (`_load_resharded_zero3`) partitions
+  each parameter on its own, so every parameter's full fp32 value and per-coordinate state are
+  joined from the saved slices and re-cut for this rank, the working (bit16) partitions follow
+  the fp32 master, and client_state comes from saved rank 0's model-states file. In both, state
+  that is not partition-shaped (step counters, DMGD's memory, identical on every rank) comes from
+  rank 0. ZeRO-0 at another world size, another stage, or a checkpoint of another strategy are
+  refused with a CheckpointError naming the fix (no DeepSpeed universal-checkpoint conversion).
+  Export (`python -m nl.export`) reads any deepspeed checkpoint, at any world size.
 """
 
 from __future__ import annotations
@@ -138,18 +141,21 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
     saved_world = int(meta["world_size"])
     reshard = saved_world != world_size
     saved_stage = int(meta["zero_stage"])
-    if saved_stage != zero_stage or (reshard and zero_stage not in (1, 2)):
-        where = "on any world size" if saved_stage in (1, 2) else f"on {saved_world} ranks"
+    if saved_stage != zero_stage or (reshard and zero_stage == 0):
+        where = "on any world size" if saved_stage in (1, 2, 3) else f"on {saved_world} ranks"
         raise CheckpointError(f"checkpoint {path} was written by deepspeed ZeRO-{saved_stage} on "
                               f"{saved_world} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
                               f"resume with dist.zero_stage={saved_stage} {where}, "
                               f"or export it (python -m nl.export) and start a new run.dir")
     tag = meta.get("tag", TAG)
     try:
-        load_path, client_state = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
-                                                         load_optimizer_states=not reshard)
-        if reshard and load_path is not None:
-            _load_resharded(engine, path / tag, saved_world)
+        if reshard and zero_stage == 3:
+            load_path, client_state = path, _load_resharded_zero3(engine, path / tag, saved_world)
+        else:
+            load_path, client_state = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
+                                                             load_optimizer_states=not reshard)
+            if reshard and load_path is not None:
+                _load_resharded(engine, path / tag, saved_world)
     except Exception as e:  # noqa: BLE001 - any read failure
         raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or ['no detail'])[-1][:300]}); if it is corrupt, "
@@ -158,6 +164,12 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
         raise CheckpointError(f"checkpoint {path} has no DeepSpeed state under tag '{TAG}': it is incomplete; "
                               f"move it away to resume from the previous checkpoint")
     return client_state
+
+
+def _optim_states_file(ckpt_dir: Path, rank: int) -> Path:
+    """Saved rank `rank`'s ZeRO optimizer-states file; DeepSpeed prefixes it with 'bf16_' in bf16 runs."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return ckpt_dir / name if (ckpt_dir / name).is_file() else ckpt_dir / f"bf16_{name}"
 
 
 def _load_resharded(engine, ckpt_dir: Path, saved_world: int) -> None:
@@ -172,8 +184,8 @@ def _load_resharded(engine, ckpt_dir: Path, saved_world: int) -> None:
 
     zero = engine.optimizer
     inner = zero.optimizer
-    saved = [torch.load(ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"] for r in range(saved_world)]
+    saved = [torch.load(_optim_states_file(ckpt_dir, r), map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for r in range(saved_world)]
     rank = dist.get_rank(group=zero.dp_process_group) if dist.is_initialized() else 0
     for g, group in enumerate(inner.param_groups):
         flat_param = group["params"][0]
@@ -202,6 +214,85 @@ def _load_resharded(engine, ckpt_dir: Path, saved_world: int) -> None:
     # The module (full weights, bit16 under bf16) was loaded from the model-states file; relink
     # DeepSpeed's per-parameter views onto the replaced optimizer state, as its own load does.
     zero._link_all_hp_params()
+
+
+def _load_resharded_zero3(engine, ckpt_dir: Path, saved_world: int) -> dict:
+    """ZeRO-3 at a new world size: everything read from the saved files; returns the client_state.
+
+    ZeRO-3 partitions each parameter on its own: with k = ceil(numel / world), rank r holds its
+    elements [r*k, (r+1)*k) (the last slice zero-padded), and a sub-group's flat fp32 buffer, like
+    each per-coordinate optimizer state, is its parameters' slices end to end. So a parameter's
+    full value is its slices on all saved ranks, concatenated, and this rank cuts its new slice
+    from that. Sub-groups (zero_optimization.sub_group_size) may split differently at another world
+    size, so the cut goes parameter by parameter. Other state (step counters, DMGD's memory) comes
+    from saved rank 0's sub-group that held the sub-group's first parameter. DeepSpeed's own load
+    is not used: it opens this rank's model-states file, absent when the world grows, and its
+    weights-only path needs a 'latest' file."""
+    import torch.distributed as dist
+
+    zero = engine.optimizer
+    inner = zero.optimizer
+
+    def read(file: Path) -> dict:
+        return torch.load(file, map_location="cpu", weights_only=False)
+
+    # Every saved rank wrote a model-states file; rank 0's client_state is used, as ZeRO-1/2 resumes do.
+    model_state = read(ckpt_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    saved = [read(_optim_states_file(ckpt_dir, r))["optimizer_state_dict"] for r in range(saved_world)]
+    params = [p for group in zero.fp16_groups for p in group]
+    saved_shapes = [tuple(s) for group in model_state["param_shapes"] for s in group.values()]
+    if saved_shapes != [tuple(p.ds_shape) for p in params]:
+        raise RuntimeError("its parameter shapes differ from this model's")
+
+    # Per parameter, in ZeRO's order: its full fp32 value and per-coordinate states, and the other
+    # state of the saved sub-group it was in.
+    full: list[dict[str, torch.Tensor]] = []
+    other: list[dict[str, Any]] = []
+    for j, group in enumerate(model_state["param_shapes"]):
+        per_rank = [{"fp32": sd["fp32_flat_groups"][j], **sd["optimizer_state_dict"]["state"].get(j, {})}
+                    for sd in saved]
+        n_flat = per_rank[0]["fp32"].numel()
+        coords = [key for key, v in per_rank[0].items() if torch.is_tensor(v) and v.shape == (n_flat,)]
+        offset = 0
+        for shape in group.values():
+            n = shape.numel()
+            k = -(-n // saved_world)
+            full.append({key: torch.cat([st[key][offset:offset + k] for st in per_rank])[:n] for key in coords})
+            other.append({key: v for key, v in per_rank[0].items() if key not in coords})
+            offset += k
+        if offset != n_flat:
+            raise RuntimeError(f"saved sub-group {j} holds {n_flat} elements, its parameters' slices {offset}")
+
+    rank = dist.get_rank(group=zero.dp_process_group) if dist.is_initialized() else 0
+    zero.checkpoint_event_prologue()  # every parameter partitioned: its data lives in ds_tensor only
+    engine.module.load_state_dict(model_state["module"], strict=True)  # buffers; parameters are empty here
+    i = 0
+    for group, flat in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat):
+        first = i
+        local: dict[str, list[torch.Tensor]] = {key: [] for key in full[first]}
+        for p in group:
+            k = p.partition_numel()
+            for key, value in full[i].items():
+                piece = value.new_zeros(k)
+                cut = value[rank * k:(rank + 1) * k]
+                piece[:cut.numel()] = cut
+                local[key].append(piece)
+            # the working (bit16 under bf16) partition from the fp32 master, as DeepSpeed does
+            p.ds_tensor.data.copy_(local["fp32"][-1])
+            i += 1
+        new = {key: torch.cat(pieces).to(flat.device) for key, pieces in local.items()}
+        if new["fp32"].numel() != flat.numel():
+            raise RuntimeError(f"ZeRO-3 partition of {flat.numel()} elements, expected {new['fp32'].numel()}")
+        flat.data.copy_(new.pop("fp32"))
+        rest = {key: v.clone().to(flat.device) if torch.is_tensor(v) else copy.deepcopy(v)
+                for key, v in other[first].items()}
+        if new or rest:  # else the saved sub-group had not stepped yet
+            inner.state[flat] = {**new, **rest}
+    zero.checkpoint_event_epilogue()  # as DeepSpeed's load ends: re-gather the persistent (small) parameters
+    engine.global_steps = model_state["global_steps"]
+    engine.global_samples = model_state["global_samples"]
+    engine.skipped_steps = model_state["skipped_steps"]
+    return model_state
 
 
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
