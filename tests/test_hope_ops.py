@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nl.ops import delta_rule
 from nl.ops.delta_rule import ChunkGates, ChunkLayer, _solve_unit_lower, memory_apply
 from nl.ops.titans import RecurrenceConfig, titans_chunked, titans_reference
 
@@ -220,10 +221,12 @@ def test_linear_memory_update_is_fla_gated_delta_rule(chunk):
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 64, 100])
-def test_unit_lower_solve_equals_lapack_in_value_and_gradient(n):
+def test_unit_lower_solve_equals_lapack_in_value_and_gradient(n, monkeypatch):
     """The blocked explicit inverse (halves down to 16) and its closed-form backward against LAPACK's
     triangular solve with autograd, float64, for sizes that split evenly, oddly and not at all;
-    A broadcast along a batch dim of B (folded into columns) and not."""
+    A broadcast along a batch dim of B (folded into columns) and not. The inverse is forced (these
+    small solves would otherwise go to LAPACK)."""
+    monkeypatch.setattr(delta_rule, "INVERSE_MIN_WORK", 0)
     g = torch.Generator().manual_seed(n)
     for a_shape, b_shape in [((2, 3, n, n), (2, 3, n, 5)), ((2, 1, n, n), (2, 4, n, 3))]:
         A = (torch.randn(*a_shape, generator=g, dtype=DT) / n ** 0.5).tril(-1).requires_grad_()
@@ -240,9 +243,11 @@ def test_unit_lower_solve_equals_lapack_in_value_and_gradient(n):
 
 
 @pytest.mark.parametrize("memory_type", ["linear", "mlp"])
-def test_chunks_longer_than_the_inverse_block_equal_reference(memory_type):
+@pytest.mark.parametrize("solve", ["inverse", "lapack"])
+def test_chunks_longer_than_the_inverse_block_equal_reference(memory_type, solve, monkeypatch):
     """Chunks of 40 and 24 tokens (T=45: one full and one partial chunk) take the blocked inverse's
-    recursive path, which the small chunks above never reach."""
+    recursive path, which the small chunks above never reach; and the same through LAPACK."""
+    monkeypatch.setattr(delta_rule, "INVERSE_MIN_WORK", 0 if solve == "inverse" else 10 ** 9)
     inputs = make_inputs(memory_type, HOPE, ("q",), T=45, seed=8)
     check_equal(inputs, RecurrenceConfig(24, 40, 0.8, True, True, True))
 

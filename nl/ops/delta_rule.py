@@ -86,19 +86,28 @@ class _UnitLowerSolve(torch.autograd.Function):
         return -(gB @ X.mT).tril(-1), gB
 
 
+# Below this many (matrices x right-hand-side columns) per solve, LAPACK's triangular solve is
+# faster than forming the inverse (its dozen small ops cost more than they save); measured on our
+# 2-core CPU at the bench_hope shapes, benchmarks/bench_solve.py (docs/BENCHMARKS.md).
+INVERSE_MIN_WORK = 2048
+
+
 def _solve_unit_lower(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X with (I + A) X = B for strictly lower-triangular A [..., C, C] and B [..., C, O].
 
-    X = (I + A)^-1 B with the inverse formed once (`_unit_lower_inverse`). Where A is broadcast
-    along a batch dim of B (the generator memories share k, so the layer reading k has one A for
-    all of them), that dim is folded into B's columns: one product with G * O columns."""
+    Where A is broadcast along a batch dim of B (the generator memories share k, so the layer
+    reading k has one A for all of them), that dim is folded into B's columns: one solve with
+    G * O columns. Wide or many right-hand sides: X = (I + A)^-1 B with the inverse formed once
+    (`_UnitLowerSolve`); few: LAPACK's solve (see INVERSE_MIN_WORK)."""
     folded = [i for i, (a, b) in enumerate(zip(A.shape[:-2], B.shape[:-2])) if a == 1 and b > 1]
     if len(folded) == 1 and A.dim() == B.dim():
         g = folded[0]
         Bf = B.movedim(g, -2)                               # [..., C, G, O] with dim g gone
-        X = _UnitLowerSolve.apply(A.squeeze(g), Bf.flatten(-2))
+        X = _solve_unit_lower(A.squeeze(g), Bf.flatten(-2))
         return X.unflatten(-1, Bf.shape[-2:]).movedim(-2, g)
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    if batch.numel() * B.shape[-1] < INVERSE_MIN_WORK:
+        return torch.linalg.solve_triangular(A, B, upper=False, unitriangular=True)
     return _UnitLowerSolve.apply(A.expand(*batch, *A.shape[-2:]), B.expand(*batch, *B.shape[-2:]))
 
 
