@@ -128,59 +128,39 @@ def test_export_of_zero_checkpoints_equals_single_process_model(tmp_path, single
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_zero2_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs):
-    """A ZeRO-2 checkpoint of 2 ranks resumed by 1 process continues the same run (AdamW)."""
-    full, _ = metrics(zero_runs[2])
-    run_dir = crashed_after_step_5(zero_runs[2], tmp_path / "run")
-    run(1, token_dir, run_dir, *ds(2))
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+def assert_resumes_on(world: int, token_dir: Path, full_dir: Path, tmp_path: Path, extra: tuple[str, ...],
+                      rtol: float = 1e-5) -> None:
+    """The run in full_dir, crashed after step 5 and resumed on `world` ranks, gives its losses."""
+    full, _ = metrics(full_dir)
+    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
+    run(world, token_dir, run_dir, *extra)
+    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=rtol)
 
 
-def test_zero1_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs, stage):
+    """A checkpoint of 2 ranks resumed by 1 process continues the same run (AdamW). ZeRO-2 cuts
+    flat partitions; ZeRO-3 partitions each parameter on its own."""
+    assert_resumes_on(1, token_dir, zero_runs[stage], tmp_path, ds(stage))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path, stage):
     """1 -> 2 ranks with DMGD (its memory MLP is not partitioned) and CMS levels stepping every 2
     and 4 steps, resumed at step 5: mid-window, so the accumulators must be re-partitioned too."""
     from test_optim_distributed import HOPE
 
-    extra = (*ds(1), *HOPE, "optim.name=dmgd")
-    full_dir = tmp_path / "one_rank"
-    run(1, token_dir, full_dir, *extra)
-    full, _ = metrics(full_dir)
-    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
-    run(2, token_dir, run_dir, *extra)
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
-
-
-def test_zero3_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs):
-    """ZeRO-3 partitions each parameter on its own: a 2-rank checkpoint resumed by 1 process (AdamW)."""
-    full, _ = metrics(zero_runs[3])
-    run_dir = crashed_after_step_5(zero_runs[3], tmp_path / "run")
-    run(1, token_dir, run_dir, *ds(3))
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
-
-
-def test_zero3_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path):
-    """ZeRO-3, 1 -> 2 ranks with DMGD (memory MLP not partitioned) and CMS levels mid-window at step 5."""
-    from test_optim_distributed import HOPE
-
-    extra = (*ds(3), *HOPE, "optim.name=dmgd")
-    full_dir = tmp_path / "one_rank"
-    run(1, token_dir, full_dir, *extra)
-    full, _ = metrics(full_dir)
-    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
-    run(2, token_dir, run_dir, *extra)
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-5)
+    extra = (*ds(stage), *HOPE, "optim.name=dmgd")
+    run(1, token_dir, tmp_path / "one_rank", *extra)
+    assert_resumes_on(2, token_dir, tmp_path / "one_rank", tmp_path, extra)
 
 
 def test_zero3_bf16_checkpoint_reshards_2_to_1(token_dir, tmp_path):
     """bf16, the default on GPUs: DeepSpeed names the optimizer files bf16_*, and the bf16 working
     weights must follow the loaded fp32 master. Within 1e-4: bf16 gradients sum in another order."""
     extra = (*ds(3), "train.precision=bf16")
-    full_dir = tmp_path / "two_ranks"
-    run(2, token_dir, full_dir, *extra)
-    full, _ = metrics(full_dir)
-    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
-    run(1, token_dir, run_dir, *extra)
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=1e-4)
+    run(2, token_dir, tmp_path / "two_ranks", *extra)
+    assert_resumes_on(1, token_dir, tmp_path / "two_ranks", tmp_path, extra, rtol=1e-4)
 
 
 def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run, zero_runs):
