@@ -259,11 +259,14 @@ def test_recomputed_chunks_give_the_same_outputs_and_gradients(memory_type):
     check_equal(inputs, RecurrenceConfig(4, 8, 0.8, True, True, True, recompute=True))
 
 
-def test_chunked_path_compiles_into_one_graph_forward_and_backward():
+@pytest.mark.parametrize("solve", ["inverse", "lapack"])
+def test_chunked_path_compiles_into_one_graph_forward_and_backward(solve, monkeypatch):
     """Compile-friendly (issue 8): torch.compile(fullgraph=True) traces the chunked path, chunk
     recompute included, with no graph break, so there is no Python loop over tokens and no
     data-dependent host read (.item(), tensor-valued if) in forward or backward; AOTAutograd's
-    backward graph gives the eager gradients. backend aot_eager: no C++ compiler needed on CPU."""
+    backward graph gives the eager gradients. backend aot_eager: no C++ compiler needed on CPU.
+    Both solves: the explicit inverse's autograd.Function and LAPACK's."""
+    monkeypatch.setattr(delta_rule, "INVERSE_MIN_WORK", 0 if solve == "inverse" else 10 ** 9)
     inputs = make_inputs("mlp", HOPE, ("q",), T=9, seed=7)
     cfg = RecurrenceConfig(3, 6, 0.8, True, True, True, recompute=True)
 
