@@ -33,6 +33,7 @@ from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.metrics import MetricsLogger, peak_flops
 from nl.models import build_model, count_parameters, flops_per_token
 from nl.optim import attach_zero_partitions, build_optimizer, check_supported
+from nl.provenance import claim_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -206,6 +207,7 @@ def train(cfg: Config) -> dict:
         step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
         loader.load_state_dict(resumed["loader"])
         _set_rng_state(resumed["rng"])
+    claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
