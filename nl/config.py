@@ -61,15 +61,17 @@ class ModelConfig:
     # 0 = take it from the data manifest (the tokenizer's vocabulary); a non-zero value
     # must equal the manifest's, else the run refuses to start.
     vocab_size: int = 0
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    dim: int = 128  # model width: the residual stream and embedding size
+    n_layers: int = 4  # number of blocks
+    n_heads: int = 4  # heads of attention / of HOPE's memories; head dim = dim / n_heads (even, for RoPE)
     # SwiGLU hidden width; 0 = round_up(8/3 * dim, ffn_multiple_of) as in Llama.
     ffn_hidden: int = 0
-    ffn_multiple_of: int = 64
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    ffn_multiple_of: int = 64  # default SwiGLU widths (ffn_hidden=0, cms_hidden=0) round up to a multiple of this
+    tie_embeddings: bool = False  # the LM head shares the input embedding matrix
+    rope_theta: float = 10000.0  # RoPE base of the attention mixers (transformer; hope with mixer=attention)
+    norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    # std of the normal init of embeddings, input projections and LM head; residual-branch outputs
+    # get init_std / sqrt(2 * n_layers)
     init_std: float = 0.02
     hope: HopeConfig = field(default_factory=HopeConfig)  # read by arch 'hope' only
 
@@ -77,7 +79,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = "data/demo/tokens"  # a data_prep/tokenize_corpus.py output directory
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per training window (the context length)
     # sha256 of every shard is checked against the manifest at start-up (catches corrupt
     # shards; sizes are always checked). Turn off for very large corpora if start-up time matters.
     verify_checksums: bool = True
@@ -85,19 +87,19 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    seed: int = 0
+    steps: int = 200  # optimizer steps of the whole run (the lr schedule spans them)
+    seed: int = 0  # seeds the model init, the data order and the optimizer's own randomness
     batch_size: int = 16  # global batch, in sequences
     micro_batch_size: int = 0  # per rank per forward; 0 = the whole per-rank batch
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate, reached after warmup
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warmup from lr / warmup_steps to lr
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics lines (stdout, metrics.jsonl, wandb)
 
 
 @dataclass
@@ -142,13 +144,12 @@ class CMSScheduleConfig:
 class OptimConfig:
     # adamw | momentum | precond_momentum | delta_momentum | dmgd | m3 | dgd (README: Optimizers)
     name: str = "adamw"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    weight_decay: float = 0.1  # decoupled weight decay, on matrices only unless decay_* below extend it
+    beta1: float = 0.9  # first-moment EMA coefficient (AdamW; M3's fast momentum)
     beta2: float = 0.95  # also b2 of the RMS preconditioner P of precond/delta momentum and DMGD
-    eps: float = 1e-8
-    # Decoupled weight decay is applied to matrices only; these extend it.
-    decay_embeddings: bool = False
-    decay_norms_and_biases: bool = False
+    eps: float = 1e-8  # added to sqrt(second moment) in AdamW and the RMS preconditioner P
+    decay_embeddings: bool = False  # also apply weight decay to the embedding matrix
+    decay_norms_and_biases: bool = False  # also apply weight decay to 1-D parameters (norm gains, biases)
     momentum: float = 0.9  # a of momentum / precond_momentum / delta_momentum; DMGD's initial mix
     delta_beta: float = 1.0  # delta_momentum: strength of the m k^T k forgetting term
     dgd_strength: float = 1.0  # dgd: gamma of the decay along the inputs, W <- W (I - lr gamma C) - lr u
@@ -169,13 +170,13 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints; 0 saves only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept in run.dir; older ones are deleted
     resume: bool = True  # resume from the latest checkpoint in run.dir if there is one
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # config.yaml, metrics.jsonl and checkpoints; a rerun with the same dir resumes
 
 
 @dataclass
@@ -194,9 +195,9 @@ class DistConfig:
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
-    project: str = "nl"
-    name: str = ""
+    enabled: bool = False  # also log metrics to Weights & Biases (pip install wandb)
+    project: str = "nl"  # wandb project
+    name: str = ""  # wandb run name; "" = wandb picks one
     mode: str = "offline"  # offline never needs a network; `wandb sync` uploads later
 
 
@@ -302,3 +303,84 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# --- Key documentation: the comments written beside the schema's fields above are the one source
+# of `python train.py --help` (a field's doc = the comment lines just above it + its trailing comment).
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One leaf key of the schema: dotted name, annotated type (e.g. 'int', 'list[int]'), default
+    value, one-line doc (its comments), and its allowed values when the schema restricts them."""
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+    choices: tuple | None = None
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """{(class name, field name): comment text} parsed from this module's own source."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    lines = source.splitlines()
+    trailing: dict[int, str] = {}  # line number -> text of a comment that follows code on that line
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][:tok.start[1]].strip():
+            trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            above, i = [], stmt.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            after = [trailing[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in trailing]
+            docs[(node.name, stmt.target.id)] = " ".join(above + after)
+        docs[(node.name, None)] = " ".join((ast.get_docstring(node) or "").split())
+    return docs
+
+
+def describe_keys(schema: Any = Config, prefix: str = "", _comments: dict | None = None) -> list[KeyDoc]:
+    """Every leaf key of the schema, in schema order (the same keys as `valid_keys()`), with the
+    type annotation, default and comment written beside its field in nl/config.py."""
+    comments = _field_comments() if _comments is None else _comments
+    defaults = OmegaConf.structured(schema)
+    out = []
+    for f in fields(schema):
+        value = getattr(defaults, f.name)
+        if isinstance(value, DictConfig):
+            out.extend(describe_keys(type(f.default_factory()), prefix + f.name + ".", comments))  # type: ignore[misc]
+            continue
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            value = OmegaConf.to_container(value)
+        key = prefix + f.name
+        out.append(KeyDoc(key, str(f.type), value, comments.get((schema.__name__, f.name), ""), _CHOICES.get(key)))
+    return out
+
+
+def describe_sections(schema: Any = Config, prefix: str = "", _comments: dict | None = None) -> dict[str, str]:
+    """{section prefix, e.g. 'model.hope': its doc (the section class's docstring and the comment
+    beside the field that holds it)} for every nested section."""
+    comments = _field_comments() if _comments is None else _comments
+    out = {}
+    for f in fields(schema):
+        if f.default_factory is MISSING or not callable(f.default_factory):  # type: ignore[misc]
+            continue
+        section = f.default_factory()  # type: ignore[misc]
+        if not is_dataclass(section):
+            continue
+        name = prefix + f.name
+        parts = [comments.get((type(section).__name__, None), ""), comments.get((schema.__name__, f.name), "")]
+        out[name] = " ".join(p for p in parts if p)
+        out.update(describe_sections(type(section), name + ".", comments))
+    return out
