@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,14 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'} does not exist: pass a training run directory (the run's run.dir)"]
+
+
+def test_without_matplotlib_the_figure_is_refused_and_the_table_still_works(tmp_path, monkeypatch, capsys):
+    run_dir = write_run(tmp_path / "beta", beta_records())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit) as exc:
+        main([str(run_dir), "--output", str(tmp_path / "f.png")])
+    assert str(exc.value.code).startswith("error: drawing needs matplotlib: pip install matplotlib")
+    assert not (tmp_path / "f.png").exists()
+    main([str(run_dir)])
+    assert parse_table(capsys.readouterr().out)[0]["steps"] == "30"
