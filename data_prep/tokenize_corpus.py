@@ -8,13 +8,20 @@ split: document i is val when blake2b(seed, i) / 2**64 < val_fraction, except th
 is always train and (when val_fraction > 0) document 1 always val, so a corpus of >= 2
 documents has both splits. The output is identical for any --num-workers. It is built in a
 temporary sibling directory and renamed at the end, so a crash leaves no half-valid output.
+
+--overwrite replaces only a token directory this tool wrote: a manifest.json and the files it
+names (tokenizer.model, train_NNNNN.bin, val_NNNNN.bin), nothing else. Any other non-empty
+--output (a folder of text, say) is refused and left untouched. Text is decoded by the policy of
+nl/text.py (BOM dropped; invalid UTF-8 replaced with a warning, or refused with --strict-text).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,14 +36,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` with
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nl.data.shards import DataError, ShardWriter, dtype_for_vocab, write_manifest  # noqa: E402
-from nl.data.sources import iter_documents  # noqa: E402
+from nl.data.shards import (FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE, DataError, ShardWriter,  # noqa: E402
+                             dtype_for_vocab, write_manifest)
+from nl.data.sources import iter_sourced_documents  # noqa: E402
+from nl.text import warn  # noqa: E402
 from nl.tokenizer import Tokenizer  # noqa: E402
 
 BATCH_DOCS = 256  # documents per worker task: large enough to amortise IPC, small enough to stream
 BATCH_CHARS = 1 << 20
 
 _worker: dict = {}  # per-process encoding state, set by _init_worker
+_SHARD_NAME = re.compile(r"(train|val)_\d{5}\.bin")  # ShardWriter's names
+
+
+def owned_files(output: Path) -> list[Path]:
+    """The files of the existing directory `output` that --overwrite may delete.
+
+    Only a token directory written by this tool qualifies: its manifest.json and the tokenizer
+    and shard files it names, under this tool's file names, and nothing else beside them (so a
+    hand-edited manifest cannot point the deletion at other files). Raises DataError otherwise.
+    """
+    entries = sorted(p.name for p in output.iterdir())
+    refuse = (f"--overwrite only replaces a token directory written by tokenize_corpus: choose a new "
+              f"or empty --output (nothing was changed in {output})")
+    try:
+        manifest = json.loads((output / MANIFEST_FILE).read_text(encoding="utf-8"))
+        assert manifest["format_version"] == FORMAT_VERSION
+        names = {MANIFEST_FILE, manifest["tokenizer"]["file"]}
+        names |= {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
+    except (OSError, ValueError, AssertionError, KeyError, TypeError, AttributeError):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise DataError(f"--output {output} is not a token directory (no valid {MANIFEST_FILE}; it holds "
+                        f"{shown}): {refuse}") from None
+    ours = {n for n in names if n in (MANIFEST_FILE, TOKENIZER_FILE) or _SHARD_NAME.fullmatch(n)}
+    foreign = [n for n in entries if n not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"--output {output} holds files its {MANIFEST_FILE} does not list ({shown}): "
+                        f"{refuse}, or move those files away")
+    return [output / n for n in entries]
 
 
 def is_val(index: int, seed: int, val_fraction: float) -> bool:
@@ -55,31 +93,37 @@ def _init_worker(tokenizer_path: str, seed: int, val_fraction: float) -> None:
                    val_fraction=val_fraction)
 
 
-def _encode_batch(job: tuple[int, list[str]]) -> tuple[np.ndarray, int, np.ndarray, int, int]:
-    """(first doc index, docs) -> (train tokens, train docs, val tokens, val docs, utf-8 bytes of text)."""
+def _encode_batch(job: tuple[int, list[tuple[str, str]]]) -> tuple[np.ndarray, int, np.ndarray, int, int]:
+    """(first doc index, (where, text) docs) -> (train tokens, train docs, val tokens, val docs, utf-8 bytes).
+
+    Raises DataError naming the document's file and line, which crosses the process boundary
+    (a raw worker traceback would not say which input to look at)."""
     first, docs = job
     tok, eos = _worker["tok"], _worker["eos"]
     ids: dict[bool, list[int]] = {False: [], True: []}
     counts = {False: 0, True: 0}
     n_bytes = 0
-    for i, doc in enumerate(docs):
+    for i, (where, doc) in enumerate(docs):
         val = is_val(first + i, _worker["seed"], _worker["val_fraction"])
-        ids[val].extend(tok.encode(doc))
+        try:
+            ids[val].extend(tok.encode(doc))
+            n_bytes += len(doc.encode("utf-8"))
+        except (DataError, ValueError, RuntimeError) as e:
+            raise DataError(f"{where}: could not encode this document ({e})") from None
         ids[val].append(eos)
         counts[val] += 1
-        n_bytes += len(doc.encode("utf-8"))
     dtype = _worker["dtype"]
     return (np.array(ids[False], dtype=dtype), counts[False], np.array(ids[True], dtype=dtype), counts[True],
             n_bytes)
 
 
-def _batches(docs: Iterator[str]) -> Iterator[tuple[int, list[str]]]:
-    """Group documents into (first document index, documents) jobs."""
-    batch: list[str] = []
+def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """Group (where, text) documents into (first document index, documents) jobs."""
+    batch: list[tuple[str, str]] = []
     first, chars = 0, 0
     for doc in docs:
         batch.append(doc)
-        chars += len(doc)
+        chars += len(doc[1])
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield first, batch
             first, batch, chars = first + len(batch), [], 0
@@ -107,19 +151,29 @@ def _encode_all(jobs: Iterator[tuple[int, list[str]]], num_workers: int, initarg
 
 def tokenize_corpus(inputs: list[str], tokenizer: str | Path, output: str | Path, val_fraction: float = 0.01,
                     num_workers: int | None = None, text_field: str = "text", shard_tokens: int = 100_000_000,
-                    seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the token directory `output`; returns the manifest plus "text_bytes" and "seconds"."""
+                    seed: int = 0, overwrite: bool = False, progress: bool = True, strict_text: bool = False,
+                    ) -> dict:
+    """Write the token directory `output`; returns the manifest plus "text_bytes" and "seconds".
+
+    overwrite: replace `output` if it is a token directory this tool wrote (see `owned_files`);
+    any other non-empty `output` raises DataError before anything is read or written.
+    strict_text: refuse text that is not valid UTF-8 (DataError naming file and line) instead of
+    replacing it with U+FFFD and a warning."""
     output = Path(output).absolute()  # absolute, so the temp sibling below has a parent and a name
     num_workers = num_workers or os.cpu_count() or 1
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if num_workers < 1:
         raise DataError(f"--num-workers must be >= 1, got {num_workers}")
+    if output.is_symlink():
+        raise DataError(f"--output {output} is a symbolic link: pass the directory it points to, or a new path")
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output} is a file: choose a directory path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise DataError(f"output directory {output} is not empty: pass --overwrite to replace it "
-                        f"or choose another --output")
+    if output.is_dir() and any(output.iterdir()):
+        owned_files(output)  # refuses anything but our own token directory, --overwrite or not
+        if not overwrite:
+            raise DataError(f"output directory {output} is not empty: pass --overwrite to replace it "
+                            f"or choose another --output")
     tok = Tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     _ = tok.eos_id  # fail now, not in a worker, if the model has no EOS piece
@@ -132,7 +186,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, output: str | Path
                    True: ShardWriter(tmp, "val", dtype, shard_tokens)}
         initargs = (str(tok.path), seed, val_fraction)
         text_bytes = 0
-        jobs = _batches(iter_documents(inputs, text_field))
+        jobs = _batches(iter_sourced_documents(inputs, text_field, strict_text))
         with tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar, \
                 closing(_encode_all(jobs, num_workers, initargs)) as results:  # closing stops the pool on error
             for train_ids, n_train, val_ids, n_val, n_bytes in results:
@@ -144,13 +198,31 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, output: str | Path
         if splits["train"]["num_documents"] == 0:
             raise DataError(f"no documents found in {' '.join(inputs)}: check --input and --text-field")
         manifest = write_manifest(tmp, tok, splits)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        _replace_dir(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir
         raise
     return {**manifest, "text_bytes": text_bytes, "seconds": time.perf_counter() - start}
+
+
+def _replace_dir(new: Path, output: Path) -> None:
+    """Move `new` to `output`, deleting the old `output` file by file (only `owned_files`).
+
+    Checked again here because the folder may have changed during a long tokenization. The old
+    directory is moved aside first, so it is never half-deleted while `output` is missing."""
+    if output.exists():
+        old_files = owned_files(output) if any(output.iterdir()) else []
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(new, output)
+        for file in old_files:
+            (old / file.name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:  # a file appeared there since the check: keep it
+            warn(f"kept {old}: files were added to the old --output during tokenization")
+    else:
+        os.replace(new, output)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,11 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-field", default="text", help="jsonl key / parquet or datasets column (default: text)")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="max tokens per shard file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --output if it is a token directory written by this tool (never anything else)")
+    ap.add_argument("--strict-text", action="store_true",
+                    help="refuse text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
     try:
         m = tokenize_corpus(args.input, args.tokenizer, args.output, args.val_fraction, args.num_workers,
-                            args.text_field, args.shard_tokens, args.seed, args.overwrite)
+                            args.text_field, args.shard_tokens, args.seed, args.overwrite,
+                            strict_text=args.strict_text)
     except DataError as e:
         sys.exit(f"error: {e}")
     train, val = m["splits"]["train"], m["splits"]["val"]

@@ -6,7 +6,9 @@
 Inputs are anything `nl.data.sources.iter_documents` reads (.txt/.jsonl/.parquet files,
 directories of them, datasets save_to_disk dirs, hub names). Documents are fed line by line;
 training uses the first --max-chars characters, so for a huge corpus pass a representative
-sample. Normalization is off (identity) so that decode(encode(text)) == text.
+sample. Normalization is off (identity) so that decode(encode(text)) == text. Text is decoded
+by the policy of nl/text.py (BOM dropped; invalid UTF-8 replaced with a warning, or refused
+with --strict-text).
 """
 
 from __future__ import annotations
@@ -21,17 +23,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` without installing
 
 from nl.data.shards import DataError  # noqa: E402
-from nl.data.sources import iter_documents  # noqa: E402
+from nl.data.sources import iter_sourced_documents  # noqa: E402
 
 # Long lines are cut into pieces of this many characters: sentencepiece silently drops any
 # sentence longer than max_sentence_length bytes (4 bytes per character at most in UTF-8).
 MAX_LINE_CHARS = 4096
 
 
-def _sentences(inputs: list[str], text_field: str, max_chars: int, stats: dict) -> Iterator[str]:
-    """Non-blank lines of the documents, long lines cut, stopping after `max_chars` characters."""
-    for doc in iter_documents(inputs, text_field):
+def _sentences(inputs: list[str], text_field: str, max_chars: int, stats: dict, strict: bool) -> Iterator[str]:
+    """Non-blank lines of the documents, long lines cut, stopping after `max_chars` characters.
+
+    An error while reading is kept in stats["error"] and ends the stream: sentencepiece turns an
+    exception raised in its sentence iterator into a RuntimeError that loses the message."""
+    try:
+        yield from _lines(inputs, text_field, max_chars, stats, strict)
+    except Exception as e:  # noqa: BLE001 - re-raised by train_tokenizer once sentencepiece returns
+        stats["error"] = e
+
+
+def _lines(inputs: list[str], text_field: str, max_chars: int, stats: dict, strict: bool) -> Iterator[str]:
+    for where, doc in iter_sourced_documents(inputs, text_field, strict):
         stats["documents"] += 1
+        stats["where"] = where
         for line in doc.splitlines():
             if not line.strip():
                 continue
@@ -45,8 +58,11 @@ def _sentences(inputs: list[str], text_field: str, max_chars: int, stats: dict) 
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output: str | Path, text_field: str = "text",
-                    max_chars: int = 100_000_000) -> dict:
-    """Train and write `output` (PREFIX.model, plus PREFIX.vocab); returns counts of what was used."""
+                    max_chars: int = 100_000_000, strict_text: bool = False) -> dict:
+    """Train and write `output` (PREFIX.model, plus PREFIX.vocab); returns counts of what was used.
+
+    strict_text: refuse text that is not valid UTF-8 (DataError naming file and line) instead of
+    replacing it with U+FFFD and a warning. Raises DataError for any input problem."""
     import sentencepiece as spm
 
     output = Path(output)
@@ -57,11 +73,11 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str | Path, text
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback needs 256 byte pieces "
                         f"plus unk/bos/eos; use at least 512")
     output.parent.mkdir(parents=True, exist_ok=True)
-    stats = {"documents": 0, "lines": 0, "chars": 0}
+    stats: dict = {"documents": 0, "lines": 0, "chars": 0, "where": None, "error": None}
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(inputs, text_field, max_chars, stats),
+            sentence_iterator=_sentences(inputs, text_field, max_chars, stats, strict_text),
             model_prefix=str(output.with_suffix("")),
             model_type="bpe",
             vocab_size=vocab_size,
@@ -78,10 +94,21 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str | Path, text
             minloglevel=2,
         )
     except RuntimeError as e:
+        if stats["error"] is not None:
+            raise stats["error"] from None
         if stats["chars"] == 0:
             raise DataError(f"no text found in {' '.join(inputs)}: check --input and --text-field") from None
-        raise DataError(f"sentencepiece training failed: {e}: lower --vocab-size or give more text") from None
-    return {**stats, "seconds": time.perf_counter() - start, "output": str(output)}
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "vocab" in message.lower():  # e.g. "Vocabulary size too high (5000). Please set it to a value <= 900."
+            raise DataError(f"sentencepiece training failed: {message}: lower --vocab-size or give more text") from None
+        at = f" (last document read: {stats['where']})" if stats["where"] else ""
+        raise DataError(f"sentencepiece training failed: {message}{at}") from None
+    if stats["error"] is not None:  # sentencepiece trained on the text before the error: drop that model
+        output.unlink(missing_ok=True)
+        output.with_suffix(".vocab").unlink(missing_ok=True)
+        raise stats["error"]
+    return {**{k: v for k, v in stats.items() if k not in ("where", "error")},
+            "seconds": time.perf_counter() - start, "output": str(output)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-field", default="text", help="jsonl key / parquet or datasets column (default: text)")
     ap.add_argument("--max-chars", type=int, default=100_000_000,
                     help="train on at most this many characters (default: 100M)")
+    ap.add_argument("--strict-text", action="store_true",
+                    help="refuse text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
     try:
-        s = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field, args.max_chars)
+        s = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field, args.max_chars,
+                            strict_text=args.strict_text)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"trained BPE tokenizer (vocab {args.vocab_size}) on {s['chars'] / 1e6:.1f}M chars "

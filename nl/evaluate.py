@@ -63,11 +63,12 @@ def text_windows(token_stream: np.ndarray, seq_len: int, batch_size: int,
         yield w[:, :-1], w[:, 1:]
 
 
-def _tokenize_text(paths: list[str], tokenizer) -> np.ndarray:
+def _tokenize_text(paths: list[str], tokenizer, strict_text: bool = False) -> np.ndarray:
+    """Token stream of raw text files (EOS after each document), decoded by the policy of nl.text."""
     from nl.data.sources import iter_documents
 
     ids: list[int] = []
-    for doc in iter_documents(paths):
+    for doc in iter_documents(paths, strict=strict_text):
         ids.extend(tokenizer.encode(doc))
         ids.append(tokenizer.eos_id)
     return np.asarray(ids, dtype=np.int64)
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batches", type=int, default=0, help="0 = all")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--strict-text", action="store_true",
+                    help="refuse raw text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"with {Path(args.model) / 'tokenizer.model'} or pass raw text files")
         batches = iter_eval_batches(shards, seq_len, args.batch_size, max_batches=args.max_batches)
     else:
-        stream = _tokenize_text(args.data, tokenizer)
+        stream = _tokenize_text(args.data, tokenizer, args.strict_text)
         batches = text_windows(stream, seq_len, args.batch_size)
         if args.max_batches:
             batches = (b for i, b in zip(range(args.max_batches), batches))

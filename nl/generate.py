@@ -50,11 +50,17 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--strict-text", action="store_true",
+                    help="refuse a prompt that is not valid UTF-8 instead of replacing the bad bytes with U+FFFD")
     args = ap.parse_args(argv)
 
     model = load_pretrained(args.model, device=args.device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
+    from nl.text import clean_text
+
+    # sys.argv carries bytes the locale could not decode as lone surrogates: the text policy repairs them.
+    prompt_text = clean_text(args.prompt, "--prompt", args.strict_text)
+    prompt = torch.tensor([tokenizer.encode(prompt_text)], dtype=torch.long, device=args.device)
     if prompt.numel() == 0:
         raise SystemExit("error: the prompt encodes to no tokens; pass some text")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -50,8 +50,18 @@ class Tokenizer:
         return bos if bos >= 0 else None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no BOS/EOS added)."""
-        return self._sp.encode(text, out_type=int)
+        """Token ids of `text` (no BOS/EOS added).
+
+        Raises DataError for text UTF-8 cannot encode (a lone surrogate): readers of user text
+        repair or refuse it first with the policy of `nl.text`."""
+        try:
+            return self._sp.encode(text, out_type=int)
+        except RuntimeError:  # sentencepiece's binding says only "Unable to cast Python instance"
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is None:
+                raise
+            raise DataError(f"text holds U+{ord(text[bad]):04X} at index {bad}, a lone UTF-16 surrogate that "
+                            f"UTF-8 cannot encode: pass it through nl.text.clean_text first") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (a list, a 1-D numpy array or tensor of ints)."""

