@@ -99,33 +99,37 @@ class DeltaRuleMomentum(Momentum):
 
 
 class DMGD(NLOptimizer):
-    """Deep Momentum Gradient Descent (HOPE_SPEC.md Sec. 5): the momentum is an MLP memory.
-
-    Per coordinate c of a parameter, with features phi_c = [ (P u)_c , mbar_c ]:
-        mbar <- a mbar + (1 - a) P u                                      (a = optim.momentum)
-        o_c = m_theta(phi_c) = w . phi_c + w2 . silu(W1 phi_c + b1)      (w: 2, W1: [h, 2], b1, w2: h)
-        W_{i+1} = W_i - lr o            (the paper's W_{i+1} = W_i + m_{i+1}(u_i), sign inside m)
-    Each step, before it is read, the memory is trained by one gradient step on its internal
-    objective over every coordinate of the group:
-        l2  (default): L2(theta) = mean_c (o_c - (P u)_c)^2       (regression onto P u)
-        dot          : L2(theta) = -mean_c o_c (P u)_c             (the paper's dot-product example)
-        theta <- (1 - memory_decay) theta - memory_lr grad L2(theta)
-    so m_{i+1} is the memory after that step. theta starts as w = [0, 1], W1 ~ N(0, 1/2), b1 = 0,
-    w2 = 0: exactly an EMA momentum of P u, from which it learns.
-    Decision: the second feature is the EMA mbar, not the memory's own previous output. Fed its own
-    output, the memory is a recurrence whose slope it does not control; on the tiny HOPE that
-    diverged (NaN after ~60 steps at lr 1e-3). With mbar both inputs are bounded (|P u| <=
-    1/sqrt(1 - b2)) and the memory is a feed-forward map of them.
+    """Deep Momentum Gradient Descent (HOPE_SPEC.md Sec. 5; NeurIPS Eq. 23): the momentum is an MLP
+    memory m_theta, acting per coordinate c on two features of the preconditioned gradient:
+        phi_i = [ P u_i , mbar_i ],   mbar_i = a mbar_{i-1} + (1 - a) P u_i       (a = optim.momentum)
+        m_theta(phi) = w . phi + w2 . silu(W1 phi + b1)                         (w: 2, W1: [h, 2], b1, w2: h)
+    The memory is an associative memory of the gradient stream (arXiv Sec. 4): its key is what it saw
+    at the previous step, phi_{i-1}, its value the preconditioned gradient that followed, P u_i. Each
+    step, before it is read, it takes one gradient step on its internal objective over every
+    coordinate of the group:
+        l2  (default): L2(theta) = mean_c (m_theta(phi_{i-1})_c - (P u_i)_c)^2   (predict the next gradient)
+        dot          : L2(theta) = -mean_c m_theta(phi_{i-1})_c (P u_i)_c         (the paper's dot-product form)
+        theta_{i+1} = (1 - memory_decay) theta_i - memory_lr grad L2(theta_i)
+    then it is read on the current key:  o_i = m_{theta_{i+1}}(phi_i),  W_{i+1} = W_i - lr o_i
+    (the paper's W_{i+1} = W_i + m_{i+1}(u_i), the sign inside m). phi_0 = [0, 0].
+    Decision (docs/HOPE.md, measured in docs/BENCHMARKS.md): the value is never one of the key's
+    features. Regressed onto P u_i from features that contain P u_i, the memory's minimiser copies
+    that input (w = [1, 0]) and the memory unlearns its momentum; from phi_{i-1} the minimiser is the
+    conditional mean of the next gradient given the past ones, which a copy does not reach.
+    theta starts as w = [0, 1], W1 ~ N(0, 1/2), b1 = 0, w2 = 0: exactly an EMA momentum of P u.
+    mbar, not the memory's own previous output, is the second feature: fed its own output the memory
+    is a recurrence whose slope it does not control (NaN after ~60 steps on the tiny HOPE).
 
     One memory per param group (all its parameters' coordinates feed its objective), stored in
     the state of the group's first parameter (under ZeRO: its flat partition). Its gradient is a
     sum over coordinates, added up over shards (FSDP mesh, or the ZeRO group with padding masked),
     so every rank keeps the same memory as a single process would. The gradient is written out by
     hand (a two-layer MLP) and evaluated in chunks to bound memory; tests check it against autograd.
+    State per coordinate: mbar ('momentum'), the RMS second moment, and P u_{i-1} ('prev_precond').
     """
 
     CHUNK = 1 << 20  # coordinates per evaluation: [CHUNK, hidden] floats of scratch
-    STATE_KEYS, COUNTS_STEPS = ("momentum", "exp_avg_sq"), True
+    STATE_KEYS, COUNTS_STEPS = ("momentum", "exp_avg_sq", "prev_precond"), True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, hidden: int = 8, internal_loss: str = "l2",
@@ -170,6 +174,16 @@ class DMGD(NLOptimizer):
         z = torch.addmm(b1, phi, w1.T)
         return phi @ w + F.silu(z) @ w2, z
 
+    @staticmethod
+    def features(precond: torch.Tensor, mbar: torch.Tensor) -> torch.Tensor:
+        """[P u, mbar] per coordinate: two tensors of any (equal) shape -> [n, 2] float32."""
+        return torch.stack([precond.reshape(-1).float(), mbar.reshape(-1).float()], dim=1)
+
+    def memory_pair(self, state: dict, pu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key [n, 2], value [n]) of this step's internal objective, read before the state moves
+        on: the key phi_{i-1} = [P u_{i-1}, mbar_{i-1}], the value P u_i (float32)."""
+        return self.features(local(state["prev_precond"]), local(state["momentum"])), pu.reshape(-1).float()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts floating state to the parameter's dtype on load; the memory stays float32."""
         super().load_state_dict(state_dict)
@@ -183,47 +197,47 @@ class DMGD(NLOptimizer):
         if "memory" not in owner:
             owner["memory"] = self.init_memory(group, local(group["params"][0]).device)
 
+    def _objective_grad(self, theta, group, key, value, mask) -> torch.Tensor:
+        """[grad of the summed internal loss wrt theta | loss sum | count] over the rows of key."""
+        h, dot = group["hidden"], group["internal_loss"] == "dot"
+        w2 = self.unpack(theta, h)[3]
+        total = torch.zeros(theta.numel() + 2, device=theta.device)
+        for start in range(0, key.shape[0], self.CHUNK):
+            x, v = key[start:start + self.CHUNK], value[start:start + self.CHUNK]
+            o, z = self.memory_forward(theta, h, x)
+            loss, dl_do = (-o * v, -v) if dot else ((o - v).pow(2), 2 * (o - v))
+            if mask is not None:
+                keep = mask[start:start + self.CHUNK].to(o.dtype)
+                loss, dl_do, count = loss * keep, dl_do * keep, keep.sum()
+            else:
+                count = torch.tensor(float(x.shape[0]), device=x.device)
+            sig = torch.sigmoid(z)
+            dz = dl_do[:, None] * w2 * (sig * (1 + z * (1 - sig)))  # d silu(z)/dz
+            total += torch.cat([x.T @ dl_do, (dz.T @ x).flatten(), dz.sum(0), F.silu(z).T @ dl_do,
+                                loss.sum().reshape(1), count.reshape(1)])
+        return total
+
     def _step_group(self, group, params, grads) -> None:
-        h, kind = group["hidden"], group["internal_loss"]
+        h, a = group["hidden"], group["momentum"]
         theta = self.state[group["params"][0]]["memory"]
-        feats = []  # (param, phi [n, 2] fp32, mask or None)
+        # The internal objective: its gradient summed over coordinates and shards, then one GD step.
+        grad_sum = torch.zeros(theta.numel() + 2, device=theta.device)
         for p, g in zip(params, grads):
             state = self.state[p]
             pu = rms_precondition(self, group, p, local(g))
-            mbar = local(state["momentum"])
-            mbar.mul_(group["momentum"]).add_(pu, alpha=1 - group["momentum"])
-            phi = torch.stack([pu.reshape(-1).float(), mbar.reshape(-1).float()], dim=1)
-            feats.append((p, phi, self.zero_masks.get(id(p))))
-
-        # Internal objective: its gradient, summed over coordinates and shards, then a GD step.
-        grad_sum = torch.zeros(theta.numel() + 2, device=theta.device)  # [grad theta | loss sum | count]
-        w2 = self.unpack(theta, h)[3]
-        for _, phi, mask in feats:
-            for start in range(0, phi.shape[0], self.CHUNK):
-                x = phi[start:start + self.CHUNK]
-                o, z = self.memory_forward(theta, h, x)
-                target = x[:, 0]
-                if kind == "l2":
-                    loss, dl_do = (o - target).pow(2), 2 * (o - target)
-                else:
-                    loss, dl_do = -o * target, -target
-                if mask is not None:
-                    keep = mask[start:start + self.CHUNK].to(o.dtype)
-                    loss, dl_do = loss * keep, dl_do * keep
-                    count = keep.sum()
-                else:
-                    count = torch.tensor(float(x.shape[0]), device=x.device)
-                sig = torch.sigmoid(z)
-                dz = dl_do[:, None] * w2 * (sig * (1 + z * (1 - sig)))  # d silu(z)/dz
-                grad_sum += torch.cat([x.T @ dl_do, (dz.T @ x).flatten(), dz.sum(0), F.silu(z).T @ dl_do,
-                                       loss.sum().reshape(1), count.reshape(1)])
+            key, value = self.memory_pair(state, pu)
+            grad_sum += self._objective_grad(theta, group, key, value, self.zero_masks.get(id(p)))
+            local(state["momentum"]).mul_(a).add_(pu, alpha=1 - a)
+            local(state["prev_precond"]).copy_(pu)
         grad_sum = self.shard_sum(grad_sum, group["params"][0])
         n = grad_sum[-1].clamp_min(1)
         self._internal_loss[group["group_id"]] = grad_sum[-2] / n
         theta.mul_(1 - group["memory_decay"]).sub_(grad_sum[:-2] / n, alpha=group["memory_lr"])
 
-        # Read the updated memory: o = m_{i+1}(phi); W <- W - lr o.
-        for p, phi, _ in feats:
+        # Read the updated memory on the current key: o = m_{i+1}(phi_i); W <- W - lr o.
+        for p in params:
+            state = self.state[p]
+            phi = self.features(local(state["prev_precond"]), local(state["momentum"]))
             out = torch.cat([self.memory_forward(theta, h, phi[s:s + self.CHUNK])[0]
                              for s in range(0, phi.shape[0], self.CHUNK)])
             lp = local(p)
