@@ -178,30 +178,124 @@ def test_a_failing_rank_ends_the_job_with_its_error(token_dir, tmp_path):
     assert not list_checkpoints(run)  # nothing half-written
 
 
-def test_slurm_script_on_preemption_saves_and_requeues(token_dir, tmp_path):
-    """launch/slurm.sbatch run as slurm would (srun/scontrol replaced by local shims), then
-    sent the pre-emption signal USR1: every rank saves, and the job requeues itself."""
+def slurm_shims(tmp_path: Path) -> Path:
+    """srun and scontrol stand-ins: srun logs its arguments (srun.log) and runs the command;
+    scontrol answers `show hostnames` and `show job` (Command= the submitted script, as slurm
+    records it) and logs anything else (scontrol.log)."""
     shims = tmp_path / "bin"
     shims.mkdir()
-    (shims / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (shims / "scontrol").write_text('#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo 127.0.0.1; '
-                                    f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
+    (shims / "srun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/srun.log\n'
+                                'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (shims / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; '
+        f'elif [[ "$1 $2" == "show job" ]]; then echo "   Command={REPO}/launch/slurm.sbatch --config x"; '
+        f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
     for shim in shims.iterdir():
         shim.chmod(0o755)
+    return shims
+
+
+def submit(tmp_path: Path, args: list[str], **slurm_env: str) -> subprocess.Popen:
+    """launch/slurm.sbatch as sbatch runs it: a spool copy of the script, started in another
+    directory (the submit dir, not the repo)."""
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    shutil.copy(REPO / "launch" / "slurm.sbatch", spool / "slurm_script")
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir(exist_ok=True)
+    variables = {"PATH": f"{slurm_shims(tmp_path)}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+                 "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node001", "SLURM_SUBMIT_DIR": str(elsewhere),
+                 **slurm_env}
+    return subprocess.Popen(["bash", str(spool / "slurm_script"), *args], cwd=elsewhere, env=env(**variables),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_slurm_script_on_preemption_saves_and_requeues(token_dir, tmp_path):
+    """launch/slurm.sbatch run as slurm would (a spool copy, submitted from another directory,
+    srun/scontrol replaced by local shims), then sent the pre-emption signal USR1: every rank
+    saves, and the job requeues itself."""
     run = tmp_path / "run"
-    slurm_env = env(PATH=f"{shims}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="1",
-                    SLURM_JOB_NODELIST="node001", GPUS_PER_NODE="2", SLURM_SUBMIT_DIR=str(REPO))
-    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--config", "configs/tiny.yaml",
+    proc = submit(tmp_path, ["--config", "configs/tiny.yaml",
                              *overrides(token_dir, run, "dist.strategy=fsdp", "train.steps=2000",
                                         "checkpoint.every=0", "eval.every=0")],
-                            cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                  NPROC_PER_NODE="2", SLURM_CPUS_PER_TASK="2", SLURM_NTASKS_PER_NODE="1")
     wait_for_steps(proc, run, 3)
     os.kill(proc.pid, signal.SIGUSR1)  # --signal=B:USR1@300 targets the batch script only
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert len(list_checkpoints(run)) == 1 and "stop signal received" in out
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "--cpus-per-task=2" in (tmp_path / "srun.log").read_text().split()
+
+
+def fake_python(tmp_path: Path) -> Path:
+    """A PYTHON that records where and how the script started torchrun, instead of training."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n{{ echo "cwd=$(pwd)"; echo "omp=$OMP_NUM_THREADS"; '
+                    f'echo "setup=${{NL_TEST_SETUP:-}}"; echo "args=$*"; }} > {tmp_path}/python.log\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def started(tmp_path: Path, proc: subprocess.Popen) -> dict[str, str]:
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    log = dict(line.split("=", 1) for line in (tmp_path / "python.log").read_text().splitlines())
+    srun = (tmp_path / "srun.log").read_text().split()
+    log["srun"] = " ".join(a for a in srun if a.startswith("--"))
+    return log
+
+
+@pytest.mark.parametrize("slurm_env, nproc, cpus, threads", [
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_NTASKS_PER_NODE": "1"}, 4, 32, 8),
+    ({"SLURM_GPUS_PER_NODE": "h100:8", "SLURM_CPUS_PER_TASK": "64"}, 8, 64, 8),
+    ({"SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "2"}, 4, 8, 2),  # CPU job: a rank per task
+    ({"SLURM_CPUS_ON_NODE": "6"}, 1, 6, 6),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "3"}, 2, 32, 3),
+])
+def test_slurm_script_derives_ranks_and_cpus_from_slurm(tmp_path, slurm_env, nproc, cpus, threads):
+    """From a spool copy in another directory: torchrun runs in the repo root with one rank per
+    GPU (or per task), and srun gets --cpus-per-task (Slurm >= 22.05 does not pass it on)."""
+    env_vars = {"PYTHON": str(fake_python(tmp_path)), **slurm_env}
+    if "OMP_NUM_THREADS" not in slurm_env:
+        env_vars["OMP_NUM_THREADS"] = ""  # unset for the script: it derives it
+    log = started(tmp_path, submit(tmp_path, ["--config", "configs/tiny.yaml", "train.steps=1"], **env_vars))
+    assert log["cwd"] == str(REPO)
+    assert f"--nproc_per_node={nproc} " in log["args"] and log["args"].endswith("train.py --config "
+                                                                                "configs/tiny.yaml train.steps=1")
+    assert f"--cpus-per-task={cpus}" in log["srun"] and "--ntasks-per-node=1" in log["srun"]
+    assert log["omp"] == str(threads)
+
+
+def test_slurm_script_finds_the_repo_from_nl_root_or_submit_dir_and_sources_nl_setup(tmp_path):
+    setup = tmp_path / "setup.sh"
+    setup.write_text("export NL_TEST_SETUP=sourced\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")  # no Command= known
+    (tmp_path / "bin" / "srun").write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path}/srun.log\n'
+                                           'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    for shim in (tmp_path / "bin").iterdir():
+        shim.chmod(0o755)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(REPO / "launch" / "slurm.sbatch", spool / "slurm_script")
+    base = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+            "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "4", "PYTHON": str(fake_python(tmp_path))}
+
+    def run_from(cwd: Path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(spool / "slurm_script"), "train.steps=1"], cwd=cwd,
+                              env=env(**base, **extra), capture_output=True, text=True, timeout=60)
+
+    for extra in ({"NL_ROOT": str(REPO), "SLURM_SUBMIT_DIR": str(tmp_path)},
+                  {"SLURM_SUBMIT_DIR": str(REPO), "NL_SETUP": str(setup)}):
+        proc = run_from(tmp_path, **extra)
+        assert proc.returncode == 0, proc.stderr
+        log = dict(line.split("=", 1) for line in (tmp_path / "python.log").read_text().splitlines())
+        assert log["cwd"] == str(REPO) and log["setup"] == ("sourced" if "NL_SETUP" in extra else "")
+    lost = run_from(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path))
+    assert lost.returncode != 0 and "NL_ROOT=/path/to/nl" in lost.stderr
+    wrong = run_from(tmp_path, NL_ROOT=str(tmp_path))
+    assert wrong.returncode != 0 and f"NL_ROOT={tmp_path} holds no train.py" in wrong.stderr
 
 
 def test_hope_fsdp_on_two_ranks_equals_single_process(token_dir, tmp_path):
