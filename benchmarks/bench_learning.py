@@ -172,7 +172,10 @@ def match_width(preset: str, overrides: list[str], target: int) -> tuple[list[st
 
 
 def plan_runs(variants, seeds, common: list[str], param_tol: float) -> list[dict]:
-    """One dict per (variant, seed): name, seed, preset, overrides (incl. a matched width), params."""
+    """One dict per (variant, seed): name, seed, preset, overrides (incl. a matched width), params,
+    and same_as: the first variant with the same resolved config (e.g. a switch set to its
+    default), whose run it shares, or None."""
+    first_with_config: dict[str, str] = {}
     base = {name: [*common, *overrides] for name, (_, overrides) in variants.items()}
     ref_preset, ref_overrides = variants.get(REFERENCE, VARIANTS[REFERENCE])
     target = arch_and_count(ref_preset, (*common, *ref_overrides))[1]
@@ -190,8 +193,11 @@ def plan_runs(variants, seeds, common: list[str], param_tol: float) -> list[dict
                              f"{REFERENCE}'s {target:,}: adjust its width (e.g. {knob}) in its overrides")
         print(f"  {name}: {params:,} parameters ({params / target - 1:+.2%})"
               f"{' with ' + overrides[-1] if overrides[-1].startswith(knob + '=') else ''}")
-        runs.extend({"variant": name, "seed": s, "preset": preset, "overrides": overrides, "params": params}
-                    for s in seeds)
+        same_as = first_with_config.setdefault(to_yaml(build_config(preset, overrides)), name)
+        if same_as != name:
+            print(f"  {name}: the same resolved config as {same_as}, whose runs it shares")
+        runs.extend({"variant": name, "seed": s, "preset": preset, "overrides": overrides, "params": params,
+                     "same_as": None if same_as == name else same_as} for s in seeds)
     return runs
 
 
@@ -290,11 +296,12 @@ def plot(rows: list[dict], seq_len: int, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = plt.get_cmap("tab20")
+    colours = plt.get_cmap("tab10")
+    style = [{"color": colours(i % 10), "ls": ("-", "--")[i // 10 % 2]} for i in range(len(rows))]
     paths = [out / "val_loss.png", out / "per_position.png"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
     for i, r in enumerate(rows):
-        ax.plot(*r["val_curve"], marker="o", ms=3, color=colours(i % 20), label=r["variant"])
+        ax.plot(*r["val_curve"], marker="o", ms=3, label=r["variant"], **style[i])
     ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="held-out validation loss")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -305,7 +312,7 @@ def plot(rows: list[dict], seq_len: int, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
     for i, r in enumerate(rows):
         smooth = np.convolve(r["per_position"], np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(len(smooth)) + window - 1, smooth, color=colours(i % 20), label=r["variant"], lw=1)
+        ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=r["variant"], lw=1, **style[i])
     ax.axvline(seq_len, color="k", ls="--", lw=0.8, label="training length")
     ax.set(xlabel="position in held-out sequence", ylabel=f"loss (moving mean over {window})",
            title="per-position loss past the training length")
@@ -338,11 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--param-tol", type=float, default=0.02,
                     help="re-solve a variant's width when its count is further than this from hope's")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
-    ap.add_argument("--dry-run", action="store_true", help="2 steps, seed 0, transformer and hope, seq_len 32")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="2 steps, seed 0, seq_len 32, batch 4; variants transformer and hope unless --variants")
     args = ap.parse_args(argv)
     if args.dry_run:
-        for k, v in DRY_RUN.items():
-            setattr(args, k, [*getattr(args, k), *v] if k == "set" else v)
+        for k, v in DRY_RUN.items():  # explicit --variants are kept
+            if k == "set":
+                args.set = [*args.set, *v]
+            elif k != "variants" or not args.variants:
+                setattr(args, k, v)
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
         raise SystemExit(f"error: {data} is not a token directory: build the demo corpus with "
@@ -359,14 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     args_d = dict(out=str(out), data=str(data), steps=args.steps, seq_len=args.seq_len, evals=args.evals,
                   eval_batches=args.eval_batches, val_batches=args.val_batches, long_factor=args.long_factor,
                   long_sequences=args.long_sequences)
+    trained = [r for r in runs if r["same_as"] is None]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(run_one, runs, [args_d] * len(runs)))
+            results = list(pool.map(run_one, trained, [args_d] * len(trained)))
     else:
-        results = [run_one(r, args_d) for r in runs]
+        results = [run_one(r, args_d) for r in trained]
+    by_run = {(r["variant"], r["seed"]): r for r in results}
+    results += [{**by_run[(r["same_as"], r["seed"])], "variant": r["variant"]} for r in runs if r["same_as"]]
 
     rows = summarise(results, list(variants), args.seq_len)
     header = (f"command: python benchmarks/bench_learning.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
