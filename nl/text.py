@@ -59,18 +59,24 @@ class TextPolicy:
             self._note(line)
             return raw.decode("utf-8", errors="replace")
 
-    def clean(self, text: str, line: int = 1) -> str:
-        """`text` with lone surrogates replaced (or refused when strict); `line` is where `text` starts."""
+    def clean(self, text: str, line: int = 1, record: bool = False) -> str:
+        """`text` with lone surrogates replaced (or refused when strict).
+
+        line: where `text` starts in the source; its own newlines count on from there, unless
+        `record` (a value parsed from one .jsonl line, which is then the line named)."""
         match = _SURROGATE.search(text)
         if match is None:  # the common case: one C-speed scan, no copy
             return text
         if self.strict:
-            at = line + text.count("\n", 0, match.start())
-            raise DataError(f"{self.source}:{at} holds U+{ord(match.group()):04X}, a lone UTF-16 surrogate "
-                            f"(half of a cut-off character, e.g. a JSON escape \\u{ord(match.group()):04x}) that "
-                            f"UTF-8 cannot encode: fix the text, or drop {STRICT_FLAG} to replace it with U+FFFD")
+            at = line if record else line + text.count("\n", 0, match.start())
+            code = ord(match.group())
+            # U+DC80-U+DCFF is how Python hands over a byte of sys.argv or a file name that was not UTF-8 (PEP 383).
+            why = (f"standing for the byte 0x{code - 0xDC00:02X}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+                   else f"half of a cut-off character, e.g. a JSON escape \\u{code:04x}")
+            raise DataError(f"{self.source}:{at} holds U+{code:04X}, a lone UTF-16 surrogate ({why}) that UTF-8 "
+                            f"cannot encode: fix the text, or drop {STRICT_FLAG} to replace it with U+FFFD")
         for m in _SURROGATE.finditer(text):
-            self._note(line + text.count("\n", 0, m.start()))
+            self._note(line if record else line + text.count("\n", 0, m.start()))
         return _SURROGATE.sub("\ufffd", text)
 
     def decode(self, data: bytes) -> str:

@@ -100,7 +100,7 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str
                 raise DataError(f"{path}:{line_no} has no string field {text_field!r} (has: {keys}): "
                                 f"pass --text-field with the right key")
             if text:
-                yield f"{path}:{line_no}", policy.clean(text, line_no)  # JSON escapes can spell lone surrogates
+                yield f"{path}:{line_no}", policy.clean(text, line_no, record=True)  # JSON escapes can spell lone surrogates
     finally:  # also when the reader stops early (train_tokenizer's --max-chars)
         policy.report()
 
