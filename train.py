@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from nl.config import load_config
@@ -28,7 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
         summary = train(cfg)
     except (*USER_ERRORS, DataError) as e:
         sys.exit(f"error: {e}")
-    print(json.dumps(summary))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the pending save
+        sys.exit("error: interrupted before a checkpoint could be saved; rerun the same command to resume "
+                 "from the latest checkpoint in run.dir")
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    if summary["stopped_by"]:  # saved at a step boundary on a signal: 128 + its number (README: Interrupts)
+        code = os.environ.get("NL_STOP_EXIT_CODE")  # launch/torchrun.sh sets 0 and exits 128+N itself
+        sys.exit(int(code) if code else 128 + signal.Signals[summary["stopped_by"]].value)
     return summary
 
 

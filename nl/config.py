@@ -172,11 +172,20 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 2  # newest checkpoints kept in run.dir; older ones are deleted
     resume: bool = True  # resume from the latest checkpoint in run.dir if there is one
+    # resume=false where run.dir already holds checkpoints: refused unless overwrite=true, which
+    # deletes them (and the run's metrics.jsonl records) first. A run directory belongs to one run.
+    overwrite: bool = False
+    # Resume from this step's checkpoint instead of the latest (0 = latest), e.g. before a
+    # divergence; the later checkpoints move to RUN_DIR/checkpoints_abandoned/ (README: Resume).
+    load_step: int = 0
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # config.yaml, metrics.jsonl and checkpoints; a rerun with the same dir resumes
+    # tqdm progress bar on stderr when it is a terminal (never in redirected logs); false: never.
+    # TQDM_DISABLE=1 in the environment also turns it off.
+    progress: bool = True
 
 
 @dataclass

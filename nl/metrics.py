@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,40 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def truncate_records(path: Path, step: int) -> list[dict]:
+    """Keep only the records of steps <= `step` in the JSON-lines file `path`; returns them.
+
+    A run resumed from step S re-does the steps after S: their old records (and a line cut off
+    by a crash) go, so the file holds one record per step after any number of resumes."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a crashed write
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(record)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
 class MetricsLogger:
     """Writes metrics to stdout, RUN_DIR/metrics.jsonl and (optionally) wandb.
 
-    Only the coordinator rank should construct one with `enabled=True`."""
+    Only the coordinator rank should construct one with `enabled=True`. `start_step` is the step
+    the run starts from: records of later steps already in metrics.jsonl are dropped (re-done)."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, wandb_cfg: Any = None,
-                 config: dict | None = None, progress: Any = None):
+                 config: dict | None = None, progress: Any = None, start_step: int = 0):
         self.enabled = enabled
         self.progress = progress  # a tqdm bar: printing goes through it so the bar stays intact
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        path = Path(run_dir) / "metrics.jsonl"
+        self.previous = truncate_records(path, start_step) if enabled else []
+        self._file = open(path, "a") if enabled else None
         self._wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
             import wandb  # optional dependency, imported only when used
@@ -69,11 +94,24 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def last(self, key: str) -> Any:
+        """The latest value of `key` among the records kept from before this start (None if none)."""
+        return next((r[key] for r in reversed(self.previous) if key in r), None)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def progress_enabled(switch: bool, stream: Any = None) -> bool:
+    """Whether to draw a progress bar: run.progress, TQDM_DISABLE unset, and `stream` a terminal.
+
+    A bar in a redirected log is a line of carriage returns per refresh, so none there."""
+    stream = sys.stderr if stream is None else stream
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    return switch and not disabled and hasattr(stream, "isatty") and stream.isatty()
 
 
 def _fmt(key: str, value: Any) -> str:

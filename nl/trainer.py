@@ -4,14 +4,15 @@ One obvious path (nanoGPT style). The global batch is `train.batch_size` sequenc
 rank takes batch_size / world_size of them and splits those into micro-batches of
 `train.micro_batch_size`. Every micro-batch loss is a token-loss SUM divided by the global
 token count, so gradients do not depend on the micro-batch split or the world size.
-With dist.strategy=deepspeed the ZeRO engine does backward, accumulation, clipping and the
-optimizer step (nl/distributed/deepspeed.py); the branches are marked `ds_engine`.
+What differs between strategies (backward, clipping, the optimizer step, checkpoint save and
+load: plain PyTorch for single/ddp/fsdp, the ZeRO engine for deepspeed) sits behind one small
+interface (nl/distributed/strategy.py), so this loop has no branch on the engine underneath.
+Which checkpoint a run starts from, and whether it may, is nl/checkpoint/run_dir.py's job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
@@ -20,19 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from nl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from nl.checkpoint import CheckpointError, list_checkpoints
+from nl.checkpoint.run_dir import config_changes, current_config, saved_config, select_start
 from nl.config import Config, ConfigError, to_dict, to_yaml
 from nl.data.loader import TokenLoader, iter_eval_batches
 from nl.data.shards import TokenShards
-from nl.distributed import all_reduce_sum, full_norm, init_distributed, parallelize, set_gradient_sync
+from nl.distributed import all_reduce_sum, init_distributed, parallelize
+from nl.distributed.strategy import build_strategy
 from nl.evaluate import evaluate_loss, token_loss_sum
-from nl.metrics import MetricsLogger, peak_flops
+from nl.metrics import MetricsLogger, peak_flops, progress_enabled
 from nl.models import build_model, count_parameters, flops_per_token
-from nl.optim import attach_zero_partitions, build_optimizer, check_supported
+from nl.optim import build_optimizer, check_supported
 from nl.provenance import claim_tokenizer
 
 
@@ -127,9 +128,12 @@ def _open_data(cfg: Config) -> tuple[TokenShards, TokenShards | None]:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (slurm pre-emption) ask for a save at the next step boundary."""
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (slurm pre-emption) ask for a save at the next step
+    boundary; a second SIGINT aborts at once (KeyboardInterrupt), saving nothing more.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Repeated SIGTERM / SIGUSR1 do not abort: schedulers may repeat them, then escalate to SIGKILL."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -142,15 +146,63 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt(f"second interrupt after {signal.Signals(self.received).name}")
+        self.received = self.received or signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+def _divergence_error(run_dir: Path, step: int, loss_value: float, norm_value: float | None) -> TrainingError:
+    """The non-finite loss / grad-norm error: which checkpoints remain and how to go back before one."""
+    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+    kept = list_checkpoints(run_dir)
+    head = (f"non-finite {what} at step {step} (loss={loss_value}, grad_norm={norm_value}); nothing was saved "
+            f"after it. ")
+    if not kept:
+        return TrainingError(head + "No checkpoint was saved before it: lower train.lr, raise train.warmup_steps "
+                                    "or check the data, then rerun (a fresh start)")
+    steps = ", ".join(str(s) for s, _ in kept)
+    earlier = f"checkpoint.load_step={kept[-2][0]}" if len(kept) > 1 else "checkpoint.resume=false " \
+        "checkpoint.overwrite=true (a fresh start)"
+    return TrainingError(
+        head + f"Checkpoints kept: steps {steps}; {kept[-1][1]} is intact but may already carry the divergence "
+        f"(weights drift before the loss shows it, so resuming it can fail at the same step). Lower train.lr, "
+        f"raise train.warmup_steps or check the data, then rerun with {earlier} to go back before it")
+
+
+def _announce_changes(say, changes: list, saved: dict, cfg: Config, step: int) -> None:
+    """One log line per config key changed since the checkpoint; the lr jump if the schedule moved."""
+    for key, old, new in changes:
+        say(f"resume: {key} changed {old} -> {new} since the checkpoint")
+    keys = ("train.lr", "train.steps", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
+            "train.decay_fraction")
+    if not any(k in keys for k, _, _ in changes) or step >= cfg.train.steps:
+        return
+    old = saved["train.lr"] * LRSchedule(saved["train.steps"], saved["train.warmup_steps"], saved["train.schedule"],
+                                         saved["train.min_lr_ratio"], saved["train.decay_fraction"])(step)
+    new = cfg.train.lr * LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
+                                    cfg.train.min_lr_ratio, cfg.train.decay_fraction)(step)
+    say(f"resume: the lr schedule is recomputed for the new settings ({cfg.train.schedule} over "
+        f"{cfg.train.steps} steps): lr at step {step + 1} is {new:.3e} (the old schedule's: {old:.3e})")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 def train(cfg: Config) -> dict:
-    """Train (or resume) the run described by `cfg`; returns a summary of the final state."""
+    """Train (or resume) the run described by `cfg`; returns a summary of the final state.
+
+    From the start, SIGINT / SIGTERM / SIGUSR1 stop the run at the next step boundary with a
+    checkpoint (summary["stopped_by"] names the signal); a second SIGINT raises KeyboardInterrupt."""
+    with StopSignal() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopSignal) -> dict:
     env = init_distributed(cfg, resolve_device(cfg.train.device))
     rank, world_size, coordinator, device = env.rank, env.world_size, env.coordinator, env.device
     autocast = autocast_for(device, cfg.train.precision)
@@ -161,26 +213,31 @@ def train(cfg: Config) -> dict:
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Which checkpoint to start from, refused in one line before anything is built or written when
+    # the run.dir holds another run or the checkpoint was trained with other state-shaping settings.
+    saved, changes = {}, []
+
+    def compare(path: Path) -> None:
+        nonlocal saved, changes
+        saved = saved_config(path) or {}
+        changes = config_changes(path, saved, current_config(cfg, train_data.fingerprint)) if saved else []
+
+    resume_from = select_start(cfg, compare)
+    claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
     config_yaml = to_yaml(cfg)
     if coordinator:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device=device, seed=cfg.train.seed)
-    n_params = count_parameters(model)  # before sharding: FSDP2 parameters hold only a shard
-    model = parallelize(model, cfg, env, use_bf16)
-    optimizer = inner_optimizer = build_optimizer(model, cfg)  # inner: ours, also under DeepSpeed
-    ds_engine = None  # dist.strategy=deepspeed: the engine does backward, accumulation, clipping, step
-    if cfg.dist.strategy == "deepspeed":
-        from nl.distributed import deepspeed as ds
-
-        ds_config = ds.build_ds_config(cfg, micro_bs, accum_steps, use_bf16)
-        if coordinator:
-            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        model = ds_engine = ds.initialize(model, optimizer, ds_config, cfg)
-        optimizer = ds_engine.optimizer  # the ZeRO wrapper: its param_groups carry the lr
-        attach_zero_partitions(inner_optimizer, optimizer, cfg.dist.zero_stage)
-        autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself (bf16.enabled)
+    base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    n_params = count_parameters(base_model)  # before sharding: FSDP2 parameters hold only a shard
+    model = parallelize(base_model, cfg, env, use_bf16)
+    inner_optimizer = build_optimizer(model, cfg)  # ours (nl/optim), also under DeepSpeed
+    strategy = build_strategy(model, inner_optimizer, cfg, env, micro_bs, accum_steps, use_bf16, run_dir)
+    model, optimizer = strategy.model, strategy.optimizer  # optimizer: its param_groups carry the lr
+    if not strategy.autocast_ok:
+        autocast = contextlib.nullcontext()
+    diagnostics = getattr(base_model, "diagnostics", None)  # dict of 0-dim tensors from the last forward
     schedule = LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
                           cfg.train.min_lr_ratio, cfg.train.decay_fraction)
     loader = TokenLoader(train_data, cfg.data.seq_len, cfg.train.batch_size, rank=rank,
@@ -191,40 +248,32 @@ def train(cfg: Config) -> dict:
         return {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
                 "scheduler": {"kind": schedule.kind, "step": step}, "rng": _rng_state()}
 
-    def checkpoint_state() -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {"model": model_sd, "optim": optim_sd, "trainer": trainer_state()}
-
-    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if resume_from is not None:
-        if ds_engine is not None:
-            resumed = ds.load(ds_engine, resume_from, world_size, cfg.dist.zero_stage)["trainer"]
-        else:
-            state = checkpoint_state()
-            load_checkpoint(resume_from, state)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            resumed = state["trainer"]
+        resumed = strategy.load(resume_from, trainer_state())
         step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
         loader.load_state_dict(resumed["loader"])
         _set_rng_state(resumed["rng"])
-    claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops(device)
-    progress = tqdm(total=cfg.train.steps, initial=step, disable=not coordinator, dynamic_ncols=True,
-                    mininterval=1.0, desc="train")
+    progress = tqdm(total=cfg.train.steps, initial=step, disable=not (coordinator and progress_enabled(cfg.run.progress)),
+                    dynamic_ncols=True, mininterval=1.0, desc="train")
     logger = MetricsLogger(run_dir, enabled=coordinator, wandb_cfg=cfg.wandb, config=to_dict(cfg),
-                           progress=progress)
-    progress.write(f"model {cfg.model.arch}: {n_params / 1e6:.2f}M parameters | {device} | "
-                   f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'} | run {run_dir}")
+                           progress=progress, start_step=step)
 
-    def save() -> None:
-        if ds_engine is not None:
-            ds.save(ds_engine, run_dir, step, {"trainer": trainer_state(), "strategy": "deepspeed"}, config_yaml,
-                    cfg.checkpoint.keep_last, world_size, cfg.dist.zero_stage)
-        else:
-            save_checkpoint(run_dir, step, checkpoint_state(), config_yaml, cfg.checkpoint.keep_last)
+    def say(line: str) -> None:  # rank 0 only; through the bar so it stays intact
+        if coordinator:
+            progress.write(line)
+
+    say(f"model {cfg.model.arch}: {n_params / 1e6:.2f}M parameters | {device} | "
+        f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'} | run {run_dir}")
+    _announce_changes(say, changes, saved, cfg, step)
+    last_saved = resume_from
+
+    def save() -> Path:
+        info = {"step": step, "tokenizer_fingerprint": train_data.fingerprint}
+        return strategy.save(run_dir, step, trainer_state(), config_yaml, cfg.checkpoint.keep_last, info)
 
     def validate() -> float | None:
         if val_data is None:
@@ -238,57 +287,45 @@ def train(cfg: Config) -> dict:
         return (totals[0] / totals[1]).item()
 
     model.train()
-    last_loss, last_val, preempted = float("nan"), None, False
+    last_loss, last_val, stopped_by = None, None, None
     window_start, window_tokens = time.perf_counter(), 0
-    stop = StopSignal()
     try:
-        stop.__enter__()
         while step < cfg.train.steps:
             lr = cfg.train.lr * schedule(step)
             for group in optimizer.param_groups:  # lr_scale: per CMS level / matrix rule (nl/optim)
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
             loss_sum = torch.zeros((), device=device)
             inputs, targets = loader.next_batch()
             for micro in range(accum_steps):
                 x = inputs[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
                 y = targets[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-                with set_gradient_sync(model, micro == accum_steps - 1), autocast:
-                    loss = token_loss_sum(model, x, y) / tokens_per_step
+                last_micro = micro == accum_steps - 1
+                with strategy.gradient_sync(last_micro):
+                    with autocast:
+                        loss = token_loss_sum(model, x, y) / tokens_per_step
                     # DDP, FSDP and DeepSpeed average gradients over ranks; the sum over ranks is wanted.
-                    if ds_engine is None:
-                        (loss * world_size).backward()
-                    else:  # no 1/GAS from DeepSpeed: the loss already is a share of the global batch
-                        ds_engine.backward(loss * world_size, scale_wrt_gas=False)
-                        if micro < accum_steps - 1:
-                            ds_engine.step()  # accumulation only; the boundary step is below
+                    strategy.backward(loss * world_size, last_micro)
                 loss_sum += loss.detach()
-            if ds_engine is None:
-                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                grad_norm = full_norm(nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True))
+            grad_norm = strategy.clip_gradients()  # None where the engine clips inside its step
+            diag = diagnostics() if log_now and diagnostics is not None else {}
             # One host sync per step, deliberately: a non-finite loss must stop the run before
             # the optimizer writes it into the weights (and so into any later checkpoint). The
-            # same all-reduce tells every rank whether any of them was asked to stop.
+            # same all-reduce tells every rank whether any of them was asked to stop; the grad
+            # norm and the model's diagnostics ride along in the same device-to-host copy.
             stop_flag = torch.tensor(float(stop.received is not None), device=device)
-            reduced = all_reduce_sum(torch.stack([loss_sum, stop_flag]))
-            if ds_engine is None:  # the grad norm rides along in the same device-to-host copy
-                loss_value, stop_votes, norm_value = torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
-            else:
-                loss_value, stop_votes = reduced.tolist()
-                # DeepSpeed clips and steps at the boundary in one call, so its grad norm is known
-                # only after the weights changed: a non-finite norm stops the run just below,
-                # before anything is saved (the last checkpoint stays intact). A non-finite loss
-                # stops before DeepSpeed's optimizer step.
-                norm_value = ds.boundary_step(ds_engine) if math.isfinite(loss_value) else float("nan")
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                last_ckpt = latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step "
-                    f"{step + 1} (loss={loss_value}, grad_norm={norm_value}); nothing was saved after it"
-                    f"{f' and {last_ckpt} is intact' if last_ckpt else ''}. Lower train.lr, raise "
-                    f"train.warmup_steps or check the data, then rerun to resume")
-            if ds_engine is None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            local = ([] if grad_norm is None else [grad_norm]) + list(diag.values())
+            host = torch.cat([all_reduce_sum(torch.stack([loss_sum, stop_flag])),
+                              *(t.detach().float().reshape(1).to(device) for t in local)]).tolist()
+            loss_value, stop_votes = host[0], host[1]
+            norm_value = host[2] if grad_norm is not None else None
+            if not math.isfinite(loss_value) or (norm_value is not None and not math.isfinite(norm_value)):
+                raise _divergence_error(run_dir, step + 1, loss_value, norm_value)
+            # DeepSpeed clips and steps at the boundary in one call, so its grad norm is known only
+            # after the weights changed: a non-finite one stops the run just below, before any save.
+            norm_value = strategy.step(norm_value)
+            if not math.isfinite(norm_value):
+                raise _divergence_error(run_dir, step + 1, loss_value, norm_value)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
@@ -296,7 +333,7 @@ def train(cfg: Config) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "loss": loss_value, "lr": lr,
                           "grad_norm": norm_value, "tokens": tokens_seen,
@@ -306,6 +343,7 @@ def train(cfg: Config) -> dict:
                     record["memory_loss"] = sum(losses) / len(losses)
                 if peak is not None:
                     record["mfu"] = flops_per_step * (window_tokens / tokens_per_step) / elapsed / (peak * world_size)
+                record.update(zip(diag, host[len(host) - len(diag):]))
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps):
@@ -313,24 +351,24 @@ def train(cfg: Config) -> dict:
                 if last_val is not None:
                     logger.log({"step": step, "val_loss": last_val, "tokens": tokens_seen})
                 window_start = time.perf_counter()  # keep validation out of tokens_per_s
-            if (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-                save()
+            if (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0) or step == cfg.train.steps \
+                    or stop_votes > 0:
+                last_saved = save()
                 window_start = time.perf_counter()
-            elif stop_votes > 0:
-                save()
             if stop_votes > 0 and step < cfg.train.steps:
-                preempted = True
-                progress.write(f"stop signal received: saved step {step} to {latest_checkpoint(run_dir)}; "
-                               f"rerun the same command to resume")
+                stopped_by = signal.Signals(stop.received or signal.SIGTERM).name  # a peer's signal: TERM
+                say(f"stop signal received ({stopped_by}): saved step {step} to {last_saved}; "
+                    f"rerun the same command to resume")
                 break
     finally:
-        stop.__exit__()
         progress.close()
         logger.close()
-    final_ckpt = latest_checkpoint(run_dir)
-    return {"step": step, "loss": last_loss, "val_loss": last_val, "tokens": tokens_seen,
-            "parameters": n_params, "run_dir": str(run_dir), "checkpoint": str(final_ckpt),
-            "preempted": preempted, "world_size": world_size, "strategy": cfg.dist.strategy}
+    if last_loss is None:  # nothing left to train (a finished run rerun): the last recorded values
+        last_loss, last_val = logger.last("loss"), logger.last("val_loss")
+    return {"step": step, "loss": _finite_or_none(last_loss), "val_loss": _finite_or_none(last_val),
+            "tokens": tokens_seen, "parameters": n_params, "run_dir": str(run_dir),
+            "checkpoint": str(last_saved) if last_saved else None, "preempted": stopped_by is not None,
+            "stopped_by": stopped_by, "world_size": world_size, "strategy": cfg.dist.strategy}
 
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError)

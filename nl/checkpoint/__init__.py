@@ -17,6 +17,7 @@ tensors shard-aware (the same call saves an FSDP-sharded model) and other values
 from __future__ import annotations
 
 import errno
+import json
 import re
 import shutil
 import warnings
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEEPSPEED_MARKER = "deepspeed.json"  # marks (and describes) a dist.strategy=deepspeed checkpoint
+INFO_FILE = "checkpoint.json"  # what the config cannot say: e.g. the tokenizer's fingerprint
 
 
 class CheckpointError(RuntimeError):
@@ -100,11 +102,14 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 def atomic_save(run_dir: str | Path, step: int, write: Callable[[Path], None], config_yaml: str,
-                keep_last: int = 2) -> Path:
-    """Run `write(tmp_dir)` (every rank), add config.yaml, rename tmp_dir to step_X, prune.
+                keep_last: int = 2, info: dict | None = None) -> Path:
+    """Run `write(tmp_dir)` (every rank), add config.yaml (and `info` as checkpoint.json), rename
+    tmp_dir to step_X, prune.
 
     The one place that makes a save atomic, for DCP and DeepSpeed checkpoints alike: a crash or
-    a full disk inside `write` leaves the previous checkpoints untouched and no partial step_X."""
+    a full disk inside `write` leaves the previous checkpoints untouched and no partial step_X.
+    Pruning keeps the `keep_last` newest checkpoints up to this step, this one included; it never
+    deletes the checkpoint just written nor any of a later step."""
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -118,6 +123,8 @@ def atomic_save(run_dir: str | Path, step: int, write: Callable[[Path], None], c
         write(tmp)
         if coordinator:
             (tmp / "config.yaml").write_text(config_yaml)
+            if info is not None:
+                (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except (OSError, CheckpointException) as wrapped:
         e = _root_cause(wrapped)
         if not isinstance(e, OSError):
@@ -135,14 +142,15 @@ def atomic_save(run_dir: str | Path, step: int, write: Callable[[Path], None], c
         if final.exists():  # same step saved again (e.g. a resumed run that was already done)
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        earlier = [p for s, p in list_checkpoints(run_dir) if s < step]
+        for old in earlier[:max(0, len(earlier) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], config_yaml: str,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, info: dict | None = None) -> Path:
     """Write `state` in DCP format as checkpoint `step` (collective: every rank passes its shards)."""
 
     def write(tmp: Path) -> None:
@@ -150,7 +158,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], confi
             warnings.simplefilter("ignore")  # DCP warns when no process group is initialised
             dcp.save(state, checkpoint_id=str(tmp))
 
-    return atomic_save(run_dir, step, write, config_yaml, keep_last)
+    return atomic_save(run_dir, step, write, config_yaml, keep_last, info)
 
 
 def _check_shapes(path: Path, state: dict[str, Any]) -> None:

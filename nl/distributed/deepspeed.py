@@ -117,7 +117,7 @@ def _marker(path: Path) -> dict:
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], config_yaml: str,
-         keep_last: int, world_size: int, zero_stage: int) -> Path:
+         keep_last: int, world_size: int, zero_stage: int, info: dict | None = None) -> Path:
     """engine.save_checkpoint through nl.checkpoint.atomic_save (collective)."""
 
     def write(tmp: Path) -> None:
@@ -127,7 +127,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], c
                 {"strategy": "deepspeed", "tag": TAG, "zero_stage": zero_stage, "world_size": world_size,
                  "step": step}, indent=2) + "\n")
 
-    return atomic_save(run_dir, step, write, config_yaml, keep_last)
+    return atomic_save(run_dir, step, write, config_yaml, keep_last, info)
 
 
 def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
