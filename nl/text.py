@@ -64,12 +64,14 @@ class TextPolicy:
 
         line: where `text` starts in the source; its own newlines count on from there, unless
         `record` (a value parsed from one .jsonl line, which is then the line named)."""
-        match = _SURROGATE.search(text)
-        if match is None:  # the common case: one C-speed scan, no copy
+        try:
+            text.encode("utf-8")  # the common case, checked at C speed (~10x a regex search)
             return text
+        except UnicodeEncodeError as e:
+            first = e.start  # only surrogates are unencodable in UTF-8
         if self.strict:
-            at = line if record else line + text.count("\n", 0, match.start())
-            code = ord(match.group())
+            at = line if record else line + text.count("\n", 0, first)
+            code = ord(text[first])
             # U+DC80-U+DCFF is how Python hands over a byte of sys.argv or a file name that was not UTF-8 (PEP 383).
             why = (f"standing for the byte 0x{code - 0xDC00:02X}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF
                    else f"half of a cut-off character, e.g. a JSON escape \\u{code:04x}")

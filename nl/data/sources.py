@@ -85,7 +85,8 @@ def _iter_file(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str,
 
 
 def _iter_jsonl(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
-    policy = TextPolicy(str(path), strict)
+    name = str(path)  # formatted once: this loop runs per record
+    policy = TextPolicy(name, strict)
     try:
         for line_no, line in iter_lines(path, policy):
             if not line.strip():
@@ -100,7 +101,7 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str
                 raise DataError(f"{path}:{line_no} has no string field {text_field!r} (has: {keys}): "
                                 f"pass --text-field with the right key")
             if text:
-                yield f"{path}:{line_no}", policy.clean(text, line_no, record=True)  # JSON escapes can spell lone surrogates
+                yield f"{name}:{line_no}", policy.clean(text, line_no, record=True)  # JSON escapes can spell lone surrogates
     finally:  # also when the reader stops early (train_tokenizer's --max-chars)
         policy.report()
 
