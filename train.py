@@ -12,21 +12,37 @@ import signal
 import sys
 
 from nl.config import load_config
+from nl.train_cli import config_report, default_threads, keys_help, set_keys, unread_keys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=None,
                     help="a YAML preset (configs/*.yaml); repeat to layer presets, e.g. a model preset then "
                          "configs/optim/m3.yaml (later files win); default: schema defaults")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config and derived figures (parameters, tokens per step, batch "
+                         "split per world size), then exit without training or touching run.dir")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.dim=256")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
     from nl.data.shards import DataError
     from nl.trainer import USER_ERRORS, train
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if os.environ.get("RANK", "0") == "0":
+            for warning in unread_keys(cfg, set_keys(args.config, args.overrides)):
+                print(f"warning: {warning}", file=sys.stderr)
+        if args.print_config:
+            print(config_report(cfg))
+            return {}
+        threads = default_threads()  # None: OMP_NUM_THREADS is set, and torch follows it
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         summary = train(cfg)
     except (*USER_ERRORS, DataError) as e:
         sys.exit(f"error: {e}")
