@@ -286,7 +286,7 @@ def markdown_table(rows: list[dict], seq_len: int) -> str:
                               f"of {n_buckets}T tokens.\n"
 
 
-def plot(rows: list[dict], seq_len: int, out: Path) -> list[Path]:
+def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Path]:
     """val_loss.png (val loss vs step) and per_position.png (smoothed loss vs position)."""
     try:
         import matplotlib
@@ -302,7 +302,7 @@ def plot(rows: list[dict], seq_len: int, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
     for i, r in enumerate(rows):
         ax.plot(*r["val_curve"], marker="o", ms=3, label=r["variant"], **style[i])
-    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="held-out validation loss")
+    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title=f"held-out validation loss during training ({curve_note})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(paths[0])
@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows) + "\n")
     print("\n" + table)
-    for path in plot(rows, args.seq_len, out):
+    note = f"first {args.eval_batches} val batches" if args.eval_batches else "whole val split"
+    for path in plot(rows, args.seq_len, out, note):
         print(f"wrote {path}")
 
 
