@@ -4,6 +4,7 @@
     python -m nl.evaluate --model EXPORT_DIR --data notes.txt more/  # raw text, model's tokenizer
 
 Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len", "data"}.
+User mistakes (missing export or data, bad arguments) end in one line `error: ...`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nl.cli import one_line_errors, parse_device
+from nl.data.shards import DataError
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,7 +59,7 @@ def text_windows(token_stream: np.ndarray, seq_len: int, batch_size: int,
     """Non-overlapping windows of seq_len+1 tokens from a 1-D stream, batched in order."""
     n = (len(token_stream) - 1) // seq_len
     if n == 0:
-        raise ValueError(f"the text has {len(token_stream)} tokens, fewer than seq_len+1="
+        raise DataError(f"the text has {len(token_stream)} tokens, fewer than seq_len+1="
                          f"{seq_len + 1}: pass more text or a smaller --seq-len")
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))[:, None] * seq_len + np.arange(seq_len + 1)
@@ -74,6 +78,7 @@ def _tokenize_text(paths: list[str], tokenizer, strict_text: bool = False) -> np
     return np.asarray(ids, dtype=np.int64)
 
 
+@one_line_errors()
 def main(argv: list[str] | None = None) -> dict:
     from nl.data.loader import iter_eval_batches
     from nl.data.shards import TokenShards
@@ -92,8 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--strict-text", action="store_true",
                     help="refuse raw text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
+    for name, low in (("seq_len", 0), ("batch_size", 1), ("max_batches", 0)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     export_cfg = load_export_config(args.model)
     model = load_pretrained(args.model, device=device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")

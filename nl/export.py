@@ -1,9 +1,15 @@
 """Export a training checkpoint to a standalone directory, and load it back.
 
-    python -m nl.export --run RUN_DIR [--step N] --output DIR
+    python -m nl.export --run RUN_DIR [--step N] --output DIR [--tokenizer FILE]
 
 DIR gets model.safetensors (weights, tied weights stored once), config.json (the model
-config plus provenance: step, seq_len, tokenizer fingerprint) and tokenizer.model.
+config plus provenance: step, seq_len, tokenizer fingerprint) and tokenizer.model, all readable
+by group and others (0644 under the usual umask 022). Everything comes from the run directory:
+the model config from the checkpoint's config.yaml, the tokenizer from the copy the run made of
+it when it started (RUN_DIR/tokenizer.model, checked against RUN_DIR/tokenizer.json; see
+nl/provenance.py). The data directory is never opened, so an export works from any working
+directory after the data has been deleted, moved or re-tokenized. A run started before runs
+recorded their tokenizer is refused unless --tokenizer names its tokenizer.model.
 `nl.load_pretrained(DIR)` rebuilds the model with identical logits, no training code needed.
 """
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +27,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from nl.checkpoint import find_checkpoint, is_deepspeed_checkpoint, load_checkpoint
+from nl.cli import one_line_errors
 from nl.config import Config, ModelConfig, config_from_dict
+from nl.data.shards import DataError
 from nl.models import build_model
+from nl.provenance import run_tokenizer
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -30,12 +40,26 @@ def _checkpoint_config(ckpt: Path) -> Config:
     return config_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")))
 
 
-def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> Path:
-    """Write checkpoint `step` (latest when None) of `run_dir` as a standalone model dir."""
-    from nl.data.shards import TokenShards
+def _readable(path: Path) -> None:
+    """Give `path` the mode a plain open() would: safetensors writes a 0600 temp file and renames it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
+
+def export(run_dir: str | Path, output: str | Path, step: int | None = None,
+           tokenizer: str | Path | None = None) -> Path:
+    """Write checkpoint `step` (latest when None) of `run_dir` as a standalone model dir.
+
+    `tokenizer`: a tokenizer.model to ship instead of the run's copy (for runs that predate the
+    copy, or whose copy was lost; it must match the run's recorded fingerprint when there is one).
+    Raises CheckpointError (no such run/step) or DataError (tokenizer missing or not the run's)."""
     ckpt = find_checkpoint(run_dir, step)
     cfg = _checkpoint_config(ckpt)
+    tok = run_tokenizer(run_dir, tokenizer)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise DataError(f"{tok.path} has {tok.vocab_size} pieces but the model of {ckpt} has "
+                        f"model.vocab_size={cfg.model.vocab_size}: pass the tokenizer the run was trained with")
     model = build_model(cfg.model, device="cpu")
     if is_deepspeed_checkpoint(ckpt):  # dist.strategy=deepspeed: consolidate the ZeRO shards (fp32)
         from nl.distributed.deepspeed import consolidated_state_dict
@@ -46,17 +70,19 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> 
         load_checkpoint(ckpt, state)
         model.load_state_dict(state["model"])
 
-    data = TokenShards(cfg.data.dir, split="train", verify_checksums=False)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise DataError(f"--output {output} is a file: pass a directory (it is created if missing)")
     output.mkdir(parents=True, exist_ok=True)
     save_model(model, str(output / "model.safetensors"))
-    shutil.copyfile(data.tokenizer_path, output / "tokenizer.model")
+    _readable(output / "model.safetensors")
+    shutil.copyfile(tok.path, output / "tokenizer.model")
     meta = {
         "format_version": EXPORT_FORMAT_VERSION,
         "model": OmegaConf.to_container(cfg.model),
         "seq_len": cfg.data.seq_len,
         "step": int(ckpt.name.split("_")[-1]),
-        "tokenizer_fingerprint": data.fingerprint,
+        "tokenizer_fingerprint": tok.fingerprint,
         "source_checkpoint": str(ckpt.resolve()),
     }
     (output / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -66,8 +92,8 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> 
 def load_export_config(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not an exported model (no config.json): create one with "
-                                f"python -m nl.export --run RUN_DIR --output {path}")
+        raise DataError(f"{path} is not an exported model (no config.json): create one with "
+                        f"python -m nl.export --run RUN_DIR --output {path}")
     return json.loads((path / "config.json").read_text())
 
 
@@ -75,8 +101,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     """Rebuild an exported model (eval mode) from DIR/config.json and DIR/model.safetensors."""
     meta = load_export_config(path)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{weights} is missing (the export is incomplete): re-run python -m nl.export")
     model = build_model(model_cfg, device=device)
-    load_model(model, str(Path(path) / "model.safetensors"), device=str(device))
+    load_model(model, str(weights), device=str(device))
     return model.eval()
 
 
@@ -85,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", required=True, help="the training run directory (run.dir)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--output", required=True, help="directory to write")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.model to ship instead of the run's copy (runs that predate the copy)")
     args = ap.parse_args(argv)
-    out = export(args.run, args.output, args.step)
+    with one_line_errors():
+        out = export(args.run, args.output, args.step, args.tokenizer)
     print(f"exported {args.run} -> {out} (model.safetensors, config.json, tokenizer.model)")
 
 

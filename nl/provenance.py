@@ -85,8 +85,8 @@ def claim_tokenizer(run_dir: str | Path, data: TokenShards, resuming: bool, coor
         _record(run_dir, data)
 
 
-def run_tokenizer(run_dir: str | Path, override: str | Path | None = None) -> tuple[Path, str]:
-    """(tokenizer file, fingerprint) of a run: its recorded copy, checked against the record.
+def run_tokenizer(run_dir: str | Path, override: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a run: its recorded copy, checked against the record.
 
     `override`: a tokenizer file to use instead of the copy (to repair a run whose copy is lost,
     or to export a run that predates the record); with a record it must match its fingerprint.
@@ -99,14 +99,15 @@ def run_tokenizer(run_dir: str | Path, override: str | Path | None = None) -> tu
         raise DataError(f"run {run_dir} has no tokenizer record ({TOKENIZER_RECORD}; it was started before "
                         f"runs recorded their tokenizer): pass --tokenizer with the tokenizer.model it was "
                         f"trained with (e.g. DATA_DIR/tokenizer.model of its data.dir)")
+    if override is not None and not path.is_file():
+        raise DataError(f"--tokenizer {path} does not exist: pass the tokenizer.model run {run_dir} was trained with")
     if not path.is_file():
-        fix = "pass an existing file" if override is not None else (
-            f"restore it from the token directory the run trained on ({record['data_dir']}/{TOKENIZER_COPY} "
-            f"if unchanged) or pass --tokenizer PATH")
-        raise DataError(f"the run's tokenizer {path} is missing: {fix}")
-    fingerprint = Tokenizer(path).fingerprint
+        raise DataError(f"the run's tokenizer {path} is missing: restore it from the token directory the run "
+                        f"trained on ({record['data_dir']}/{TOKENIZER_COPY} if unchanged) or pass --tokenizer PATH")
+    tokenizer = Tokenizer(path)
+    fingerprint = tokenizer.fingerprint
     if record is not None and fingerprint != record["fingerprint"]:
         raise DataError(f"{path} is not the tokenizer run {run_dir} was trained with (fingerprint "
                         f"{fingerprint[:12]}, recorded {record['fingerprint'][:12]} in "
                         f"{run_dir / TOKENIZER_RECORD}): restore the original or pass --tokenizer with it")
-    return path, fingerprint
+    return tokenizer
