@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
             for warning in unread_keys(cfg, set_keys(args.config, args.overrides)):
                 print(f"warning: {warning}", file=sys.stderr)
         if args.print_config:
-            print(config_report(cfg))
+            report = config_report(cfg)  # on every rank: each validates the same config
+            if os.environ.get("RANK", "0") == "0":
+                print(report)
             return {}
         threads = default_threads()  # None: OMP_NUM_THREADS is set, and torch follows it
         if threads is not None:
