@@ -171,10 +171,10 @@ def match_width(preset: str, overrides: list[str], target: int) -> tuple[list[st
     return matched, arch_and_count(preset, tuple(matched))[1]
 
 
-def plan_runs(variants, seeds, common: list[str], param_tol: float) -> list[dict]:
+def plan_runs(variants, seeds, common: list[str], param_tol: float, single_seed=()) -> list[dict]:
     """One dict per (variant, seed): name, seed, preset, overrides (incl. a matched width), params,
     and same_as: the first variant with the same resolved config (e.g. a switch set to its
-    default), whose run it shares, or None."""
+    default), whose run it shares, or None. Variants in `single_seed` run with seeds[0] only."""
     first_with_config: dict[str, str] = {}
     base = {name: [*common, *overrides] for name, (_, overrides) in variants.items()}
     ref_preset, ref_overrides = variants.get(REFERENCE, VARIANTS[REFERENCE])
@@ -197,7 +197,8 @@ def plan_runs(variants, seeds, common: list[str], param_tol: float) -> list[dict
         if same_as != name:
             print(f"  {name}: the same resolved config as {same_as}, whose runs it shares")
         runs.extend({"variant": name, "seed": s, "preset": preset, "overrides": overrides, "params": params,
-                     "same_as": None if same_as == name else same_as} for s in seeds)
+                     "same_as": None if same_as == name else same_as}
+                    for s in (seeds[:1] if name in single_seed else seeds))
     return runs
 
 
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--define", nargs="+", action="append", default=[], metavar="NAME PRESET KEY=VALUE",
                     help="an extra variant: PRESET is hope, transformer or a YAML path, then dotted overrides")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--single-seed", nargs="+", default=[], metavar="VARIANT",
+                    help="variants run with the first of --seeds only (to save time; the table lists the seeds)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -366,7 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python benchmarks/bench_learning.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     variants = parse_variants(args.variants, args.define)
     import nl.models.hope  # noqa: F401  registers arch 'hope'
-    runs = plan_runs(variants, args.seeds, common, args.param_tol)
+    unknown = set(args.single_seed) - set(variants)
+    if unknown:
+        raise SystemExit(f"error: --single-seed names {', '.join(sorted(unknown))}, not among the variants run")
+    runs = plan_runs(variants, args.seeds, common, args.param_tol, set(args.single_seed))
     args_d = dict(out=str(out), data=str(data), steps=args.steps, seq_len=args.seq_len, evals=args.evals,
                   eval_batches=args.eval_batches, val_batches=args.val_batches, long_factor=args.long_factor,
                   long_sequences=args.long_sequences)
