@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` and 
 
 from data_prep.tokenize_corpus import tokenize_corpus  # noqa: E402
 from data_prep.train_tokenizer import train_tokenizer  # noqa: E402
+from nl.cli import describe_os_error  # noqa: E402
 from nl.data.shards import MANIFEST_FILE, DataError  # noqa: E402
 from nl.data.sources import write_demo_corpus  # noqa: E402
 from nl.tokenizer import Tokenizer  # noqa: E402
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare_demo(args.root, args.num_workers)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. an output path that cannot be created
+        sys.exit(f"error: {describe_os_error(e)}")
 
 
 if __name__ == "__main__":

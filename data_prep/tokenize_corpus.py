@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` with
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from nl.cli import describe_os_error  # noqa: E402
 from nl.data.shards import (FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE, DataError, ShardWriter,  # noqa: E402
                              dtype_for_vocab, write_manifest)
 from nl.data.sources import iter_sourced_documents  # noqa: E402
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                             strict_text=args.strict_text)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. an output path that cannot be created
+        sys.exit(f"error: {describe_os_error(e)}")
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(f"tokenized {train['num_documents'] + val['num_documents']} documents ({m['text_bytes'] / 1e6:.1f} MB) "
           f"in {m['seconds']:.1f}s: train {train['num_tokens']} tokens ({len(train['shards'])} shards), "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` without installing
 
+from nl.cli import describe_os_error  # noqa: E402
 from nl.data.shards import DataError  # noqa: E402
 from nl.data.sources import iter_sourced_documents  # noqa: E402
 
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                             strict_text=args.strict_text)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. an output path that cannot be created
+        sys.exit(f"error: {describe_os_error(e)}")
     print(f"trained BPE tokenizer (vocab {args.vocab_size}) on {s['chars'] / 1e6:.1f}M chars "
           f"({s['documents']} documents, {s['lines']} lines) in {s['seconds']:.1f}s -> {s['output']}")
 

@@ -1,8 +1,8 @@
-"""What the command-line entry points (nl.export, nl.evaluate, nl.generate) share.
+"""What the command-line entry points (nl.export, nl.evaluate, nl.generate; data_prep's scripts) share.
 
-A user mistake (a missing directory or file, a bad step, a device that is not there) ends in one
-line `error: ...` on stderr and exit status 1, as train.py does; argparse's own errors exit 2.
-Anything else is a bug and keeps its traceback.
+A user mistake (a missing directory or file, a bad step, a device that is not there, a path that
+cannot be written) ends in one line `error: ...` on stderr and exit status 1, as train.py does;
+argparse's own errors exit 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(ValueError):
@@ -29,10 +31,20 @@ def one_line_errors() -> Iterator[None]:
         yield
     except (UsageError, ConfigError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a path that cannot be read or written (missing, permissions, disk full)
+        sys.exit(f"error: {describe_os_error(e)}")
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: 'PATH: reason: check ...' (the errno text, not a traceback)."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}: check the path, its permissions and the free space"
 
 
 def parse_device(name: str) -> torch.device:
     """`--device` value -> torch.device; UsageError for a malformed name or an absent CUDA device."""
+    import torch  # here, not at the top: the data_prep scripts use this module without torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

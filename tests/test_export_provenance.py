@@ -233,6 +233,7 @@ def user_mistakes(run: Path, out: Path, tmp: Path) -> list[tuple[str, list[str],
         ("nl.export", ["--run", str(tmp / "nope"), "--output", str(tmp / "x")], "no checkpoint"),
         ("nl.export", ["--run", str(run), "--step", "999", "--output", str(tmp / "x")], "available steps"),
         ("nl.export", ["--run", str(run), "--output", str(out / "config.json")], "is a file"),
+        ("nl.export", ["--run", str(run), "--output", "/proc/nl-export"], "check the path"),  # cannot be created
         ("nl.export", ["--run", str(run), "--output", str(tmp / "x"), "--tokenizer", str(tmp / "nope.model")],
          "does not exist"),
         ("nl.evaluate", ["--model", str(tmp / "nope"), "--data", str(text)], "not an exported model"),
@@ -279,3 +280,15 @@ def test_command_line_prints_one_error_line_without_traceback(tmp_path):
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "Traceback" not in stderr, (command, stderr)
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), (command, stderr)
+
+
+def test_data_prep_scripts_report_unwritable_outputs_in_one_line(token_dir, small_corpus, tmp_path):
+    commands = [["data_prep/tokenize_corpus.py", "--input", str(small_corpus), "--tokenizer",
+                 str(token_dir / "tokenizer.model"), "--output", "/proc/nl-tokens", "--num-workers", "1"],
+                ["data_prep/prepare_demo.py", "--root", "/proc/nl-demo", "--num-workers", "1"]]
+    procs = [subprocess.Popen([sys.executable, *c], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in commands]
+    for command, proc in zip(commands, procs):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in stderr, (command, stderr)
+        assert stderr.strip().splitlines()[-1].startswith("error: /proc/"), (command, stderr)
