@@ -10,10 +10,11 @@ preset's precision (bf16: torch.autocast, as the trainer does), on CPU. Every st
 the forward is recorded (a TorchDispatchMode); afterwards, holding only the block's output, the bytes
 of the storages still alive are what the autograd graph keeps for backward. This counts tensors kept
 by closures too (e.g. the tuple arguments of torch.utils.checkpoint: HOPE's per-chunk memory states),
-which `torch.autograd.graph.saved_tensors_hooks` never sees; `saved_tensor_bytes` gives that smaller
-count for comparison (column "hooks"). Each storage is counted once; parameters, their autocast copies
-aside, and the shared rotary tables are not counted. The block's input counts (it is the previous
-block's output, kept if the block saves it); its output does not (the next block's input).
+which `torch.autograd.graph.saved_tensors_hooks` never sees; `saved_tensor_bytes` gives that count
+for comparison (column "hooks see": its share of the kept bytes, at B=2, T1). Each storage is counted
+once; parameters and the shared rotary tables are not counted (autocast's bf16 weight copies are).
+The block's input counts (it is the previous block's output, kept if the block saves it); its output
+does not (the next block's input).
 Measured at B = 2, 3 and every --seq-lens T, the bytes are fit exactly (the last two T) as
     bytes(B, T) = fixed + per_position * T + B * (per_seq + per_token * T)
 (fixed: e.g. autocast's bf16 weight copies; per_position: e.g. HOPE's per-chunk states of the unbatched
@@ -325,21 +326,21 @@ def _report(preset: str, variant: str, overrides: list[str], args, seq_lens: lis
           f"({'sharded over ' + str(args.world_size) if args.shard else 'unsharded'}), "
           f"per-rank batch {local_batch} (train.micro_batch_size={cfg.train.micro_batch_size})\n")
     mb_cols = " | ".join(f"b={b}" for b in candidates)
-    print(f"| recompute_chunks | AC | kept KB/token/layer | hooks KB/token | fixed MB/layer | "
+    print(f"| recompute_chunks | AC | kept KB/token/layer | hooks see | fixed MB/layer | "
           f"KB/position/layer | KB/seq/layer | {mb_cols} | max b {' | max b '.join(f'{c:g} GB' for c in args.cards)} | flat |")
     print("|" + "---|" * (8 + len(candidates) + len(args.cards)))
     for rc in recompute:
         c = cfg if rc is None else load_config(preset, [*overrides, f"model.hope.recompute_chunks={rc}"])
         mem = measure_layers(c.model, bf16, seq_lens, args.fake)
         tokens = FIT_BATCHES[0] * seq_lens[0]
-        hooks_per_token = mem.hooks / tokens
+        hooks_share = mem.hooks / sum(mem.plain_dtypes.values())  # both at (B=2, T1), fixed bytes included
         for name, ac_layers in ac_modes(L, cfg.dist.ac_every_n):
             def estimate(b: int) -> float:
                 return peak_bytes(static, mem, L, ac_layers, b, T, V)
             # Per-layer average over the model's blocks in this mode.
             avg = {k: ((L - ac_layers) * getattr(mem.plain, k) + ac_layers * getattr(mem.ac, k)) / L
                    for k in ("per_token", "fixed", "per_position", "per_seq")}
-            hooks = f"{hooks_per_token / 1e3:.1f}" if ac_layers == 0 else "-"
+            hooks = f"{hooks_share:.0%}" if ac_layers == 0 else "-"
             cells = " | ".join(f"{estimate(b) / 1e9:.1f}" for b in candidates)
             fits = " | ".join(str(largest_fitting(estimate, g, args.margin, candidates)) for g in args.cards)
             spread = max(mem.plain.flat_spread, mem.ac.flat_spread)
