@@ -1,8 +1,9 @@
 """Checkpoints in torch.distributed.checkpoint (DCP) format, written atomically.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ holds the DCP files (.metadata, *.distcp) and
+Layout: RUN_DIR/checkpoints/step_00000100/ holds the DCP files (.metadata, *.distcp),
 config.yaml (the resolved run config, so export never depends on a later edit of the run's
-config). A checkpoint is first written to checkpoints/.tmp-step_00000100 and renamed only
+config) and checkpoint.json (what the config cannot say, e.g. the tokenizer fingerprint, which a
+resume compares: nl/checkpoint/run_dir.py). A checkpoint is first written to checkpoints/.tmp-step_00000100 and renamed only
 when complete, so a crash or a full disk during a save never damages the previous one.
 
 dist.strategy=deepspeed writes its own format through the same atomic scheme (see
