@@ -34,7 +34,9 @@ class HopeConfig:
     memory_hidden: int = 0  # hidden width of the memory MLPs; 0 = 2 * head_dim
     chunk_size: int = 64  # in-context chunk of the generating memories (k, v, eta, alpha, q)
     memory_chunk_size: int = 64  # in-context chunk of the read-out memory M_memory
-    eta_max: float = 1.0  # eta_t = eta_max * sigmoid(.)
+    # eta_t = eta_max * sigmoid(.), starting at 0.1. At most the contractive bound for the switches
+    # (1/3 for HOPE with retention; nl.models.hope.contractive_eta_max; larger values are refused).
+    eta_max: float = 0.3333333333333333
     conv_size: int = 4  # short causal depthwise convolutions after the static projections; 1 = none
     dgd: bool = True  # False: plain gradient step (no x x^T decay term)
     # Inner momentum P_t = mu_t P_{t-1} - eta_t grad. Off by default, decided by data as HOPE_SPEC asks:
@@ -48,6 +50,20 @@ class HopeConfig:
     # Recompute each in-context chunk in the backward pass instead of storing its intermediates
     # (activation memory of the inner memories drops ~10x for ~1/3 more compute).
     recompute_chunks: bool = True
+    # Memory health (docs/HOPE.md "Memories that live"). The paper's literal Eq. 88 form is
+    # retention_target=zero normalized_step=false normalize_v=false (its memories fade to zero over a
+    # 4K context, or blow up).
+    # What retention and DGD's decay pull a memory toward: init (the meta-learned initial state M_0),
+    # zero (Eq. 88), auto (init for self_modifying, zero for mixer=titans: Titans' own forgetting).
+    retention_target: str = "auto"
+    normalized_step: bool = True  # normalised LMS per memory layer: decay along x/||x||, gradient g x^T/||x||^2
+    normalize_v: bool = True  # L2-normalise v before it makes the self-generated targets M(v), as q and k are
+    # Initial retention time constants 1/(1 - alpha) in tokens, [min, max]: spread log-uniformly over the
+    # heads and learned from there (the alpha bias); [100, 100] is alpha = 0.99 for every head.
+    retention_tau_init: list[float] = field(default_factory=lambda: [32.0, 4096.0])
+    # Read inside a chunk: in_chunk (the anchor plus the in-chunk updates up to t-1) | anchor (the
+    # anchor alone, like every other chunk quantity: Eq. 90 literally).
+    chunk_read: str = "in_chunk"
     # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
     # ([1] = no CMS: one ordinary MLP). Level l is stepped every cms_chunk_sizes[l] optimizer steps
     # with its accumulated gradient (optim.cms; nl/optim/base.py).
@@ -233,6 +249,8 @@ _CHOICES = {
     "dist.activation_checkpointing": ("none", "full", "every_n"),
     "model.hope.mixer": ("self_modifying", "attention", "titans"),
     "model.hope.memory_type": ("mlp", "linear"),
+    "model.hope.retention_target": ("auto", "init", "zero"),
+    "model.hope.chunk_read": ("in_chunk", "anchor"),
     "optim.name": ("adamw", "momentum", "precond_momentum", "delta_momentum", "dmgd", "m3", "dgd"),
     "optim.dmgd.internal_loss": ("l2", "dot"),
     "optim.cms.reduce": ("sum", "mean"),

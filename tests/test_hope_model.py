@@ -30,6 +30,8 @@ VARIANTS = {
     "adaptive_q": {"adaptive_q": True},
     "hope_attention": {"mixer": "attention"},
     "titans": {"mixer": "titans", "dgd": False, "cms_chunk_sizes": [1]},
+    "literal_eq88": {"retention_target": "zero", "normalized_step": False, "normalize_v": False},
+    "anchor_read": {"chunk_read": "anchor"},
 }
 
 

@@ -108,9 +108,15 @@ def test_chunked_equals_reference_generator_sets(generators, static):
     check_equal(inputs, RecurrenceConfig(4, 2, 0.8, dgd=not static[3:], momentum=True, retention=True))
 
 
-def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig) -> torch.Tensor:
+LITERAL = dict(retention_target="zero", normalized_step=False, normalize_v=False)  # Eq. 88 as printed
+
+
+def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig, literal: bool = True) -> torch.Tensor:
     """HOPE_SPEC.md section 2 as a fully online loop, gradients of 1/2 ||M(k) - vhat||^2 by autograd.
 
+    literal: Eq. 88 as printed. Otherwise docs/HOPE.md's memory-health form: v L2-normalised before it
+    makes the targets; each layer's step normalised by its input (x -> x / ||x|| in the decay, the
+    gradient divided by ||x||^2: normalised LMS); retention and decay act on W - W_0.
     Independent of nl.ops except memory_apply (M(z) = W z or z + W1 silu(W2 z))."""
     T = z.shape[2]
     unit = lambda x: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)  # noqa: E731  (l2norm, eps 1e-6)
@@ -122,7 +128,7 @@ def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig) -> torc
         zt = z[:, :, t:t + 1].detach()
         gen = {n: memory_apply(tuple(cur[n]), zt) for n in cur if n != "memory"}
         k = unit(gen["k"])
-        v = gen["v"]
+        v = gen["v"] if literal else unit(gen["v"])
         q = unit(static["q"][:, :, t:t + 1].detach())
         eta = cfg.eta_max * torch.sigmoid((gen["eta"] * ro["w_eta"][:, None]).sum(-1) + ro["b_eta"][:, None])
         alpha = torch.sigmoid((gen["alpha"] * ro["w_alpha"][:, None]).sum(-1) + ro["b_alpha"][:, None])
@@ -138,25 +144,99 @@ def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig) -> torc
             new = []
             for i, (W, x, gr) in enumerate(zip(layers, xs, grads)):
                 x = x[..., 0, :]
+                W0 = 0.0
+                if not literal:
+                    norm2 = x.pow(2).sum(-1)[..., None, None] + 1e-6
+                    x, gr, W0 = x / norm2[..., 0].sqrt(), gr / norm2, states[n][i].detach()
                 mom[n][i] = mu * mom[n][i] - eta * gr
                 decay = alpha * torch.eye(W.shape[-1], dtype=DT) - eta * x[..., :, None] * x[..., None, :]
-                new.append(W @ decay + mom[n][i])
+                new.append(W0 + (W - W0) @ decay + mom[n][i])
             cur[n] = new
     return torch.cat(outs, dim=2)
 
 
+@pytest.mark.parametrize("literal", [True, False])
 @pytest.mark.parametrize("memory_type", ["linear", "mlp"])
-def test_chunk_size_one_is_the_online_recurrence(memory_type):
+def test_chunk_size_one_is_the_online_recurrence(memory_type, literal):
     inputs = make_inputs(memory_type, HOPE, ("q",), T=9, seed=4)
-    cfg = RecurrenceConfig(1, 1, 0.8, dgd=True, momentum=True, retention=True)
-    expected = online_recurrence(*inputs, cfg)
+    form = LITERAL if literal else {}
+    cfg = RecurrenceConfig(1, 1, 0.8, dgd=True, momentum=True, retention=True, **form)
+    expected = online_recurrence(*inputs, cfg, literal)
     with torch.no_grad():
         o, _ = titans_chunked(*inputs, cfg)
     assert rel(o, expected) < 1e-10
-    # ... and chunk size 2 is a different recurrence (the test can tell them apart).
+    # ... and chunk size 2, or the other form, is a different recurrence (the test can tell them apart).
     with torch.no_grad():
-        o2, _ = titans_chunked(*inputs, RecurrenceConfig(2, 2, 0.8, True, True, True))
-    assert rel(o2, expected) > 1e-6
+        o2, _ = titans_chunked(*inputs, RecurrenceConfig(2, 2, 0.8, True, True, True, **form))
+        o3, _ = titans_chunked(*inputs, RecurrenceConfig(1, 1, 0.8, True, True, True, **({} if literal else LITERAL)))
+    assert rel(o2, expected) > 1e-6 and rel(o3, expected) > 1e-6
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+@pytest.mark.parametrize("literal", [True, False])
+def test_chunked_equals_reference_both_forms_and_reads(memory_type, chunk, literal):
+    """Each chunk read (in_chunk, anchor) and each form (literal Eq. 88, memory-health) equals its own
+    token-by-token reference, outputs, final state and every gradient."""
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=13, seed=9)
+    for read in ("in_chunk", "anchor"):
+        form = LITERAL if literal else {}
+        check_equal(inputs, RecurrenceConfig(chunk, chunk, 0.3, True, True, True, chunk_read=read, **form))
+
+
+def test_anchor_read_is_the_anchor_state_applied_to_q():
+    """Eq. 90 read literally: o_t = M_anchor(q_t), the memory as it was at the end of the previous chunk;
+    written here with the state trajectory of the in-chunk run (which the anchor read must not see)."""
+    inputs = make_inputs("mlp", HOPE, ("q",), T=12, seed=10)
+    z, static, states, readout = inputs
+    C = 4
+    with torch.no_grad():
+        o, _ = titans_chunked(*inputs, RecurrenceConfig(C, C, 0.3, True, False, True, chunk_read="anchor"))
+        q = F.normalize(static["q"], dim=-1, eps=0) * (static["q"].pow(2).sum(-1, keepdim=True) /
+                                                      (static["q"].pow(2).sum(-1, keepdim=True) + 1e-6)).sqrt()
+        expected = [memory_apply(states["memory"], q[:, :, :C])]
+        for c0 in range(C, 12, C):  # the anchor of chunk c0 is the state after token c0 of a run of c0 tokens
+            _, st = titans_chunked(z[:, :, :c0], {"q": static["q"][:, :, :c0]}, states, readout,
+                                   RecurrenceConfig(C, C, 0.3, True, False, True))
+            expected.append(memory_apply(st.cur["memory"], q[:, :, c0:c0 + C]))
+    assert rel(o, torch.cat(expected, dim=2)) < 1e-12
+    with torch.no_grad():
+        o_in, _ = titans_chunked(*inputs, RecurrenceConfig(C, C, 0.3, True, False, True))
+    assert rel(o_in, o) > 1e-3  # the two readings differ
+
+
+@pytest.mark.parametrize("memory_type", ["linear", "mlp"])
+def test_titans_baseline_is_titans_eqs_11_12(memory_type):
+    """mixer=titans regresses M(k_t) onto v_t (Titans, arXiv 2501.00663, Eqs. 11-12), with momentum and
+    forgetting, written here from those equations (float64, chunk size 1, gradients by autograd):
+        S_t = eta_t S_{t-1} - theta_t grad l(M_{t-1}; x_t),  M_t = (1 - a_t) M_{t-1} + S_t,
+        l = 1/2 ||M(k_t) - v_t||^2,  o_t = M_{t-1}(q_t) (read before write)
+    with our names eta_t -> mu_t (momentum), theta_t -> eta_t (step), 1 - a_t -> alpha_t (retention)."""
+    inputs = make_inputs(memory_type, (), ("q", "k", "v", "eta", "alpha", "mu"), T=10, seed=11)
+    z, static, states, readout = inputs
+    cfg = RecurrenceConfig(1, 1, 0.8, dgd=False, momentum=True, retention=True, retention_target="zero",
+                           target="value", normalized_step=False)
+    with torch.no_grad():
+        o, _ = titans_chunked(*inputs, cfg)
+    unit = lambda x: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    M = [w.detach().expand(B, *w.shape).clone() for w in states["memory"]]
+    S = [torch.zeros_like(w) for w in M]
+    outs = []
+    for t in range(10):
+        q, k = unit(static["q"][:, :, t:t + 1].detach()), unit(static["k"][:, :, t:t + 1].detach())
+        v = static["v"][:, :, t:t + 1].detach()
+        theta = 0.8 * torch.sigmoid(static["eta"][:, :, t].detach())[..., None, None]
+        keep = torch.sigmoid(static["alpha"][:, :, t].detach())[..., None, None]     # 1 - a_t
+        surprise_decay = torch.sigmoid(static["mu"][:, :, t].detach())[..., None, None]
+        outs.append(memory_apply(tuple(M), q))
+        grads = torch.func.grad(lambda ws: 0.5 * (memory_apply(tuple(ws), k) - v).pow(2).sum())(M)
+        S = [surprise_decay * s - theta * g for s, g in zip(S, grads)]
+        M = [keep * m + s for m, s in zip(M, S)]
+    assert rel(o, torch.cat(outs, dim=2)) < 1e-10
+    # The self-referential target M(v) (the old baseline) is a different model.
+    with torch.no_grad():
+        o_self, _ = titans_chunked(*inputs, RecurrenceConfig(1, 1, 0.8, False, True, True, retention_target="zero"))
+    assert rel(o_self, o) > 1e-3
 
 
 # ------------------------------------------------------------ outside oracle: fla ----------

@@ -55,14 +55,54 @@ from nl.config import ConfigError, ModelConfig
 from nl.models import register_model
 from nl.models.layers import RMSNorm, SwiGLU, precompute_rope, resolve_ffn_hidden
 from nl.models.transformer import Attention
-from nl.ops.titans import (GENERATORS, RecurrenceConfig, RecurrentState, chunked_matmul_flops, titans_chunked,
-                            titans_reference, titans_step)
+from nl.ops.titans import (GENERATORS, RecurrenceConfig, RecurrentState, chunked_matmul_flops, memory_norm,
+                            titans_chunked, titans_reference, titans_step)
 
 _CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
 
-# Initial gate biases (decided here; HOPE_SPEC.md is silent): eta_t = 0.1 * eta_max,
-# alpha_t = 0.99, mu_t = 0.5 at initialisation.
-_BIAS_INIT = {"eta": math.log(0.1 / 0.9), "alpha": math.log(0.99 / 0.01), "mu": 0.0}
+# Initial gates (decided here; HOPE_SPEC.md is silent): eta_t = 0.1 (ETA_INIT), mu_t = 0.5, and
+# alpha_t from model.hope.retention_tau_init (`alpha_bias_init`).
+ETA_INIT = 0.1
+
+
+def contractive_eta_max(rcfg: RecurrenceConfig) -> float | None:
+    """The largest eta_max for which one token's inner step is contractive, or None where no bound holds.
+
+    With unit inputs (normalised k, normalised v or a value target, normalised step), one token's
+    step multiplies the memory's deviation along k by alpha - eta c, with c = 1 for DGD's decay
+    (dgd) plus, for the gradient term, 1 - k . v in [0, 2] for a self-generated target M(v), or 1 for
+    a value target (Titans). |alpha - eta c| <= 1 for every alpha in (0, 1] (retention) or alpha = 1
+    needs eta <= (1 + alpha_min) / c_max. With an unnormalised v (normalize_v=false, the paper's
+    literal form) k . v is unbounded and so is the step: no bound (None)."""
+    if rcfg.target == "self" and not rcfg.normalize_v:
+        return None
+    c_max = (1 if rcfg.dgd else 0) + (2 if rcfg.target == "self" else 1)
+    return (1.0 + (0.0 if rcfg.retention else 1.0)) / c_max
+
+
+def alpha_bias_init(n_heads: int, tau_min: float, tau_max: float) -> torch.Tensor:
+    """Per-head retention bias b with sigmoid(b) = alpha = 1 - 1/tau, the time constants tau
+    log-uniformly spaced over [tau_min, tau_max] tokens (as Mamba spreads its decays): [n_heads]."""
+    if n_heads == 1:
+        tau = torch.tensor([math.sqrt(tau_min * tau_max)], dtype=torch.float64)
+    else:
+        tau = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_heads, dtype=torch.float64)
+    return (tau - 1).log().float()  # logit(1 - 1/tau) = log(tau - 1)
+
+
+def recurrence_config(cfg: ModelConfig) -> RecurrenceConfig:
+    """The inner recurrence's settings from model.hope.*. The Titans baseline follows Titans' equations:
+    target v_t, a plain gradient step (normalized_step and normalize_v apply to self-generated targets
+    only), and retention_target auto = zero (its targets are a source that decay cannot starve);
+    for HOPE auto = init."""
+    hc = cfg.hope
+    titans = hc.mixer == "titans"
+    target = hc.retention_target if hc.retention_target != "auto" else ("zero" if titans else "init")
+    return RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max), bool(hc.dgd),
+                            bool(hc.momentum), bool(hc.retention), bool(hc.recompute_chunks),
+                            retention_target=target, normalized_step=bool(hc.normalized_step) and not titans,
+                            normalize_v=bool(hc.normalize_v), target="value" if titans else "self",
+                            chunk_read=str(hc.chunk_read))
 
 
 def cms_level_of(param_name: str) -> int | None:
@@ -154,9 +194,8 @@ class SelfModifyingTitans(nn.Module):
         self.init_std = float(cfg.init_std)
         self.memory_type = str(hc.memory_type)
         self.memory_hidden = int(hc.memory_hidden) or 2 * dh
-        self.rcfg = RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max),
-                                     bool(hc.dgd), bool(hc.momentum), bool(hc.retention),
-                                     bool(hc.recompute_chunks))
+        self.rcfg = recurrence_config(cfg)
+        self.retention_tau_init = tuple(float(t) for t in hc.retention_tau_init)
         if hc.mixer == "titans":
             self.generators: tuple[str, ...] = ()
             static = ("q", "k", "v")
@@ -184,6 +223,8 @@ class SelfModifyingTitans(nn.Module):
         self.gate = nn.Linear(cfg.dim, H * dh, bias=False)
         self.wo = nn.Linear(H * dh, cfg.dim, bias=False)
         self.reference = False  # True: run the token-by-token reference (tests)
+        self.trace = False  # True: record each memory's norm at every chunk end (nl.memory_health)
+        self.last_stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last forward
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of the inner memories (matrix products and triangular solves of
@@ -191,7 +232,8 @@ class SelfModifyingTitans(nn.Module):
         gate and output are Linear weights, counted in 6 N."""
         c = self.rcfg
         mm, solve = chunked_matmul_flops(seq_len, self.head_dim, self.memory_hidden, self.memory_type,
-                                         len(self.generators), c.chunk_size, c.memory_chunk_size, c.dgd, c.momentum)
+                                         len(self.generators), c.chunk_size, c.memory_chunk_size, c.dgd, c.momentum,
+                                         c.retention_target == "init", c.chunk_read == "anchor", c.target == "self")
         return self.n_heads * (mm + solve) / seq_len
 
     def _layer_shapes(self) -> list[tuple[int, int]]:
@@ -212,16 +254,20 @@ class SelfModifyingTitans(nn.Module):
                     nn.init.normal_(w, std=std).add_(torch.eye(self.head_dim, device=w.device, dtype=w.dtype))
             else:
                 nn.init.normal_(w, std=std if name.endswith("_0") else 1.0 / math.sqrt(self.memory_hidden))
+        eta0 = min(ETA_INIT / self.rcfg.eta_max, 0.5)  # eta starts at 0.1 (or eta_max / 2 if that is smaller)
+        biases = {"eta": torch.full((self.n_heads,), math.log(eta0 / (1 - eta0))), "mu": torch.full((self.n_heads,), 0.0),
+                  "alpha": alpha_bias_init(self.n_heads, *self.retention_tau_init)}
         for name, w in self.readout.items():
             if name.startswith("w_"):
                 nn.init.normal_(w, std=std)
             else:
-                nn.init.constant_(w, _BIAS_INIT[name[2:]])
+                with torch.no_grad():
+                    w.copy_(biases[name[2:]])
         if self.gate_proj is not None:
             nn.init.normal_(self.gate_proj.weight, std=std)
             with torch.no_grad():
                 for i, g in enumerate(("eta", "alpha", "mu")):
-                    self.gate_proj.bias[i * self.n_heads:(i + 1) * self.n_heads] = _BIAS_INIT[g]
+                    self.gate_proj.bias[i * self.n_heads:(i + 1) * self.n_heads] = biases[g]
         self.out_norm.reset_parameters()
         nn.init.normal_(self.gate.weight, std=std)
         nn.init.normal_(self.wo.weight, std=out_std)
@@ -255,9 +301,23 @@ class SelfModifyingTitans(nn.Module):
         for name, p in self.proj.items():
             inputs[name], caches[name] = p(x)
         z, static, states, readout = self._recurrence_inputs(inputs, x)
-        run = titans_reference if self.reference else titans_chunked
-        o, rec = run(z, static, states, readout, self.rcfg)
+        if self.reference:
+            o, rec = titans_reference(z, static, states, readout, self.rcfg)
+        else:
+            o, rec = titans_chunked(z, static, states, readout, self.rcfg, trace=self.trace)
+        self.last_stats = self._diagnostics(rec)
         return self._output(o.to(x.dtype), x), MixerState(caches, rec)
+
+    @torch.no_grad()
+    def _diagnostics(self, rec: RecurrentState) -> dict[str, torch.Tensor]:
+        """Memory health of one forward, detached 0-dim tensors (no host sync): per memory, its
+        end-of-sequence norm over its initial state's (mean over sequences and heads); mean eta and
+        alpha; the share of the read the memory adds to the query (0: the mixer is a static layer)."""
+        stats = {k: v for k, v in rec.stats.items() if not k.startswith("norm/")}
+        for name, layers in rec.cur.items():
+            stats[f"norm_{name}"] = (memory_norm(layers) / memory_norm(rec.init[name])).mean()
+        stats.update({k: v for k, v in rec.stats.items() if k.startswith("norm/")})  # traces (trace=True)
+        return stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_state(x)[0]
@@ -339,6 +399,15 @@ def _validate_hope(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.hope.{key} must be >= 1, got {getattr(hc, key)}")
     if hc.eta_max <= 0:
         raise ConfigError(f"model.hope.eta_max must be positive, got {hc.eta_max}")
+    if len(hc.retention_tau_init) != 2 or not 1 < hc.retention_tau_init[0] <= hc.retention_tau_init[1]:
+        raise ConfigError(f"model.hope.retention_tau_init={list(hc.retention_tau_init)} must be [min, max] "
+                          f"time constants in tokens with 1 < min <= max, e.g. [32, 4096]")
+    if hc.mixer != "attention":
+        bound = contractive_eta_max(recurrence_config(cfg))
+        if bound is not None and hc.eta_max > bound + 1e-12:
+            raise ConfigError(f"model.hope.eta_max={hc.eta_max} makes the inner step non-contractive for these "
+                              f"switches: it must be <= {bound:.4g} (|alpha - eta c| <= 1, docs/HOPE.md); lower "
+                              f"it, or set model.hope.normalize_v=false for the paper's unbounded literal form")
 
 
 @register_model("hope")
@@ -390,6 +459,13 @@ class Hope(nn.Module):
         if self.mixer == "attention":
             return 4.0 * len(self.layers) * self.tok_embeddings.embedding_dim * seq_len
         return sum(block.mixer.mixing_flops_per_token(seq_len) for block in self.layers)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Memory health of the last forward per block, detached 0-dim tensors (no host sync), keyed
+        'memory/block<i>/<stat>': norm_<memory> (end-of-sequence norm / initial norm), eta, alpha,
+        share (of the read added by the memory to the query). Empty for Hope-Attention."""
+        return {f"memory/block{i}/{k}": v for i, block in enumerate(self.layers)
+                for k, v in getattr(block.mixer, "last_stats", {}).items() if not k.startswith("norm/")}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)

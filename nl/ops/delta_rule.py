@@ -194,16 +194,31 @@ class ChunkLayer:
         return S, P
 
 
+def input_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """sqrt(||x||^2 + eps) over the last dim, kept: [..., I] -> [..., 1]. The normalised step uses
+    x / n in DGD's decay and g x^T / n^2 as the gradient term (normalised LMS): the step then changes
+    the layer's output on x by -eta g whatever the scale of x, as arXiv Eq. 57 assumes (||x|| = 1)."""
+    return torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
 def dgd_step(S: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor,
-             eta: torch.Tensor, mu: torch.Tensor | None, dgd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             eta: torch.Tensor, mu: torch.Tensor | None, dgd: bool,
+             S_init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token of the rule, straight from the equations (reference and decoding path).
 
-    S, P: [..., O, I]; x: [..., I]; g: [..., O] (gradient factor at the anchor); alpha, eta, mu: [...]."""
+    S, P: [..., O, I]; x: [..., I]; g: [..., O] (gradient factor at the anchor); alpha, eta, mu: [...].
+    S_init (the memory's initial state M_0, broadcastable to S) makes retention and DGD's decay act
+    on the deviation S - M_0 (decay toward the initial state, docs/HOPE.md):
+        S_t = M_0 + (S_{t-1} - M_0)(alpha_t I - eta_t x x^T) - eta_t g x^T   (+ momentum as above);
+    None is Eq. 88 literally (decay toward zero)."""
     a, e = alpha[..., None, None], eta[..., None, None]
     grad = g[..., :, None] * x[..., None, :]                 # g x^T
-    new = a * S
+    dev = S if S_init is None else S - S_init
+    new = a * dev
     if dgd:
-        new = new - e * (S @ x[..., :, None]) * x[..., None, :]   # S (eta x x^T)
+        new = new - e * (dev @ x[..., :, None]) * x[..., None, :]   # (S - M_0) (eta x x^T)
+    if S_init is not None:
+        new = new + S_init
     if P is None:
         return new - e * grad, None
     P = mu[..., None, None] * P - e * grad

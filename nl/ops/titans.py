@@ -23,17 +23,23 @@ a RecurrentState: that is the decoding path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nl.ops.delta_rule import ChunkGates, ChunkLayer, dgd_step, memory_apply, memory_grad_factors
+from nl.ops.delta_rule import (ChunkGates, ChunkLayer, dgd_step, memory_apply, memory_grad_factors,
+                              input_norm)
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
 
 Memory = tuple[torch.Tensor, ...]
+
+
+RETENTION_TARGETS = ("init", "zero")
+CHUNK_READS = ("in_chunk", "anchor")
+TARGETS = ("self", "value")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,28 @@ class RecurrenceConfig:
     # reentrant) instead of storing them: activation memory per chunk drops from ~30 [C, hidden]
     # tensors per memory to the chunk's input state, for ~1/3 more compute.
     recompute: bool = False
+    # Memory health (docs/HOPE.md "Memories that live"). "init": retention and DGD's x x^T decay act
+    # on the deviation M - M_0 from the meta-learned initial state (a memory forgets back to M_0);
+    # "zero": Eq. 88 literally (with self-generated targets zero is absorbing: the memories fade).
+    retention_target: str = "init"
+    # Normalised step (normalised LMS) per layer: the layer input enters as x / ||x|| in DGD's decay and
+    # in the gradient term, g x^T / ||x||^2, so the step changes the layer's output on x by -eta g whatever
+    # ||x|| is (Eq. 57 assumes ||x|| = 1; k is unit, the MLP's hidden h = silu(W2 k) is not). False: as is.
+    normalized_step: bool = True
+    # L2-normalise v before it makes the self-generated targets M_c(v), as q and k are: with a unit k and
+    # v, the self-referential step is contractive for eta_max <= `contractive_eta_max` (docs/HOPE.md).
+    normalize_v: bool = True
+    # "self": vhat_c = M_c(v) (HOPE, each memory makes its own target); "value": vhat = v (Titans Eqs. 11-12).
+    target: str = "self"
+    # Read inside a chunk: "in_chunk" = the anchor plus the in-chunk updates up to t-1; "anchor" = the
+    # anchor alone, like every other chunk quantity (Eq. 90 literally).
+    chunk_read: str = "in_chunk"
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("retention_target", RETENTION_TARGETS), ("chunk_read", CHUNK_READS),
+                             ("target", TARGETS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
 
 
 @dataclass
@@ -55,21 +83,30 @@ class RecurrentState:
     """Everything the recurrence carries from token to token (constant size in the sequence length).
 
     pos: tokens consumed; cur / anchor / mom: per memory name, the current layers, the anchor
-    (state at the last chunk boundary) and the momentum (None without momentum)."""
+    (state at the last chunk boundary) and the momentum (None without momentum); init: the initial
+    states M_0 (outer parameters; retention_target="init" decays toward them); stats: detached
+    diagnostics of the last forward (mean eta and alpha; with trace, per-chunk-end memory norms)."""
 
     pos: int
     cur: dict[str, Memory]
     anchor: dict[str, Memory]
     mom: dict[str, Memory | None]
+    init: dict[str, Memory] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def memory_norm(layers: Memory) -> torch.Tensor:
+    """Frobenius norm of a memory over all its layers: [..., O, I] layers -> [...]."""
+    return torch.sqrt(sum(w.pow(2).sum((-2, -1)) for w in layers))
+
+
 def initial_state(states: dict[str, Memory], cfg: RecurrenceConfig) -> RecurrentState:
     mom = {n: tuple(torch.zeros_like(w) for w in m) if cfg.momentum else None for n, m in states.items()}
-    return RecurrentState(0, dict(states), dict(states), mom)
+    return RecurrentState(0, dict(states), dict(states), mom, dict(states))
 
 
 def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], readout: dict[str, torch.Tensor],
@@ -83,6 +120,8 @@ def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], reado
     q = l2norm(gen["q"] if "q" in gen else static["q"])
     k = l2norm(gen["k"] if "k" in gen else static["k"])
     v = gen["v"] if "v" in gen else static["v"]
+    if cfg.normalize_v and cfg.target == "self":
+        v = l2norm(v)
     eta = cfg.eta_max * torch.sigmoid(logit("eta", "eta"))
     log_alpha = F.logsigmoid(logit("alpha", "alpha")) if cfg.retention else torch.zeros_like(eta)
     log_mu = F.logsigmoid(logit("mu", "eta")) if cfg.momentum else None
@@ -91,6 +130,10 @@ def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], reado
 
 def _chunk_of(name: str, cfg: RecurrenceConfig) -> int:
     return cfg.memory_chunk_size if name == "memory" else cfg.chunk_size
+
+
+def _target(A: Memory, v: torch.Tensor, cfg: RecurrenceConfig) -> torch.Tensor:
+    return memory_apply(A, v) if cfg.target == "self" else v
 
 
 def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str, torch.Tensor],
@@ -103,16 +146,23 @@ def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str,
     q, k, v, eta, log_alpha, log_mu = _derive(gen, static, readout, cfg)
     eta, alpha = eta[..., 0], log_alpha[..., 0].exp()
     mu = None if log_mu is None else log_mu[..., 0].exp()
-    o = memory_apply(state.cur["memory"], q)  # read before write
+    read_from = state.cur if cfg.chunk_read == "in_chunk" else anchor
+    o = memory_apply(read_from["memory"], q)  # read before write
     cur, mom = {}, {}
     for name, layers in state.cur.items():
         A = anchor[name]
-        factors = memory_grad_factors(A, k, memory_apply(A, v))
-        stepped = [dgd_step(S, None if state.mom[name] is None else state.mom[name][i], x[..., 0, :], g[..., 0, :],
-                            alpha, eta, mu, cfg.dgd) for i, (S, (x, g, _)) in enumerate(zip(layers, factors))]
+        init = state.init[name] if cfg.retention_target == "init" else (None,) * len(layers)
+        stepped = []
+        for i, (S, (x, g, _)) in enumerate(zip(layers, memory_grad_factors(A, k, _target(A, v, cfg)))):
+            x, g = x[..., 0, :], g[..., 0, :]
+            if cfg.normalized_step:
+                n = input_norm(x)
+                x, g = x / n, g / n
+            P = None if state.mom[name] is None else state.mom[name][i]
+            stepped.append(dgd_step(S, P, x, g, alpha, eta, mu, cfg.dgd, init[i]))
         cur[name] = tuple(s for s, _ in stepped)
         mom[name] = tuple(p for _, p in stepped) if cfg.momentum else None
-    return o, RecurrentState(state.pos + 1, cur, anchor, mom)
+    return o, RecurrentState(state.pos + 1, cur, anchor, mom, state.init)
 
 
 def titans_reference(z: torch.Tensor | None, static: dict[str, torch.Tensor], states: dict[str, Memory],
@@ -128,15 +178,41 @@ def titans_reference(z: torch.Tensor | None, static: dict[str, torch.Tensor], st
     return torch.cat(outs, dim=2), state
 
 
-def _chunk_layers(S: Memory, P: Memory | None, k: torch.Tensor, v: torch.Tensor, gates: ChunkGates,
-                  dgd: bool) -> list[ChunkLayer]:
-    factors = memory_grad_factors(S, k, memory_apply(S, v))
-    return [ChunkLayer(S[i], None if P is None else P[i], x, g, gates, dgd, xs) for i, (x, g, xs) in enumerate(factors)]
+class _ChunkMemory:
+    """Every layer of one memory over one chunk (`ChunkLayer`s), in the form the config asks for:
+    with retention_target="init" the layers run on the deviation S - M_0 (the chunk form of
+    `dgd_step` is unchanged on it) and M_0's own contribution is added to reads and end states;
+    with normalized_step the layer inputs enter as unit vectors and the gradient factors are divided by
+    their norm (`input_norm`)."""
 
+    def __init__(self, S: Memory, P: Memory | None, init: Memory, k: torch.Tensor, v: torch.Tensor,
+                 gates: ChunkGates, cfg: RecurrenceConfig) -> None:
+        self.init = init if cfg.retention_target == "init" else None
+        self.layers = []
+        for i, (x, g, xs) in enumerate(memory_grad_factors(S, k, _target(S, v, cfg))):
+            S0 = S[i]
+            if cfg.normalized_step:
+                n = input_norm(x)
+                x, g, xs = x / n, g / n, xs / n
+            if self.init is not None:
+                S0 = S0 - self.init[i]
+                xs = xs - x @ self.init[i].mT
+            self.layers.append(ChunkLayer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs))
 
-def _ends(layers: list[ChunkLayer], momentum: bool) -> tuple[Memory, Memory | None]:
-    ends = [layer.end_state() for layer in layers]
-    return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
+    def read_layer(self, i: int, Q: torch.Tensor) -> torch.Tensor:
+        out = self.layers[i].read(Q)
+        return out if self.init is None else out + Q @ self.init[i].mT
+
+    def read(self, q: torch.Tensor) -> torch.Tensor:
+        """M_{t-1}(q_t) for every token of the chunk: [..., C, d] -> [..., C, d]."""
+        if len(self.layers) == 1:
+            return self.read_layer(0, q)
+        return q + self.read_layer(0, F.silu(self.read_layer(1, q)))  # M(q) = q + W1 silu(W2 q)
+
+    def ends(self, momentum: bool) -> tuple[Memory, Memory | None]:
+        ends = [layer.end_state() for layer in self.layers]
+        S = tuple(s if self.init is None else s + w0 for (s, _), w0 in zip(ends, self.init or [None] * len(ends)))
+        return S, (tuple(p for _, p in ends) if momentum else None)
 
 
 def _split_chunks(tensors: dict[str, torch.Tensor], C: int, T: int) -> list[dict[str, torch.Tensor]]:
@@ -152,18 +228,22 @@ def _maybe_recompute(cfg: RecurrenceConfig, fn, *args):
 
 
 def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], states: dict[str, Memory],
-                   readout: dict[str, torch.Tensor], cfg: RecurrenceConfig) -> tuple[torch.Tensor, RecurrentState]:
+                   readout: dict[str, torch.Tensor], cfg: RecurrenceConfig,
+                   trace: bool = False) -> tuple[torch.Tensor, RecurrentState]:
     """Chunk-wise parallel form: a loop over chunks, none over tokens; no host-device sync.
 
     z: [B, H, T, d] input of the generators (None if there are none); static: the values not
     generated, q/k/v [B, H, T, d] and eta/alpha/mu logits [B, H, T]; states: initial layers per
     memory name ('memory' required), each [H, O, I] (or with a batch dim); readout: w_eta,
     b_eta, w_alpha, b_alpha, w_mu, b_mu ([H, d], [H]) for the generated gates.
-    Returns o [B, H, T, d] and the RecurrentState after token T."""
+    Returns o [B, H, T, d] and the RecurrentState after token T. Its stats hold the mean eta and
+    alpha of the memory's chunks (detached 0-dim tensors) and, with trace, "norm/<name>": the
+    memory's Frobenius norm at the end of each of its chunks, [B, H, n_chunks] (detached)."""
     gen_names = [n for n in GENERATORS if n in states]
     T = (z if z is not None else static["q"] if "q" in static else static["k"]).shape[2]
     C1, C2 = cfg.chunk_size, cfg.memory_chunk_size
     final = initial_state(states, cfg)
+    norms: dict[str, list[torch.Tensor]] = {}
     if gen_names:
         # Stack the generators along a new dim 1: they share inputs (z, k, v) and gates. A leading
         # batch dim (1 for the unbatched initial states) keeps dim 1 the generator index even when
@@ -172,13 +252,14 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         S = tuple(torch.stack([w if w.dim() == 4 else w[None] for w in
                                torch.broadcast_tensors(*[states[n][i] for n in gen_names])], dim=1)
                   for i in range(n_layers))
+        S_init = S
         P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
         def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
             out = memory_apply(S, zc[:, None])
             gen = {n: out[:, i] for i, n in enumerate(gen_names)}
             q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None])
-            S, P = _ends(_chunk_layers(S, P, k[:, None], v[:, None], gates, cfg.dgd), cfg.momentum)
+            S, P = _ChunkMemory(S, P, S_init, k[:, None], v[:, None], gates, cfg).ends(cfg.momentum)
             return (q, k, v, eta, log_alpha, log_mu), S, P
 
         pieces = []
@@ -186,6 +267,9 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
             anchor = S
             piece, S, P = _maybe_recompute(cfg, generator_chunk, zc, sc, S, P)
             pieces.append(piece)
+            if trace:
+                for i, n in enumerate(gen_names):
+                    norms.setdefault(n, []).append(memory_norm(tuple(w[:, i] for w in S)).detach())
         for i, n in enumerate(gen_names):
             final.cur[n] = tuple(w[:, i] for w in S)
             final.anchor[n] = tuple(w[:, i] for w in anchor)
@@ -197,13 +281,9 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     S, P = states["memory"], final.mom["memory"]
     def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
         gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"))
-        layers = _chunk_layers(S, P, c["k"], c["v"], gates, cfg.dgd)
-        qc = c["q"]
-        if len(layers) == 1:
-            o = layers[0].read(qc)
-        else:  # M(q) = q + W1 silu(W2 q) with per-token W1, W2
-            o = qc + layers[0].read(F.silu(layers[1].read(qc)))
-        return (o, *_ends(layers, cfg.momentum))
+        mem = _ChunkMemory(S, P, states["memory"], c["k"], c["v"], gates, cfg)
+        o = mem.read(c["q"]) if cfg.chunk_read == "in_chunk" else memory_apply(S, c["q"])
+        return (o, *mem.ends(cfg.momentum))
 
     # Split every input into chunks once: the backward of split is one concatenation, where the
     # backward of T/C separate slices would write T/C zero-padded full-length gradients (O(T^2)).
@@ -215,13 +295,22 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         anchor = S
         o, S, P = _maybe_recompute(cfg, memory_chunk, c, S, P)
         outs.append(o)
+        if trace:
+            norms.setdefault("memory", []).append(memory_norm(S).detach())
     final.cur["memory"], final.anchor["memory"], final.mom["memory"] = S, anchor, P
     final.pos = T
-    return torch.cat(outs, dim=2), final
+    o = torch.cat(outs, dim=2)
+    with torch.no_grad():  # diagnostics: the share of the read the memory adds to the (static or not) query
+        added = (o - q).norm(dim=-1)
+        share = (added / (added + q.norm(dim=-1) + 1e-12)).mean()
+    final.stats = {"eta": eta.detach().mean(), "alpha": log_alpha.detach().exp().mean(), "share": share}
+    final.stats.update({f"norm/{n}": torch.stack(v, dim=-1) for n, v in norms.items()})
+    return o, final
 
 
 def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_generators: int, chunk_size: int,
-                         memory_chunk_size: int, dgd: bool, momentum: bool) -> tuple[int, int]:
+                         memory_chunk_size: int, dgd: bool, momentum: bool, init_retention: bool = False,
+                         anchor_read: bool = False, self_target: bool = True) -> tuple[int, int]:
     """Forward FLOPs of `titans_chunked` for ONE sequence of T tokens and ONE head, as written.
 
     Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
@@ -238,7 +327,10 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
           X P0^T (2 c I O); the end state (2 c I O, twice with momentum);
       read per layer: Q X^T (2 c^2 I), Q S0^T (2 c I O), with momentum Q P0^T (2 c I O), and the
           in-chunk terms (2 c^2 O; twice when momentum and DGD are both on);
-      gates with momentum (once per chunk, shared by the memories): 2 c^3 + 4 c^2."""
+      gates with momentum (once per chunk, shared by the memories): 2 c^3 + 4 c^2;
+      init_retention (retention_target=init): per layer X M_0^T (2 c I O), and in the read Q M_0^T;
+      anchor_read: the read is one memory application A on q instead of the in-chunk read;
+      self_target False (Titans' target v_t): the memory's A on v is not computed."""
     mlp = memory_type == "mlp"
     layers = [(hidden, d), (d, hidden)] if mlp else [(d, d)]
     apply = (lambda c: 4 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
@@ -250,15 +342,19 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
             if dgd:
                 mm += (2 * c * c * I if i < len(layers) - 1 else 0) + 2 * c * c * O + (2 * c * I * O if momentum else 0)
                 solve += c * (c - 1) * O
-            mm += 2 * c * I * O * (2 if momentum else 1)
+            mm += 2 * c * I * O * (2 if momentum else 1) + (2 * c * I * O if init_retention else 0)
         return mm, solve
 
     def k_gram(c: int) -> int:  # k k^T of the layer whose input is k: once per chunk, the memories share k
         return 2 * c * c * d if dgd else 0
 
     def read(c: int) -> int:
+        if anchor_read:
+            return apply(c)
         in_chunk = 2 * c * c * sum(O for _, O in layers) * (2 if momentum and dgd else 1)
-        return sum(2 * c * c * I + 2 * c * I * O * (2 if momentum else 1) for I, O in layers) + in_chunk
+        per_layer = [2 * c * c * I + 2 * c * I * O * (2 if momentum else 1) + (2 * c * I * O if init_retention else 0)
+                     for I, O in layers]
+        return sum(per_layer) + in_chunk
 
     def gates(c: int) -> int:
         return 2 * c ** 3 + 4 * c * c if momentum else 0
@@ -273,6 +369,6 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
         solve += n_generators * up_solve
     for c in chunks(memory_chunk_size):
         up_mm, up_solve = update(c)
-        mm += gates(c) + k_gram(c) + apply(c) + factors(c) + up_mm + read(c)
+        mm += gates(c) + k_gram(c) + (apply(c) if self_target else 0) + factors(c) + up_mm + read(c)
         solve += up_solve
     return mm, solve
