@@ -97,6 +97,8 @@ class _Liveness(TorchDispatchMode):
                 old = self.storages.get(s._cdata)
                 if old is None or old[0].expired():  # a freed storage's address can be reused
                     self.storages[s._cdata] = (StorageWeakRef(s), s.nbytes(), t.dtype)
+                elif s.nbytes() != old[1]:  # resized in place (out= and resize_ ops return it)
+                    self.storages[s._cdata] = (old[0], s.nbytes(), old[2])
         return out
 
 
@@ -118,22 +120,25 @@ def kept_bytes(run: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] 
 
 
 def saved_tensor_bytes(run: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the unique storages autograd packs through `saved_tensors_hooks` during `run()`
-    (those of `exclude` and of the output not counted). Misses what a graph keeps outside saved tensors."""
+    """Bytes of the unique storages autograd packs through `saved_tensors_hooks` during `run()` and
+    still holds at its end (graph pieces that die inside the forward free theirs; those of `exclude`
+    and of the output not counted). Misses what a graph keeps outside saved tensors."""
     skip = {t.untyped_storage()._cdata for t in exclude}
-    seen: dict[int, int] = {}  # keyed by the storage's address: unique while the graph holds it
+    seen: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
         if s._cdata not in skip:
-            seen[s._cdata] = s.nbytes()
-        return t
+            seen[s._cdata] = (StorageWeakRef(s), s.nbytes())
+        return t.detach()  # the tensor itself would tie a saved output to its grad_fn: a cycle that keeps
+                           # graph pieces alive which die without hooks
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     seen.pop(out.untyped_storage()._cdata, None)  # the output is the next block's input, as in kept_bytes
+    total = sum(nbytes for ref, nbytes in seen.values() if not ref.expired())
     del out
-    return sum(seen.values())
+    return total
 
 
 def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
