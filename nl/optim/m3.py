@@ -30,10 +30,14 @@ class M3(NLOptimizer):
 
         M1 <- g1 M1 + b1 u                       fast momentum, every step
         V  <- g2 V  + b2 u^2                     second moment, every step
-        S  <- S + u ;  every f steps: M2 <- g3 M2 + b3 S,  S <- 0        slow momentum
-        precondition=after  (arXiv Algorithm 1):  W <- W - lr (NS(M1) + alpha NS(M2)) / (sqrt(V / c2) + eps)
-        precondition=before (default):            W <- W - lr s (NS(M1 / D) + alpha NS(M2 / D)),
+        precondition=after  (arXiv Algorithm 1):  W <- W - lr (NS(M1) + alpha O2) / (sqrt(V / c2) + eps)
+        precondition=before (default):            W <- W - lr s (NS(M1 / D) + alpha O2),
                                                   D = sqrt(V / c2) + eps,  s = 0.2 sqrt(max(rows, cols))
+        S  <- S + u ;  after the update of every f-th step:                 slow momentum
+              M2 <- g3 M2 + b3 S,  S <- 0,  O2 <- NS(M2) (after) or NS(M2 / D) (before, this step's D)
+    O2 starts at 0. Timing as in Algorithm 1: the slow memory of chunk k (steps kf+1 .. (k+1)f) is
+    written at the chunk's start from the sum of chunk k-1's gradients (lines 3-4) and read by each
+    of its f steps (line 10); the f-th step of a chunk still reads the previous O2.
 
     ema=false: g1 = g2 = g3 = 1 (the plain sums Algorithm 1 writes), b1 = optim.beta1, b2 =
     optim.beta2, b3 = optim.m3.beta_slow, c2 = 1. ema=true (default): moving averages, g = b with
@@ -42,7 +46,8 @@ class M3(NLOptimizer):
     by sqrt(V) element-wise (after) is unbounded where a coordinate's gradient vanishes (NaN within
     2 steps at eps 1e-8), so the default divides first and orthogonalises the preconditioned
     momentum, which NS bounds; s matches AdamW's update RMS (Moonlight's rule) so lr and weight
-    decay carry over. NS(M2 / D) is computed when M2 is refreshed, with that step's D. The literal
+    decay carry over. NS(M2 / D) is computed when M2 is refreshed, with the D of the chunk's last
+    step (the V Algorithm 1 holds at that boundary). The literal
     sums never forget, and their AdaGrad-like V shrinks the step as 1/sqrt(t).
     NS is Newton-Schulz on the whole matrix: under FSDP the operand is all-gathered, every rank
     computes NS and keeps its own rows. Groups with rule 'adamw' (embeddings, LM head, norms, biases,
@@ -94,8 +99,15 @@ class M3(NLOptimizer):
                 v.addcmul_(u, u, value=b2)
                 correction = 1.0
             denom = (v / correction).sqrt_().add_(group["eps"])
+            operand = self._as_param(fast / denom, p) if before else state["fast"]
+            direction = self._orthogonalise(operand, p, group["ns_steps"])
+            direction.add_(local(state["slow_ortho"]), alpha=group["alpha"])
+            if before:
+                local(p).add_(direction.to(u.dtype), alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
+            else:
+                local(p).addcdiv_(direction.to(u.dtype), denom, value=-group["lr"])
             slow_sum.add_(u)
-            if t % group["slow_every"] == 0:
+            if t % group["slow_every"] == 0:  # the chunk ends: the slow memory the next f steps read
                 slow = local(state["slow"])
                 if ema:
                     slow.lerp_(slow_sum, 1 - b3)
@@ -104,10 +116,3 @@ class M3(NLOptimizer):
                 slow_sum.zero_()
                 operand = self._as_param(slow / denom, p) if before else state["slow"]
                 local(state["slow_ortho"]).copy_(self._orthogonalise(operand, p, group["ns_steps"]))
-            operand = self._as_param(fast / denom, p) if before else state["fast"]
-            direction = self._orthogonalise(operand, p, group["ns_steps"])
-            direction.add_(local(state["slow_ortho"]), alpha=group["alpha"])
-            if before:
-                local(p).add_(direction.to(u.dtype), alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
-            else:
-                local(p).addcdiv_(direction.to(u.dtype), denom, value=-group["lr"])
