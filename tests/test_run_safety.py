@@ -34,6 +34,8 @@ def test_fresh_start_over_an_existing_run_is_refused_unless_overwrite(token_dir,
     with pytest.raises(CheckpointError, match=r"holds a run up to step 20.*checkpoint\.overwrite=true"):
         train(small_cfg(token_dir, run, "train.steps=10", "checkpoint.resume=false", "eval.every=0"))
     assert [s for s, _ in list_checkpoints(run)] == [10, 20]  # the refusal touched nothing
+    with pytest.raises(CheckpointError, match=r"overwrite=true .*checkpoint\.resume=false"):
+        train(small_cfg(token_dir, run, "checkpoint.overwrite=true", "eval.every=0"))  # ambiguous: refused
     summary = train(small_cfg(token_dir, run, "train.steps=10", "checkpoint.resume=false",
                               "checkpoint.overwrite=true", "eval.every=0"))
     assert [s for s, _ in list_checkpoints(run)] == [10]  # the new run's own, not pruned for the old 20

@@ -49,6 +49,9 @@ def select_start(cfg: Config, check: Callable[[Path], None] = lambda path: None)
     Collective: every rank calls it; only the coordinator deletes or moves, between barriers.
     Raises CheckpointError for a fresh start over an existing run or a missing load_step."""
     run_dir, ck = Path(cfg.run.dir), cfg.checkpoint
+    if ck.overwrite and ck.resume:
+        raise CheckpointError("checkpoint.overwrite=true replaces the run in run.dir with a fresh start: pass it "
+                              "with checkpoint.resume=false, or drop it to resume")
     existing = list_checkpoints(run_dir)
     if not ck.resume:
         if ck.load_step:
