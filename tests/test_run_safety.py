@@ -240,6 +240,7 @@ def test_sigint_saves_and_exits_130_with_one_process(token_dir, tmp_path):
     assert json.loads(out.strip().splitlines()[-1])["step"] == saved  # the final JSON names the saved step
 
 
+@pytest.mark.slow  # ~18 s on 2 shared cores: a 2-rank launch
 def test_sigint_under_torchrun_sh_saves_on_every_rank_and_exits_130(token_dir, tmp_path):
     run = tmp_path / "run"
     cmd = ["bash", "launch/torchrun.sh", "2", *_long_run(token_dir, run), "dist.strategy=fsdp"]
