@@ -91,9 +91,13 @@ def test_print_config_prints_resolved_config_and_derived_figures_without_trainin
 def test_print_config_counts_a_paper_size_preset_on_the_meta_device(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     out, _ = train_py(capsys, "--config", "configs/transformer_1.3b.yaml", "--print-config")
-    assert f"# parameters: {transformer_parameters(32000, 2048, 24, ffn=5184):,} (vocabulary 32,000 from " \
-           f"model.vocab_size)" in out  # the preset's d 2048, 24 layers, F 5184, untied
-    assert "# tokens per step: 524,288 " in out
+    cfg = yaml.safe_load(out)
+    m = cfg["model"]
+    assert not m["tie_embeddings"]
+    count = transformer_parameters(m["vocab_size"], m["dim"], m["n_layers"], ffn=m["ffn_hidden"])
+    assert 1.2e9 < count < 1.4e9
+    assert f"# parameters: {count:,} (vocabulary {m['vocab_size']:,} from model.vocab_size)" in out
+    assert f"# tokens per step: {cfg['train']['batch_size'] * cfg['data']['seq_len']:,} " in out
 
 
 def test_keys_of_another_architecture_warn(capsys, monkeypatch):
