@@ -167,6 +167,13 @@ class Projection(nn.Module):
         return self._heads(y), cache
 
 
+def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for the inner recurrence: under bf16 autocast its matmuls would run in bf16 (and the
+    explicit inverse's backward would mix bf16 and fp32). The inputs are cast to >= fp32 at the boundary
+    (`_recurrence_inputs`), so every op inside runs in fp32 or wider, forward and backward."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 @dataclass
 class MixerState:
     """Decoding state of one recurrent mixer: its conv caches and the inner-memory recurrence."""
@@ -301,10 +308,11 @@ class SelfModifyingTitans(nn.Module):
         for name, p in self.proj.items():
             inputs[name], caches[name] = p(x)
         z, static, states, readout = self._recurrence_inputs(inputs, x)
-        if self.reference:
-            o, rec = titans_reference(z, static, states, readout, self.rcfg)
-        else:
-            o, rec = titans_chunked(z, static, states, readout, self.rcfg, trace=self.trace)
+        with _full_precision(x):
+            if self.reference:
+                o, rec = titans_reference(z, static, states, readout, self.rcfg)
+            else:
+                o, rec = titans_chunked(z, static, states, readout, self.rcfg, trace=self.trace)
         self.last_stats = self._diagnostics(rec)
         return self._output(o.to(x.dtype), x), MixerState(caches, rec)
 
@@ -328,7 +336,8 @@ class SelfModifyingTitans(nn.Module):
         for name, p in self.proj.items():
             inputs[name], caches[name] = p.step(x, state.conv[name])
         z, static, _, readout = self._recurrence_inputs(inputs, x)
-        o, rec = titans_step(state.rec, z, static, readout, self.rcfg)
+        with _full_precision(x):
+            o, rec = titans_step(state.rec, z, static, readout, self.rcfg)
         return self._output(o.to(x.dtype), x), MixerState(caches, rec)
 
 
