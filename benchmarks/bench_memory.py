@@ -284,6 +284,20 @@ def largest_fitting(estimate: Callable[[int], float], card_gb: float, margin: fl
     return max(fits, default=0)
 
 
+def preset_peak(preset: str, overrides: list[str] = (), seq_lens: list[int] = (128, 256), fake: bool = True,
+                world_size: int = 1, shard: bool = False) -> float:
+    """The peak ESTIMATE (bytes per rank) of a preset as configured: its precision, micro-batch,
+    dist.activation_checkpointing and model.hope.recompute_chunks."""
+    cfg = load_config(preset, list(overrides))
+    bf16 = cfg.train.precision == "bf16"
+    L, T = cfg.model.n_layers, cfg.data.seq_len
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
+    ac_layers = dict(ac_modes(L, cfg.dist.ac_every_n))[
+        cfg.dist.activation_checkpointing.replace("every_n", f"every_{cfg.dist.ac_every_n}")]
+    mem = measure_layers(cfg.model, bf16, list(seq_lens), fake)
+    return peak_bytes(static_bytes(cfg, world_size, shard)[0], mem, L, ac_layers, micro, T, cfg.model.vocab_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
