@@ -86,7 +86,8 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        line = " ".join(_fmt(k, v) for k, v in record.items())
+        line = " ".join(_fmt(k, v) for k, v in record.items() if not k.startswith("memory/"))
+        line += _memory_summary(record)
         if self.progress is not None:
             self.progress.write(line)
         else:
@@ -122,3 +123,14 @@ def _fmt(key: str, value: Any) -> str:
             return f"{key}={value:,.0f}"
         return f"{key}={value:.4f}"
     return f"{key}={value}"
+
+
+def _memory_summary(record: dict[str, Any]) -> str:
+    """The console's digest of the per-block `memory/` diagnostics (all of them go to metrics.jsonl and
+    wandb): the range over blocks and memories of the norm ratios, and of the memories' read share."""
+    norms = [v for k, v in record.items() if k.startswith("memory/") and k.rsplit("/", 1)[-1].startswith("norm_")]
+    shares = [v for k, v in record.items() if k.startswith("memory/") and k.endswith("/share")]
+    if not norms:
+        return ""
+    out = f" memory_norm={min(norms):.3g}..{max(norms):.3g}"
+    return out + (f" memory_share={min(shares):.3f}..{max(shares):.3f}" if shares else "")

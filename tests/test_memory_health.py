@@ -176,8 +176,9 @@ def test_eta_max_above_the_contractive_bound_is_refused():
     assert titans.target == "value" and titans.retention_target == "zero" and not titans.normalized_step
 
 
-def test_diagnostics_are_logged_under_memory(token_dir, tmp_path):
-    """A training run writes each block's memory health at every logged step (metrics.jsonl, memory/)."""
+def test_diagnostics_are_logged_under_memory(token_dir, tmp_path, capsys):
+    """A training run writes each block's memory health at every logged step (metrics.jsonl, memory/);
+    the console shows a one-field digest of them."""
     from nl.trainer import train
 
     run = tmp_path / "run"
@@ -195,3 +196,6 @@ def test_diagnostics_are_logged_under_memory(token_dir, tmp_path):
                 v = r[f"memory/block{b}/{stat}"]
                 assert isinstance(v, float) and math.isfinite(v)
         assert 0.5 < r["memory/block0/norm_memory"] < 2 and 0 < r["memory/block0/eta"] <= 1 / 3
+    out = capsys.readouterr()
+    console = out.out + out.err
+    assert "memory_norm=" in console and "memory_share=" in console and "memory/block0" not in console
