@@ -18,6 +18,7 @@ model.hope.kernel (--kernels; HOPE presets, only where the key exists, else kern
 4. MFU = tokens/s * nl.models.flops_per_token(model, T) / peak FLOP/s (6 N + 3 F_mix, model FLOPs: AC's
    recomputation is not counted), the peak being the device's dense bf16 rate from PEAK_BF16_TFLOPS
    (matched against torch.cuda.get_device_name) or --peak-tflops.
+A configuration that fails for another reason than memory prints `failed: <the error>` in its row.
 Runs unchanged on any CUDA machine. --dry-run: the same code at a tiny shape (dim 64, 2 layers, T 64,
 per-rank batch 2) on the CPU (fp32, as the trainer's precision=auto there), 1 warm-up and 2 timed steps,
 a micro-batch search of at most two tries; MFU and peak memory print as n/a without CUDA.
@@ -125,34 +126,53 @@ def largest_micro_batch(run: _Run, cap: int, max_tries: int) -> int:
     return best
 
 
-def measure(cfg, device: torch.device, bf16: bool, steps: int, warmup: int, cap: int, max_tries: int,
-            peak_tflops: float | None) -> dict:
-    """tokens/s, MFU, peak memory at the largest micro-batch of one configuration."""
-    run = _Run(cfg, device, bf16)
-    local = cfg.train.batch_size  # one rank: the per-rank batch is the global batch
-    b = largest_micro_batch(run, min(cap, local), max_tries)
-    row = {"params": run.n_params, "micro_batch": b, "tokens_per_s": None, "mfu": None, "peak_gb": None}
-    if b == 0:
-        return row
-    for _ in range(warmup):
-        run.step(b)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run.step(b)
-    _sync(device)
-    tokens_per_s = b * run.T * steps / (time.perf_counter() - start)
-    row["tokens_per_s"] = tokens_per_s
-    if peak_tflops:
-        row["mfu"] = tokens_per_s * flops_per_token(cfg.model, run.T) / (peak_tflops * 1e12)
-    if device.type == "cuda":
-        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del run
+def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _timed(run: _Run, b: int, steps: int, warmup: int) -> float:
+    """tokens/s of `steps` training steps at micro-batch b after `warmup` steps (peak memory stats reset)."""
+    for _ in range(warmup):
+        run.step(b)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    _sync(run.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run.step(b)
+    _sync(run.device)
+    return b * run.T * steps / (time.perf_counter() - start)
+
+
+def measure(cfg, device: torch.device, bf16: bool, steps: int, warmup: int, cap: int, max_tries: int,
+            peak_tflops: float | None) -> dict:
+    """tokens/s, MFU, peak memory at the largest micro-batch of one configuration. A configuration
+    that fails (other than by running out of memory) gives a row with `error` set, not an exception."""
+    row = {"params": None, "micro_batch": 0, "tokens_per_s": None, "mfu": None, "peak_gb": None, "error": None}
+    run = None
+    try:
+        run = _Run(cfg, device, bf16)
+        row["params"] = run.n_params
+        b = largest_micro_batch(run, min(cap, cfg.train.batch_size), max_tries)  # one rank: its batch is the global one
+        while b > 0:  # the search's last fit can fail once fragmented by its out-of-memory try: halve
+            try:
+                row["tokens_per_s"] = _timed(run, b, steps, warmup)
+                break
+            except torch.cuda.OutOfMemoryError:
+                run.optimizer.zero_grad(set_to_none=True)
+                _free(device)
+                b //= 2
+        row["micro_batch"] = b
+        if b and peak_tflops:
+            row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg.model, run.T) / (peak_tflops * 1e12)
+        if b and device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    except Exception as e:  # noqa: BLE001 -- one failing configuration must not end the table
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+    del run
+    _free(device)
     return row
 
 
@@ -218,7 +238,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.update(preset=Path(preset).stem, ac=ac, compile=comp, kernel=kernel, T=cfg.data.seq_len)
             rows.append(row)
             fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-            print(f"| {row['preset']} | {row['params'] / 1e6:.1f}M | {row['T']} | {ac} | {comp} | {kernel} | "
+            params = "n/a" if row["params"] is None else f"{row['params'] / 1e6:.1f}M"
+            if row["error"]:
+                print(f"| {row['preset']} | {params} | {row['T']} | {ac} | {comp} | {kernel} | "
+                      f"failed: {row['error']} | | | |", flush=True)
+                continue
+            print(f"| {row['preset']} | {params} | {row['T']} | {ac} | {comp} | {kernel} | "
                   f"{row['micro_batch'] or 'none fits'} | {fmt(row['tokens_per_s'], ',.0f')} | "
                   f"{fmt(row['mfu'], '.1%')} | {fmt(row['peak_gb'], '.1f')} |", flush=True)
     return rows

@@ -154,7 +154,8 @@ def test_bench_gpu_dry_run(capsys):
     assert {(r["preset"], r["ac"]) for r in rows} == {(p, a) for p in ("hope_340m", "transformer_340m")
                                                      for a in ("none", "full")}
     for r in rows:
-        assert r["micro_batch"] == 2 and r["tokens_per_s"] > 0 and r["mfu"] is None  # no CUDA: no peak
+        assert r["error"] is None and r["micro_batch"] == 2 and r["tokens_per_s"] > 0
+        assert r["mfu"] is None and r["peak_gb"] is None  # no CUDA: no peak FLOP/s, no allocator stats
     assert "| hope_340m |" in out and "tokens/s" in out
 
 
@@ -168,3 +169,21 @@ def test_presets_fit_80gb_with_margin(preset):
     assert bench_memory.preset_peak(path) <= 0.9 * 80e9
     if preset.startswith("hope"):
         assert bench_memory.preset_peak(path, ["train.precision=fp32"]) <= 0.9 * 80e9
+
+
+def test_bench_gpu_row_of_a_failing_configuration(capsys, monkeypatch):
+    """An error in one configuration (e.g. a backward that fails under bf16) is printed in its row;
+    the other rows still run."""
+    real_step = bench_gpu._Run.step
+
+    def step(self, b):
+        if self.cfg.dist.activation_checkpointing == "full":
+            raise RuntimeError("expected m1 and m2 to have the same dtype\nmore")
+        real_step(self, b)
+
+    monkeypatch.setattr(bench_gpu._Run, "step", step)
+    rows = bench_gpu.main(["--dry-run", "--presets", str(ROOT / "configs/transformer_340m.yaml"),
+                           "--compile", "off", "--kernels", "torch"])
+    assert [r["error"] for r in rows] == [None, "RuntimeError: expected m1 and m2 to have the same dtype"]
+    assert rows[0]["tokens_per_s"] > 0
+    assert "| full | off | torch | failed: RuntimeError: expected m1 and m2" in capsys.readouterr().out
