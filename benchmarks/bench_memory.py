@@ -145,8 +145,8 @@ def _autocast(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _make_block(cfg: ModelConfig) -> tuple[nn.Module, Callable]:
-    """One block of cfg.arch at cfg's width (weights initialised) and a call x -> block(x, rope...)."""
+def _make_block(cfg: ModelConfig) -> tuple[nn.Module, bool]:
+    """One block of cfg.arch at cfg's width (weights initialised), and whether it takes rotary tables."""
     std = float(cfg.init_std)
     block = TransformerBlock(cfg) if cfg.arch == "transformer" else HopeBlock(cfg)
     block.init_weights(std, std / math.sqrt(2 * cfg.n_layers))
@@ -345,8 +345,9 @@ def _report(preset: str, variant: str, overrides: list[str], args, seq_lens: lis
           f"({'sharded over ' + str(args.world_size) if args.shard else 'unsharded'}), "
           f"per-rank batch {local_batch} (train.micro_batch_size={cfg.train.micro_batch_size})\n")
     mb_cols = " | ".join(f"b={b}" for b in candidates)
+    max_cols = " | ".join(f"max b {c:g} GB" for c in args.cards)
     print(f"| recompute_chunks | AC | kept KB/token/layer | hooks see | fixed MB/layer | "
-          f"KB/position/layer | KB/seq/layer | {mb_cols} | max b {' | max b '.join(f'{c:g} GB' for c in args.cards)} | flat |")
+          f"KB/position/layer | KB/seq/layer | {mb_cols} | {max_cols} | flat |")
     print("|" + "---|" * (8 + len(candidates) + len(args.cards)))
     for rc in recompute:
         c = cfg if rc is None else load_config(preset, [*overrides, f"model.hope.recompute_chunks={rc}"])
@@ -369,8 +370,9 @@ def _report(preset: str, variant: str, overrides: list[str], args, seq_lens: lis
                   f"{cells} | {fits} | {spread:.1%} |")
         dtypes = ", ".join(f"{str(k).replace('torch.', '')} {v / tokens / 1e3:.1f}" for k, v in
                            sorted(mem.plain_dtypes.items(), key=lambda kv: str(kv[0])))
-        print(f"\nrecompute_chunks={'-' if rc is None else rc}: plain block at B={FIT_BATCHES[0]}, T={seq_lens[0]} keeps KB/token by dtype: {dtypes} "
-              f"(incl. fixed); head {mem.head.per_token / 1e3:.1f} KB/token + logits grads {V * 8 / 1e3:.0f} KB/token")
+        print(f"\nrecompute_chunks={'-' if rc is None else rc}: plain block at B={FIT_BATCHES[0]}, T={seq_lens[0]} "
+              f"keeps KB/token by dtype: {dtypes} (incl. fixed); head {mem.head.per_token / 1e3:.1f} KB/token "
+              f"+ logits grads {V * 8 / 1e3:.0f} KB/token")
 
 
 if __name__ == "__main__":
