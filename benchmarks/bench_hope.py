@@ -83,6 +83,27 @@ def train_tokens_per_s(cfg: ModelConfig, T: int, batch: int, steps: int) -> floa
     return batch * T / best
 
 
+def alternating_tokens_per_s(cfgs: dict[str, ModelConfig], T: int, batch: int, rounds: int) -> dict[str, float]:
+    """One training step of each model in turn, `rounds` times after a warm-up round; the best
+    tokens/s of each. Alternating in one process makes the ratios immune to this VM's drift."""
+    runs = {}
+    for name, cfg in cfgs.items():
+        model = build_model(cfg, seed=0)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    ids = torch.randint(0, 4096, (batch, T + 1), generator=torch.Generator().manual_seed(0))
+    best = {name: float("inf") for name in cfgs}
+    for r in range(rounds + 1):
+        for name, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch * T / sec for name, sec in best.items()}
+
+
 def interleaved_seconds_per_token(cfg: ModelConfig, seq_lens: list[int], rounds: int) -> dict[int, float]:
     """Batch 1, one model: a step at each T in turn, `rounds` times, after one warm-up step each; the
     best seconds per token at each T. Alternating in one process cancels this VM's drift between
@@ -131,6 +152,10 @@ def main() -> None:
                          "different T alternating in one process for ROUNDS rounds")
     ap.add_argument("--hope", nargs="*", default=[], metavar="KEY=VALUE",
                     help="HopeConfig overrides for the benchmarked HOPE, e.g. momentum=true memory_type=linear")
+    ap.add_argument("--ab", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="instead of the table: HOPE (--hope) against HOPE with these further overrides and the "
+                         "Transformer++, one step of each in turn for --steps rounds at each --seq-lens "
+                         "(e.g. --ab retention_target=zero normalized_step=false normalize_v=false)")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.hope)}
     if args.trim_heap:
@@ -154,6 +179,17 @@ def main() -> None:
     n_hope = count_parameters(build_model(hope, device="meta"))
     tfm = matched_transformer(n_hope)
     n_tfm = count_parameters(build_model(tfm, device="meta"))
+    if args.ab is not None:
+        b_overrides = {**overrides, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.ab)}}
+        print(f"| T | batch | HOPE A tokens/s | HOPE B ({' '.join(args.ab)}) tokens/s | Transformer++ tokens/s | "
+              f"A / Transformer++ | B / Transformer++ | A / B |")
+        print("|---|---|---|---|---|---|---|---|")
+        for T in args.seq_lens:
+            batch = max(1, min(args.batch, 8192 // T))
+            r = alternating_tokens_per_s({"A": hope, "B": hope_cfg(**b_overrides), "T": tfm}, T, batch, args.steps)
+            print(f"| {T} | {batch} | {r['A']:.0f} | {r['B']:.0f} | {r['T']:.0f} | {r['A'] / r['T']:.3f} | "
+                  f"{r['B'] / r['T']:.3f} | {r['A'] / r['B']:.3f} |", flush=True)
+        return
     if args.interleave:
         costs = {name: interleaved_seconds_per_token(cfg, args.seq_lens, args.interleave)
                  for name, cfg in (("HOPE", hope), ("Transformer++", tfm))}

@@ -24,8 +24,13 @@ Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in
   further SiLU); q_t and k_t are L2-normalised (eps 1e-6) inside the recurrence.
 - Gates per head and token: eta = eta_max * sigmoid(w_eta . M_eta(z) + b_eta),
   alpha = sigmoid(w_alpha . M_alpha(z) + b_alpha), momentum mu = sigmoid(w_mu . M_eta(z) + b_mu)
-  (M_eta generates both optimizer hyper-parameters). Biases start at eta = 0.1 eta_max,
-  alpha = 0.99, mu = 0.5. Without retention M_alpha does not exist.
+  (M_eta generates both optimizer hyper-parameters). Biases start at eta = 0.1, mu = 0.5 and
+  alpha = 1 - 1/tau per head, tau log-spaced over retention_tau_init. Without retention M_alpha
+  does not exist. eta_max above the contractive bound is refused (`contractive_eta_max`).
+- Memory health (docs/HOPE.md "Memories that live"): retention and DGD's decay pull a memory
+  toward its initial state M_0, each layer's step is normalised by its input, v is L2-normalised
+  before it makes the self-generated targets; each a switch (retention_target, normalized_step,
+  normalize_v), all off = Eq. 88 literally. `diagnostics()` returns each block's memory health.
 - The inner loss is 1/2 ||M(k) - vhat||^2 (the 2 of the squared norm is absorbed in eta); vhat
   is a target (no gradient through it inside the inner step).
 - Momentum with DGD: P_t = mu_t P_{t-1} - eta_t grad, M_t = M_{t-1}(alpha_t I - eta_t x x^T) + P_t
@@ -35,7 +40,8 @@ Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in
   outputs). Linear memories start at I + N(0, init_std).
 - Output: wo(RMSNorm_head(o) * silu(W_g x)) (GatedDeltaNet-style gate). The recurrence runs in
   fp32 (or wider) whatever the model dtype. The Titans baseline is mixer=titans with dgd=false
-  momentum=true and cms_chunk_sizes=[1]: static q/k/v, eta/alpha/mu = linear(x) with bias, one MLP memory.
+  momentum=true and cms_chunk_sizes=[1]: static q/k/v, eta/alpha/mu = linear(x) with bias, one MLP memory
+  regressing M(k_t) onto v_t (Titans Eqs. 11-12), forgetting toward zero.
 - Inner momentum is off by default (HopeConfig.momentum; decided by data, docs/HOPE.md).
 """
 

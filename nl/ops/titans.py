@@ -14,6 +14,11 @@ chunk size `chunk_size` for the generators, `memory_chunk_size` for `memory`):
     for every memory c:  vhat_c = A_c(v_t);  L_c = 1/2 ||M_c(k_t) - vhat_c||^2 with its gradient
         at A_c; every layer of M_c takes one `delta_rule` step (DGD, decays token by token).
 
+RecurrenceConfig's memory-health switches (docs/HOPE.md) change this as follows: normalize_v uses
+l2norm(v_t) for the targets; normalized_step feeds each layer x / ||x|| to the decay and
+g x^T / ||x||^2 as the gradient term; retention_target="init" applies retention and decay to
+M - M_0; target="value" (Titans) regresses onto v_t itself; chunk_read="anchor" reads A_memory(q_t).
+
 Chunk size 1 makes every anchor the previous state: the fully online recurrence.
 `titans_reference` runs this loop token by token; `titans_chunked` runs the same math with a
 loop over chunks only (the generators' chunks first, then the memory's chunks with reads).
