@@ -26,44 +26,28 @@ def _to_batch(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-class TokenLoader:
-    """Shuffled training batches of one rank; `next_batch()` -> (inputs, targets), each [B_local, seq_len]."""
+class EpochPermutations:
+    """The window order of one split over epochs: sample j is window perm(j // n)[j % n], where
+    perm(e) = np.random.default_rng([*key, e]).permutation(n) and n = num_windows.
 
-    def __init__(self, shards: TokenShards, seq_len: int, global_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size}): check the launcher's RANK/WORLD_SIZE")
-        if global_batch_size < 1 or global_batch_size % world_size:
-            raise DataError(f"global batch size {global_batch_size} is not a positive multiple of the world size "
-                            f"{world_size}: set train.batch_size to a multiple of {world_size}")
-        if seed < 0:
-            raise DataError(f"seed must be >= 0, got {seed}: set train.seed to a non-negative integer")
-        shards.check_seq_len(seq_len, min_windows=1)
-        self.shards, self.seq_len, self.seed = shards, seq_len, seed
-        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
-        self.local_batch_size = global_batch_size // world_size
-        self.num_windows = shards.num_windows(seq_len)
-        self.fingerprint = shards.data_fingerprint
-        self.samples_seen = 0
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+    Only the current epoch's permutation is kept (int32 below 2**31 windows): a run moving
+    forward regenerates each permutation once, a batch straddling two epochs at most one more.
+    """
 
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next sample (0-based)."""
-        return self.samples_seen // self.num_windows
+    def __init__(self, num_windows: int, key: tuple[int, ...]):
+        self.num_windows, self.key = num_windows, tuple(key)
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        # Only the current epoch's permutation is kept: a batch straddling two epochs regenerates
-        # at most one, and afterwards the new epoch is the current one.
-        if epoch != self._perm_epoch:
+        if epoch != self._epoch:
             n = self.num_windows
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            perm = np.random.default_rng([*self.key, epoch]).permutation(n)
             self._perm = perm.astype(np.int32) if n < 2**31 else perm
-            self._perm_epoch = epoch
+            self._epoch = epoch
         return self._perm
 
-    def window_indices(self, first_sample: int, count: int) -> np.ndarray:
-        """Window index of each global sample in [first_sample, first_sample + count): [count] int64."""
+    def indices(self, first_sample: int, count: int) -> np.ndarray:
+        """Window index of each sample in [first_sample, first_sample + count): [count] int64."""
         out = np.empty(count, dtype=np.int64)
         filled, n = 0, self.num_windows
         while filled < count:
@@ -72,6 +56,60 @@ class TokenLoader:
             out[filled:filled + take] = self._permutation(epoch)[offset:offset + take]
             filled += take
         return out
+
+
+def check_loader_args(global_batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    """Raise DataError (one line with the fix) for a rank layout or seed a loader cannot honour."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size={world_size}): check the launcher's RANK/WORLD_SIZE")
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise DataError(f"global batch size {global_batch_size} is not a positive multiple of the world size "
+                        f"{world_size}: set train.batch_size to a multiple of {world_size}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}: set train.seed to a non-negative integer")
+
+
+def check_loader_state(state: dict, fingerprint: str, seq_len: int, seed: int, data: str, setting: str) -> None:
+    """Raise DataError (one line with the fix) unless a loader's `state` fits this run's fingerprint,
+    seq_len and seed; `data` names this run's data in the message, `setting` the config key holding it."""
+    missing = {"seed", "samples_seen", "seq_len", "fingerprint"} - set(state)
+    if missing:
+        raise DataError(f"loader state lacks {', '.join(sorted(missing))}: it was not written by "
+                        f"this codebase's loaders; resume from a checkpoint of this codebase")
+    if state["fingerprint"] != fingerprint:
+        raise DataError(f"loader state fingerprint {str(state['fingerprint'])[:12]} does not match {data}: the "
+                        f"checkpoint was trained on other data; resume with the same {setting} or start a new run")
+    if int(state["seq_len"]) != seq_len:
+        raise DataError(f"loader state has seq_len {state['seq_len']}, this run has {seq_len}: "
+                        f"resume with data.seq_len={state['seq_len']} or start a new run")
+    if int(state["seed"]) != seed:
+        raise DataError(f"loader state has seed {state['seed']}, this run has {seed}: "
+                        f"resume with train.seed={state['seed']} or start a new run")
+
+
+class TokenLoader:
+    """Shuffled training batches of one rank; `next_batch()` -> (inputs, targets), each [B_local, seq_len]."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, global_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        check_loader_args(global_batch_size, rank, world_size, seed)
+        shards.check_seq_len(seq_len, min_windows=1)
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.local_batch_size = global_batch_size // world_size
+        self.num_windows = shards.num_windows(seq_len)
+        self.fingerprint = shards.data_fingerprint
+        self.samples_seen = 0
+        self._order = EpochPermutations(self.num_windows, (seed,))
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample (0-based)."""
+        return self.samples_seen // self.num_windows
+
+    def window_indices(self, first_sample: int, count: int) -> np.ndarray:
+        """Window index of each global sample in [first_sample, first_sample + count): [count] int64."""
+        return self._order.indices(first_sample, count)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch: (inputs, targets), int64 [B_local, seq_len]."""
@@ -88,20 +126,8 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (any world size / rank); errors if it belongs to other data or settings."""
-        missing = {"seed", "samples_seen", "seq_len", "fingerprint"} - set(state)
-        if missing:
-            raise DataError(f"loader state lacks {', '.join(sorted(missing))}: it was not written by "
-                            f"TokenLoader.state_dict; resume from a checkpoint of this codebase")
-        if state["fingerprint"] != self.fingerprint:
-            raise DataError(f"loader state fingerprint {str(state['fingerprint'])[:12]} does not match the data "
-                            f"({self.fingerprint[:12]}, {self.shards.dir}): the checkpoint was trained on other "
-                            f"data; resume with the same data.dir or start a new run")
-        if int(state["seq_len"]) != self.seq_len:
-            raise DataError(f"loader state has seq_len {state['seq_len']}, this run has {self.seq_len}: "
-                            f"resume with data.seq_len={state['seq_len']} or start a new run")
-        if int(state["seed"]) != self.seed:
-            raise DataError(f"loader state has seed {state['seed']}, this run has {self.seed}: "
-                            f"resume with train.seed={state['seed']} or start a new run")
+        check_loader_state(state, self.fingerprint, self.seq_len, self.seed,
+                           data=f"the data ({self.fingerprint[:12]}, {self.shards.dir})", setting="data.dir")
         self.samples_seen = int(state["samples_seen"])
 
 
