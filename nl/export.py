@@ -16,6 +16,7 @@ recorded their tokenizer is refused unless --tokenizer names its tokenizer.model
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from nl.checkpoint import find_checkpoint, is_deepspeed_checkpoint, load_checkpo
 from nl.cli import one_line_errors
 from nl.config import Config, ModelConfig, config_from_dict
 from nl.data.shards import DataError
+from nl.hf import hf_config_keys, write_llama, write_remote_code, write_tokenizer
 from nl.models import build_model
 from nl.provenance import run_tokenizer
 
@@ -85,7 +87,16 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None,
         "tokenizer_fingerprint": tok.fingerprint,
         "source_checkpoint": str(ckpt.resolve()),
     }
+    meta.update(hf_config_keys(meta["model"], tok.bos_id, tok.eos_id))
     (output / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_remote_code(output)
+    if cfg.model.arch == "transformer":
+        write_llama(model, meta["model"], cfg.data.seq_len, tok.bos_id, tok.eos_id, output / "llama")
+        _readable(output / "llama" / "model.safetensors")
+    if importlib.util.find_spec("transformers") is not None:  # the tokenizer conversion needs it
+        write_tokenizer(tok.path, output)
+        if cfg.model.arch == "transformer":
+            write_tokenizer(tok.path, output / "llama")
     return output
 
 
@@ -120,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         out = export(args.run, args.output, args.step, args.tokenizer)
     print(f"exported {args.run} -> {out} (model.safetensors, config.json, tokenizer.model)")
+    if not (out / "tokenizer.json").is_file():
+        print("Hugging Face tokenizer files skipped: transformers is not installed "
+              "(pip install 'transformers==5.23.0', then export again)")
 
 
 if __name__ == "__main__":
