@@ -93,8 +93,20 @@ class ModelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of data.sources: a token directory and its sampling weight (nl/data/mixture.py)."""
+
+    dir: str = ""  # a data_prep/tokenize_corpus.py output directory
+    weight: float = 1.0  # sampling weight, > 0; the weights are normalised to sum to 1
+    name: str = ""  # its per-source metric val_loss/<name>; "" = the directory's basename
+
+
+@dataclass
 class DataConfig:
     dir: str = "data/demo/tokens"  # a data_prep/tokenize_corpus.py output directory
+    # A weighted mixture instead of data.dir, e.g. [{dir: a, weight: 0.7}, {dir: b, weight: 0.3, name: code}]
+    # (keys dir, weight, name); every source needs the same tokenizer (README: Data mixtures).
+    sources: list[DataSourceConfig] = field(default_factory=list)
     seq_len: int = 256  # tokens per training window (the context length)
     # sha256 of every shard is checked against the manifest at start-up (catches corrupt
     # shards; sizes are always checked). Turn off for very large corpora if start-up time matters.

@@ -27,6 +27,7 @@ from nl.checkpoint import CheckpointError, list_checkpoints
 from nl.checkpoint.run_dir import config_changes, current_config, saved_config, select_start
 from nl.config import Config, ConfigError, to_dict, to_yaml
 from nl.data.loader import TokenLoader, iter_eval_batches
+from nl.data.mixture import MixtureLoader, Source, data_sources, open_splits
 from nl.data.shards import TokenShards
 from nl.distributed import all_reduce_sum, init_distributed, parallelize
 from nl.distributed.strategy import build_strategy
@@ -111,20 +112,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _open_data(cfg: Config) -> tuple[TokenShards, TokenShards | None]:
-    train = TokenShards(cfg.data.dir, split="train", verify_checksums=cfg.data.verify_checksums)
-    train.check_seq_len(cfg.data.seq_len, min_windows=cfg.train.batch_size)
+def _open_data(cfg: Config) -> tuple[list[Source], list[TokenShards], dict[str, TokenShards]]:
+    """(sources, their train splits, val splits by source name) of data.dir (one source named "")
+    or data.sources (nl/data/mixture.py: one tokenizer for all). A source's val split is used when
+    periodic validation is on and it holds more than seq_len tokens."""
+    sources = data_sources(cfg.data) or [Source("", cfg.data.dir, 1.0)]
+    train = open_splits(sources, "train", cfg.data.verify_checksums)
+    if not cfg.data.sources:
+        train[0].check_seq_len(cfg.data.seq_len, min_windows=cfg.train.batch_size)
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = train.vocab_size
-    elif cfg.model.vocab_size != train.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.dir} was tokenized with "
-                          f"a {train.vocab_size}-token vocabulary: set model.vocab_size=0 (use the "
+        cfg.model.vocab_size = train[0].vocab_size
+    elif cfg.model.vocab_size != train[0].vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {train[0].dir} was tokenized with "
+                          f"a {train[0].vocab_size}-token vocabulary: set model.vocab_size=0 (use the "
                           f"data's) or re-tokenize with the model's tokenizer")
-    val = None
-    if cfg.eval.every > 0 and "val" in train.manifest["splits"] \
-            and train.manifest["splits"]["val"]["num_tokens"] > cfg.data.seq_len:
-        val = TokenShards(cfg.data.dir, split="val", verify_checksums=cfg.data.verify_checksums)
-    return train, val
+    val = {}
+    for source, split in zip(sources, train):
+        if cfg.eval.every > 0 and "val" in split.manifest["splits"] \
+                and split.manifest["splits"]["val"]["num_tokens"] > cfg.data.seq_len:
+            val[source.name] = TokenShards(source.dir, split="val", verify_checksums=cfg.data.verify_checksums)
+    return sources, train, val
 
 
 class StopSignal:
@@ -209,7 +216,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     micro_bs, accum_steps = _batch_split(cfg, world_size)
     check_supported(cfg)
-    train_data, val_data = _open_data(cfg)
+    sources, train_splits, val_data = _open_data(cfg)
+    train_data = train_splits[0]  # its tokenizer is every source's
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,8 +248,12 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     diagnostics = getattr(base_model, "diagnostics", None)  # dict of 0-dim tensors from the last forward
     schedule = LRSchedule(cfg.train.steps, cfg.train.warmup_steps, cfg.train.schedule,
                           cfg.train.min_lr_ratio, cfg.train.decay_fraction)
-    loader = TokenLoader(train_data, cfg.data.seq_len, cfg.train.batch_size, rank=rank,
-                         world_size=world_size, seed=cfg.train.seed)
+    if cfg.data.sources:
+        loader = MixtureLoader(train_splits, [s.weight for s in sources], cfg.data.seq_len, cfg.train.batch_size,
+                               rank=rank, world_size=world_size, seed=cfg.train.seed)
+    else:
+        loader = TokenLoader(train_data, cfg.data.seq_len, cfg.train.batch_size, rank=rank,
+                             world_size=world_size, seed=cfg.train.seed)
     step, tokens_seen = 0, 0
 
     def trainer_state() -> dict:
@@ -269,22 +281,35 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     say(f"model {cfg.model.arch}: {n_params / 1e6:.2f}M parameters | {device} | "
         f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'} | run {run_dir}")
     _announce_changes(say, changes, saved, cfg, step)
+    unvalidated = [s.name for s in sources if s.name not in val_data]
+    if cfg.data.sources and cfg.eval.every > 0 and unvalidated:
+        say(f"validation: source(s) {', '.join(unvalidated)} have no val split of more than data.seq_len tokens: "
+            + ("val_loss weights the others" if val_data else "no val_loss"))
     last_saved = resume_from
 
     def save() -> Path:
         info = {"step": step, "tokenizer_fingerprint": train_data.fingerprint}
         return strategy.save(run_dir, step, trainer_state(), config_yaml, cfg.checkpoint.keep_last, info)
 
-    def validate() -> float | None:
-        if val_data is None:
-            return None
-        # max_batches counts global batches of train.batch_size sequences, so the evaluated
-        # windows do not depend on the world size or the micro-batch split.
-        batches = iter_eval_batches(val_data, cfg.data.seq_len, micro_bs, cfg.eval.max_batches * accum_steps,
-                                    rank=rank, world_size=world_size)
-        loss_sum, count = evaluate_loss(model, batches, device, autocast)
-        totals = all_reduce_sum(torch.stack([loss_sum, count]))
-        return (totals[0] / totals[1]).item()
+    def validate() -> dict[str, float]:
+        """{"val_loss": mean token loss} ({} without val data); with data.sources also
+        "val_loss/<name>" per source, and val_loss is their weighted mean over the sources with val data."""
+        if not val_data:
+            return {}
+        sums = []
+        for split in val_data.values():
+            # max_batches counts global batches of train.batch_size sequences (per source), so the
+            # evaluated windows do not depend on the world size or the micro-batch split.
+            batches = iter_eval_batches(split, cfg.data.seq_len, micro_bs, cfg.eval.max_batches * accum_steps,
+                                        rank=rank, world_size=world_size)
+            sums.extend(evaluate_loss(model, batches, device, autocast))
+        totals = all_reduce_sum(torch.stack(sums)).tolist()  # one collective for every source
+        losses = {name: totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(val_data)}
+        if not cfg.data.sources:
+            return {"val_loss": losses[""]}
+        weights = {s.name: s.weight for s in sources if s.name in losses}
+        overall = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights.values())
+        return {"val_loss": overall, **{f"val_loss/{n}": loss for n, loss in losses.items()}}
 
     model.train()
     last_loss, last_val, stopped_by = None, None, None
@@ -347,9 +372,10 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                last_val = validate()
-                if last_val is not None:
-                    logger.log({"step": step, "val_loss": last_val, "tokens": tokens_seen})
+                val_losses = validate()
+                last_val = val_losses.get("val_loss")
+                if val_losses:
+                    logger.log({"step": step, **val_losses, "tokens": tokens_seen})
                 window_start = time.perf_counter()  # keep validation out of tokens_per_s
             if (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0) or step == cfg.train.steps \
                     or stop_votes > 0:
