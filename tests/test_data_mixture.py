@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from nl.checkpoint import list_checkpoints, load_checkpoint
 from nl.config import load_config
 from nl.data.mixture import MixtureLoader, data_sources, open_splits
@@ -159,7 +163,8 @@ def test_refusals_name_the_fix(labelled, token_dir, tmp_path):
         ((f"data.sources=[{{dir: {a}}}, {{dir: {b}, weight: -1}}]",), r"data.sources\[1\] .* has weight -1.0"),
         ((f"data.sources=[{{dir: {a}, weight: .nan}}]",), "has weight nan"),
         (("data.sources=[{weight: 1.0}]",), r"data.sources\[0\] has no dir"),
-        ((f"data.sources=[{{dir: {a}}}, {{dir: {b}, name: s0}}]",), "2 sources are named 's0'.*give each a distinct name"),
+        ((f"data.sources=[{{dir: {a}}}, {{dir: {b}, name: s0}}]",),
+         "2 sources are named 's0'.*give each a distinct name"),
     ]
     for overrides, message in cases:
         with pytest.raises(DataError, match=message):
@@ -183,27 +188,38 @@ def test_refusals_name_the_fix(labelled, token_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_training_logs_val_loss_per_source_and_resumes_exactly(token_dir, tmp_path):
-    # Source "pattern" repeats an 8-token cycle: far easier than the real text of "tokens".
-    cycle = np.arange(100, 108)
-    pattern = token_dir_of(tmp_path / "pattern", token_dir / "tokenizer.model",
-                           np.tile(cycle, 2000), np.tile(cycle, 200))
+CYCLE = np.arange(100, 108)  # source "pattern" repeats this cycle: far easier than real text
+
+
+@pytest.fixture(scope="module")
+def pattern_dir(token_dir, tmp_path_factory) -> Path:
+    return token_dir_of(tmp_path_factory.mktemp("mixrun") / "pattern", token_dir / "tokenizer.model",
+                        np.tile(CYCLE, 2000), np.tile(CYCLE, 200))
+
+
+def run_overrides(token_dir: Path, pattern_dir: Path, run: Path, steps: int = 20) -> list[str]:
+    return ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=32", "data.dir=''",
+            f"data.sources=[{{dir: {token_dir}, weight: 0.7}}, {{dir: {pattern_dir}, weight: 0.3}}]",
+            f"train.steps={steps}", "train.batch_size=8", "train.micro_batch_size=2", "train.lr=3e-3",
+            "train.warmup_steps=2", "train.log_every=1", f"eval.every={steps // 2}", "eval.max_batches=2",
+            f"checkpoint.every={steps // 2}", "checkpoint.keep_last=3", "dist.timeout_s=60", f"run.dir={run}"]
+
+
+def records(run: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def crash_after_first_checkpoint(run: Path) -> None:
+    shutil.rmtree(list_checkpoints(run)[-1][1])
+    (run / "metrics.jsonl").write_text("")
+
+
+def test_training_logs_val_loss_per_source_and_resumes_exactly(token_dir, pattern_dir, tmp_path):
     run = tmp_path / "run"
-
-    def cfg():
-        return load_config("configs/tiny.yaml", [
-            "model.dim=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=32", "data.dir=''",
-            f"data.sources=[{{dir: {token_dir}, weight: 0.7}}, {{dir: {pattern}, weight: 0.3}}]",
-            "train.steps=20", "train.batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3",
-            "train.warmup_steps=2", "train.log_every=1", "eval.every=10", "eval.max_batches=2",
-            "checkpoint.every=10", "checkpoint.keep_last=3", f"run.dir={run}"])
-
-    def records() -> tuple[list[dict], list[dict]]:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-
-    summary = train(config := cfg())
-    full, full_val = records()
+    config = load_config("configs/tiny.yaml", run_overrides(token_dir, pattern_dir, run))
+    summary = train(config)
+    full, full_val = records(run)
     assert [r["step"] for r in full_val] == [10, 20]
     for r in full_val:
         assert set(r) == {"step", "tokens", "val_loss", "val_loss/tokens", "val_loss/pattern"}
@@ -219,7 +235,7 @@ def test_training_logs_val_loss_per_source_and_resumes_exactly(token_dir, tmp_pa
     state = {"model": model.state_dict()}
     load_checkpoint(list_checkpoints(run)[-1][1], state)
     model.load_state_dict(state["model"])
-    stream = torch.from_numpy(np.tile(cycle, 200).astype(np.int64))
+    stream = torch.from_numpy(np.tile(CYCLE, 200).astype(np.int64))
     windows = torch.stack([stream[i * 32:i * 32 + 33] for i in range(16)])
     with torch.no_grad():
         logits = model.eval()(windows[:, :-1])
@@ -227,9 +243,27 @@ def test_training_logs_val_loss_per_source_and_resumes_exactly(token_dir, tmp_pa
     assert full_val[-1]["val_loss/pattern"] == pytest.approx(expected.item(), rel=1e-5)
 
     # Crash after the step-10 checkpoint, rerun: the same losses bit for bit.
-    shutil.rmtree(dict(list_checkpoints(run))[20])
-    (run / "metrics.jsonl").write_text("")
-    train(cfg())
-    resumed, resumed_val = records()
+    crash_after_first_checkpoint(run)
+    train(load_config("configs/tiny.yaml", run_overrides(token_dir, pattern_dir, run)))
+    resumed, resumed_val = records(run)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[10:]]
     assert resumed_val == full_val[1:]
+
+
+@pytest.mark.slow  # ~25 s: a 2-rank launch and two single-process runs
+def test_two_ranks_equal_one_and_their_checkpoint_resumes_at_world_size_1(token_dir, pattern_dir, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "2", "--config", "configs/tiny.yaml",
+                           *run_overrides(token_dir, pattern_dir, two, steps=10), "dist.strategy=ddp"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(load_config("configs/tiny.yaml", run_overrides(token_dir, pattern_dir, one, steps=10)))
+    (loss2, val2), (loss1, val1) = records(two), records(one)
+    np.testing.assert_allclose([r["loss"] for r in loss2], [r["loss"] for r in loss1], rtol=1e-5)
+    for a, b in zip(val2, val1):
+        assert set(a) == set(b) and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+
+    crash_after_first_checkpoint(two)  # the 2-rank run's step-5 checkpoint, continued by one process
+    train(load_config("configs/tiny.yaml", run_overrides(token_dir, pattern_dir, two, steps=10)))
+    np.testing.assert_allclose([r["loss"] for r in records(two)[0]], [r["loss"] for r in loss1[5:]], rtol=1e-5)
