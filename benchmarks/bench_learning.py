@@ -171,10 +171,10 @@ def match_width(preset: str, overrides: list[str], target: int) -> tuple[list[st
     return matched, arch_and_count(preset, tuple(matched))[1]
 
 
-def plan_runs(variants, seeds, common: list[str], param_tol: float, single_seed=()) -> list[dict]:
+def plan_runs(variants, seeds, common: list[str], param_tol: float, variant_seeds=None) -> list[dict]:
     """One dict per (variant, seed): name, seed, preset, overrides (incl. a matched width), params,
     and same_as: the first variant with the same resolved config (e.g. a switch set to its
-    default), whose run it shares, or None. Variants in `single_seed` run with seeds[0] only."""
+    default), whose run it shares, or None. `variant_seeds` (name -> seeds) replaces `seeds` per variant."""
     first_with_config: dict[str, str] = {}
     base = {name: [*common, *overrides] for name, (_, overrides) in variants.items()}
     ref_preset, ref_overrides = variants.get(REFERENCE, VARIANTS[REFERENCE])
@@ -196,9 +196,10 @@ def plan_runs(variants, seeds, common: list[str], param_tol: float, single_seed=
         same_as = first_with_config.setdefault(to_yaml(build_config(preset, overrides)), name)
         if same_as != name:
             print(f"  {name}: the same resolved config as {same_as}, whose runs it shares")
+        shared_seeds = (variant_seeds or {}).get(same_as, seeds) if same_as != name else []
         runs.extend({"variant": name, "seed": s, "preset": preset, "overrides": overrides, "params": params,
-                     "same_as": None if same_as == name else same_as}
-                    for s in (seeds[:1] if name in single_seed else seeds))
+                     "same_as": same_as if s in shared_seeds else None}
+                    for s in (variant_seeds or {}).get(name, seeds))
     return runs
 
 
@@ -209,7 +210,7 @@ def run_one(run: dict, args_d: dict) -> dict:
     from nl.data.loader import iter_eval_batches
     from nl.evaluate import evaluate_loss
     from nl.models import build_model
-    from nl.trainer import train
+    from nl.trainer import TrainingError, train
 
     out = Path(args_d["out"]) / "runs" / run["variant"] / f"seed{run['seed']}"
     steps, seq_len = args_d["steps"], args_d["seq_len"]
@@ -231,7 +232,14 @@ def run_one(run: dict, args_d: dict) -> dict:
     if out.exists():
         shutil.rmtree(out)  # another config's run: do not resume from it
     t0 = time.perf_counter()
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except TrainingError as e:  # a diverged run is a result: reported in the table, not retried
+        result = {"variant": run["variant"], "seed": run["seed"], "params": run["params"],
+                  "overrides": run["overrides"], "diverged": str(e).split(" (")[0], "key": key}
+        result_file.write_text(json.dumps(result) + "\n")
+        print(f"{run['variant']} seed {run['seed']}: {result['diverged']}", flush=True)
+        return result
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     curve = [[r["step"], r["val_loss"]] for r in records if "val_loss" in r]
@@ -257,14 +265,21 @@ def run_one(run: dict, args_d: dict) -> dict:
 
 
 def summarise(results: list[dict], variants: list[str], seq_len: int) -> list[dict]:
-    """Per variant: seeds, params, val loss mean and half-range, per-position bucket means, tokens/s."""
+    """Per variant: seeds, params, val loss mean and half-range, per-position bucket means, tokens/s,
+    over the runs that finished; `diverged` lists the others ("seed N: non-finite loss at step S")."""
     rows = []
     for name in variants:
-        rs = [r for r in results if r["variant"] == name]
+        all_runs = [r for r in results if r["variant"] == name]
+        rs = [r for r in all_runs if "diverged" not in r]
+        diverged = [f"seed {r['seed']}: {r['diverged']}" for r in all_runs if "diverged" in r]
+        if not rs:
+            rows.append({"variant": name, "params": all_runs[0]["params"], "seeds": [], "diverged": diverged})
+            continue
         losses = [r["val_loss"] for r in rs]
         per_pos = np.mean([r["per_position"] for r in rs], axis=0)
         curve_steps = [s for s, _ in rs[0]["val_curve"]]
         rows.append({"variant": name, "params": rs[0]["params"], "seeds": [r["seed"] for r in rs],
+                     "diverged": diverged,
                      "val_loss": sum(losses) / len(losses), "spread": (max(losses) - min(losses)) / 2,
                      "buckets": bucket_means(per_pos, seq_len), "per_position": per_pos.tolist(),
                      "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
@@ -273,18 +288,23 @@ def summarise(results: list[dict], variants: list[str], seq_len: int) -> list[di
 
 
 def markdown_table(rows: list[dict], seq_len: int) -> str:
-    n_buckets = len(rows[0]["buckets"])
+    n_buckets = max(len(r.get("buckets", [])) for r in rows)
     heads = ["loss @ 0-T", "loss @ T-2T", *(f"loss @ {i}T-{i + 1}T" for i in range(2, n_buckets))][:n_buckets]
     lines = ["| variant | params | seeds | val loss (mean ± half-range) | " + " | ".join(heads)
              + f" | last / first bucket | tokens/s |",
              "|---" * (6 + n_buckets) + "|"]
     for r in rows:
+        seeds = ",".join(map(str, r["seeds"])) + "".join(f" ({d})" for d in r["diverged"])
+        if not r["seeds"]:
+            lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {seeds.strip()} |" + " - |" * (3 + n_buckets))
+            continue
         b = r["buckets"]
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {','.join(map(str, r['seeds']))} | "
+        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {seeds} | "
                      f"{r['val_loss']:.4f} ± {r['spread']:.4f} | " + " | ".join(f"{v:.4f}" for v in b)
                      + f" | {b[-1] / b[0]:.3f} | {r['tokens_per_s']:.0f} |")
     return "\n".join(lines) + f"\n\nT = training seq_len = {seq_len}; buckets are positions in held-out sequences " \
-                              f"of {n_buckets}T tokens.\n"
+                              f"of {n_buckets}T tokens. Diverged runs are named in the seeds column and left out " \
+                              f"of the means.\n"
 
 
 def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Path]:
@@ -302,6 +322,8 @@ def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Pat
     paths = [out / "val_loss.png", out / "per_position.png"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
     for i, r in enumerate(rows):
+        if not r["seeds"]:
+            continue
         ax.plot(*r["val_curve"], marker="o", ms=3, label=r["variant"], **style[i])
     ax.set(xlabel="step", ylabel="validation loss (nats/token)", title=f"held-out validation loss during training ({curve_note})")
     ax.legend(fontsize=7, ncol=2)
@@ -312,6 +334,8 @@ def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Pat
     window = max(1, seq_len // 8)  # moving average: single positions are noisy over few sequences
     fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
     for i, r in enumerate(rows):
+        if not r["seeds"]:
+            continue
         smooth = np.convolve(r["per_position"], np.ones(window) / window, mode="valid")
         ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=r["variant"], lw=1, **style[i])
     ax.axvline(seq_len, color="k", ls="--", lw=0.8, label="training length")
@@ -330,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--define", nargs="+", action="append", default=[], metavar="NAME PRESET KEY=VALUE",
                     help="an extra variant: PRESET is hope, transformer or a YAML path, then dotted overrides")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--single-seed", nargs="+", default=[], metavar="VARIANT",
-                    help="variants run with the first of --seeds only (to save time; the table lists the seeds)")
+    ap.add_argument("--variant-seeds", nargs="+", default=[], metavar="VARIANT=S1,S2",
+                    help="seeds for a variant instead of --seeds (e.g. fewer to save time; the table lists them)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -369,10 +393,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python benchmarks/bench_learning.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     variants = parse_variants(args.variants, args.define)
     import nl.models.hope  # noqa: F401  registers arch 'hope'
-    unknown = set(args.single_seed) - set(variants)
+    try:
+        variant_seeds = {name: [int(x) for x in seeds.split(",")]
+                         for name, seeds in (item.split("=", 1) for item in args.variant_seeds)}
+    except ValueError:
+        raise SystemExit(f"error: --variant-seeds takes VARIANT=S1,S2 items, got {' '.join(args.variant_seeds)}") from None
+    unknown = set(variant_seeds) - set(variants)
     if unknown:
-        raise SystemExit(f"error: --single-seed names {', '.join(sorted(unknown))}, not among the variants run")
-    runs = plan_runs(variants, args.seeds, common, args.param_tol, set(args.single_seed))
+        raise SystemExit(f"error: --variant-seeds names {', '.join(sorted(unknown))}, not among the variants run")
+    runs = plan_runs(variants, args.seeds, common, args.param_tol, variant_seeds)
     args_d = dict(out=str(out), data=str(data), steps=args.steps, seq_len=args.seq_len, evals=args.evals,
                   eval_batches=args.eval_batches, val_batches=args.val_batches, long_factor=args.long_factor,
                   long_sequences=args.long_sequences)

@@ -78,3 +78,25 @@ def test_dry_run_table_has_every_variant_at_matched_parameters(token_dir, tmp_pa
         assert all(math.isfinite(v) for v in [r["val_loss"], *r["buckets"]])
     for png in ("val_loss.png", "per_position.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diverged_run_is_named_in_the_table_and_left_out_of_the_mean():
+    ok = {"variant": "a", "seed": 0, "params": 1000, "val_loss": 5.0, "per_position": [4.0, 6.0, 5.0, 7.0],
+          "tokens_per_s": 10.0, "val_curve": [[1, 6.0], [2, 5.5]]}
+    results = [ok, {"variant": "a", "seed": 1, "params": 1000, "diverged": "non-finite loss at step 7"},
+               {"variant": "b", "seed": 0, "params": 1000, "diverged": "non-finite loss at step 3"}]
+    rows = bench.summarise(results, ["a", "b"], seq_len=2)
+    assert rows[0]["seeds"] == [0] and rows[0]["val_loss"] == 5.0 and rows[0]["buckets"] == [5.0, 6.0]
+    lines = bench.markdown_table(rows, 2).splitlines()
+    assert lines[2].startswith("| a | 0.001M | 0 (seed 1: non-finite loss at step 7) | 5.0000 ± 0.0000 | 5.0000 | 6.0000 | 1.200 |")
+    assert lines[3] == "| b | 0.001M | (seed 0: non-finite loss at step 3) | - | - | - | - | - |"
+
+
+def test_variants_with_the_same_config_share_runs_and_take_their_own_seeds():
+    variants = {"hope": bench.VARIANTS["hope"], "hope-same": ("hope", ("model.hope.momentum=false",)),
+                "hope-momentum": bench.VARIANTS["hope-momentum"]}
+    common = ["model.vocab_size=256", "model.n_layers=1", "model.dim=32", "model.n_heads=2"]
+    runs = bench.plan_runs(variants, [0, 1], common, 0.02, {"hope-same": [1, 5], "hope-momentum": [2]})
+    plan = [(r["variant"], r["seed"], r["same_as"]) for r in runs]
+    assert plan == [("hope", 0, None), ("hope", 1, None), ("hope-same", 1, "hope"), ("hope-same", 5, None),
+                    ("hope-momentum", 2, None)]
