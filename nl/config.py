@@ -128,6 +128,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between metrics lines (stdout, metrics.jsonl, wandb)
+    init_from: str = ""  # an export dir (python -m nl.export): a fresh run starts from its weights
 
 
 @dataclass

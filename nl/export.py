@@ -29,7 +29,7 @@ from torch import nn
 
 from nl.checkpoint import find_checkpoint, is_deepspeed_checkpoint, load_checkpoint
 from nl.cli import one_line_errors
-from nl.config import Config, ModelConfig, config_from_dict
+from nl.config import Config, ConfigError, ModelConfig, config_from_dict
 from nl.data.shards import DataError
 from nl.hf import hf_config_keys, write_llama, write_remote_code, write_tokenizer
 from nl.models import build_model
@@ -118,6 +118,39 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     model = build_model(model_cfg, device=device)
     load_model(model, str(weights), device=str(device))
     return model.eval()
+
+
+def load_init_weights(model: nn.Module, path: str | Path, tokenizer_fingerprint: str | None = None) -> None:
+    """Copy the weights of export `path` (DIR/model.safetensors) into `model` in place (train.init_from).
+
+    Every parameter must exist in both with the same shape (a tied LM head is stored once), and
+    the export's tokenizer must be `tokenizer_fingerprint` (the training data's) when given.
+    Raises ConfigError, in one line, for a missing export or any mismatch."""
+    from safetensors import safe_open
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file() or not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"train.init_from={path} has no model.safetensors and config.json: pass a directory "
+                          f"written by python -m nl.export")
+    theirs_tok = load_export_config(path).get("tokenizer_fingerprint")
+    if tokenizer_fingerprint and theirs_tok and theirs_tok != tokenizer_fingerprint:
+        raise ConfigError(f"train.init_from={path} was trained with another tokenizer (fingerprint {theirs_tok[:12]}) "
+                          f"than data.dir's ({tokenizer_fingerprint[:12]}): tokenize the data with its tokenizer.model")
+    own = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        theirs = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    stored = {own[name].data_ptr() for name in theirs if name in own}
+    for name, shape in theirs.items():
+        if name not in own or tuple(own[name].shape) != shape:
+            here = tuple(own[name].shape) if name in own else "absent"
+            raise ConfigError(f"train.init_from={path} does not fit this model: {name} is {shape} there, {here} "
+                              f"here; set model.* to the export's (its config.json 'model')")
+    missing = [name for name, t in own.items() if name not in theirs and t.data_ptr() not in stored]
+    if missing:
+        raise ConfigError(f"train.init_from={path} does not fit this model: it has no {missing[0]} "
+                          f"({len(missing)} missing); set model.* to the export's (its config.json 'model')")
+    device = next(model.parameters()).device
+    load_model(model, str(weights), device=str(device))
 
 
 def main(argv: list[str] | None = None) -> None:

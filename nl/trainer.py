@@ -32,6 +32,7 @@ from nl.data.shards import TokenShards
 from nl.distributed import all_reduce_sum, init_distributed, parallelize
 from nl.distributed.strategy import build_strategy
 from nl.evaluate import evaluate_loss, token_loss_sum
+from nl.export import load_init_weights
 from nl.metrics import MetricsLogger, peak_flops, progress_enabled
 from nl.models import build_model, count_parameters, flops_per_token
 from nl.optim import build_optimizer, check_supported
@@ -238,6 +239,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    if cfg.train.init_from and resume_from is None:  # continued pretraining; a resume loads its checkpoint
+        load_init_weights(base_model, cfg.train.init_from, train_data.fingerprint)
     n_params = count_parameters(base_model)  # before sharding: FSDP2 parameters hold only a shard
     model = parallelize(base_model, cfg, env, use_bf16)
     inner_optimizer = build_optimizer(model, cfg)  # ours (nl/optim), also under DeepSpeed

@@ -131,8 +131,10 @@ def test_exported_files_are_readable_by_group_and_others(token_dir, tmp_path):
         out = export(run, tmp_path / "export")
     finally:
         os.umask(old)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert modes == {"model.safetensors": 0o644, "config.json": 0o644, "tokenizer.model": 0o644}
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert {"model.safetensors", "config.json", "tokenizer.model"} <= set(modes)
+    # also the Hugging Face files and the Transformer++'s llama/ copy (tests/test_hf_export.py)
+    assert modes == {name: 0o755 if (out / name).is_dir() else 0o644 for name in modes}
 
 
 # ------------------------------------------------------------------ EOS ----------
