@@ -95,6 +95,17 @@ def test_generate_equals_nl_greedy(exports, name):
         assert calls == {"forward": new_tokens, "prefill": 0, "step": 0}, calls
 
 
+@pytest.mark.parametrize("name", ["hope", "titans"])
+@pytest.mark.parametrize("prompt_len", [6, 70])  # 70: past the first 64-token chunk (anchors per row)
+def test_beam_search_reorders_hope_state(exports, name, prompt_len):
+    hf = auto_model(exports[name], trust_remote_code=True)
+    prompt = torch.randint(3, 1024, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=2)
+    recurrent = hf.generate(prompt, **kwargs)  # HopeState reordered after every step
+    rerun = hf.generate(prompt, use_cache=False, **kwargs)  # every step re-reads the whole sequence
+    assert recurrent.tolist() == rerun.tolist()
+
+
 def test_generate_stops_at_eos_like_nl(exports):
     path = exports["hope"]
     hf = auto_model(path, trust_remote_code=True)

@@ -48,12 +48,9 @@ class NLConfig(PreTrainedConfig):
 
 
 def _map_tensors(obj, fn):
-    """Apply fn to every tensor inside nested dataclasses / dicts / lists / tuples (a HOPE state)."""
+    """Apply fn to every tensor inside nested dicts / lists / tuples (None stays None)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -73,8 +70,18 @@ class HopeState:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = _map_tensors(self.states, lambda t: t.index_select(0, beam_idx.to(t.device)))
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, beam_idx.to(device=t.device, dtype=torch.long))
+
+        def pick_memory(t: torch.Tensor) -> torch.Tensor:
+            # memory layers are [B, H, O, I]; an anchor still at M_0 is shared ([H, O, I] or [1, H, O, I])
+            return pick(t) if t.dim() == 4 and t.shape[0] == beam_idx.numel() else t
+
+        # rec.init (the outer M_0) and rec.stats are shared by all rows: not reordered.
+        self.states = [dataclasses.replace(s, conv=_map_tensors(s.conv, pick), rec=dataclasses.replace(
+            s.rec, **{f: _map_tensors(getattr(s.rec, f), pick_memory) for f in ("cur", "anchor", "mom")}))
+            for s in self.states]
 
 
 class NLForCausalLM(PreTrainedModel, GenerationMixin):
