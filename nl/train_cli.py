@@ -111,7 +111,9 @@ def _vocab_size(cfg: Config) -> tuple[int | None, str]:
     """The vocabulary the run will use and where it comes from (the trainer's rule: 0 = the data's)."""
     if cfg.model.vocab_size:
         return int(cfg.model.vocab_size), "model.vocab_size"
-    manifest = Path(cfg.data.dir) / "manifest.json"
+    sources = list(getattr(cfg.data, "sources", None) or [])
+    first_dir = sources[0]["dir"] if sources else cfg.data.dir  # the mixture refuses mixed tokenizers
+    manifest = Path(first_dir) / "manifest.json"
     if not manifest.is_file():
         return None, f"model.vocab_size=0 and {manifest} does not exist: set model.vocab_size to count"
     return int(json.loads(manifest.read_text())["tokenizer"]["vocab_size"]), str(manifest)
