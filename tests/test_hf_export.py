@@ -19,9 +19,9 @@ from nl.generate import sample
 from nl.tokenizer import Tokenizer
 from test_train import read_metrics, small_cfg
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported: local directories only
 transformers = pytest.importorskip("transformers", reason="transformers is not installed "
                                    "(pip install -r requirements-test.txt)")
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 ARCHS = {  # name -> (arch, overrides)
     "transformer": ("transformer", []),
@@ -150,6 +150,19 @@ def test_transformer_exports_as_plain_llama(exports, name):
         torch.testing.assert_close(llama(ids).logits, load_pretrained(exports[name])(ids), atol=1e-5, rtol=0)
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     assert tok("Hello world")["input_ids"] == Tokenizer(exports[name] / "tokenizer.model").encode("Hello world")
+
+
+def test_export_without_transformers_says_what_it_skipped(exports, monkeypatch, capsys, tmp_path):
+    import sys
+
+    from nl.export import main
+
+    run = exports["hope"].parent / "run_hope"
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    main(["--run", str(run), "--output", str(tmp_path / "out")])
+    assert "tokenizer files skipped: transformers is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "nl"
 
 
 def test_hope_export_has_no_llama_dir(exports):

@@ -90,7 +90,6 @@ class NLForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NLConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
-    _supports_cache_class = False
 
     def __init__(self, config: NLConfig) -> None:
         super().__init__(config)
