@@ -85,7 +85,7 @@ def write_tokenizer(sp_model: Path, output: Path) -> None:
                                          decoders.Strip(" ", 1, 0)])
     tok = transformers.TokenizersBackend(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                          unk_token="<unk>", split_special_tokens=True,
-                                         clean_up_tokenization_spaces=False, model_max_length=int(1e9))
+                                         clean_up_tokenization_spaces=False)  # model_max_length: unbounded
     tok.save_pretrained(str(output))
 
 
