@@ -109,15 +109,18 @@ class Haystack:
 
     def take(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
         """(n token ids, sorted boundaries in [0, n] between whole sentences, 0 and n included);
-        the last sentence is cut at n tokens."""
+        the last sentence is cut at n tokens. A prose run starts at a sentence among those that
+        begin within the text's first n tokens and leave n tokens after them, so the draw depends
+        on n and the text's start only (not on how much of the text was read: see prose_haystack)."""
         start = 0
         if not self.repeat:
-            ends, total = [], 0  # the last start index with at least n tokens after it
-            for s in reversed(self.sentences):
-                total += len(s)
-                ends.append(total)
-            last = len(self.sentences) - next(i for i, t in enumerate(ends) if t >= n) - 1
-            start = rng.randint(0, last)
+            candidates, offset = [], 0
+            for i, s in enumerate(self.sentences):
+                if offset > n or self.tokens - offset < n:
+                    break
+                candidates.append(i)
+                offset += len(s)
+            start = rng.choice(candidates)
         tokens, bounds, i = [], [0], start
         while len(tokens) < n:
             tokens.extend(self.sentences[i % len(self.sentences)])
@@ -132,7 +135,8 @@ def split_sentences(text: str) -> list[str]:
 
 
 def prose_haystack(paths: list[str], tokenizer, max_tokens: int, strict: bool = False) -> Haystack:
-    """The sentences of the documents of `paths`, each encoded on its own, read until max_tokens."""
+    """The sentences of the documents of `paths`, each encoded on its own, read until max_tokens
+    (at least 2x the longest prompt: prompts of n tokens start within the first n)."""
     from nl.data.sources import iter_documents
 
     sentences, total = [], 0

@@ -116,6 +116,11 @@ def test_samples_are_deterministic_given_the_seed(tok, small_corpus):
     assert [x.ids for x in a] == [x.ids for x in b]
     assert [x.ids for x in a] != [x.ids for x in c]
     assert len({x.value for x in a}) == 3  # the samples of one cell differ from each other
+    # A cell does not depend on how much text was read for longer prompts (other --lengths).
+    more = prose_haystack([str(small_corpus)], tok, 40_000)
+    assert more.tokens > 2 * hay.tokens
+    assert [build_sample(tok, "niah_single_3", 1000, 0.5, i, seed=7, haystack=more).ids for i in range(3)] == \
+        [x.ids for x in a]
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a[0].value)
 
 
