@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -53,21 +55,41 @@ def model(token_dir) -> Path:
     return token_dir / "tokenizer.model"
 
 
+def array_task(index: int, count: int, *args: str, cpus: int = 1, check: bool = True,
+               ) -> subprocess.CompletedProcess:
+    """Run launch/tokenize_array.sbatch as slurm runs array task `index` of `count` (from /)."""
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_ARRAY_TASK_COUNT": str(count),
+           "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": str(count - 1),
+           "SLURM_CPUS_PER_TASK": str(cpus), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "tokenize_array.sbatch"), *args], cwd="/", env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"array task {index} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory, texts, model) -> tuple[Path, list[Path]]:
-    """The corpus (with an empty line, which is no document) and its 3 parts via the CLI (part 1 on
-    2 worker processes)."""
+    """The corpus (with an empty line, which is no document) and its 3 parts, written by the slurm
+    array script's tasks 0..2 (task 1 on 2 worker processes)."""
     root = tmp_path_factory.mktemp("parts")
     corpus = root / "corpus.jsonl"
     rows = texts[:10] + [""] + texts[10:]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    dirs = []
     for i in range(3):
-        dirs.append(root / f"part_{i}")
-        run_script("data_prep/tokenize_corpus.py", "--input", str(corpus), "--tokenizer", str(model),
-                   "--output", str(dirs[-1]), "--val-fraction", "0.1", "--seed", "7", "--num-workers", str(1 + i % 2),
-                   "--num-shards", "3", "--shard-index", str(i), "--shard-tokens", "9000")
+        array_task(i, 3, str(root / "parts"), "--input", str(corpus), "--tokenizer", str(model),
+                   "--val-fraction", "0.1", "--seed", "7", "--shard-tokens", "9000", cpus=1 + i % 2)
+    dirs = sorted((root / "parts").iterdir())
+    assert [d.name for d in dirs] == ["part_00000", "part_00001", "part_00002"]
     return corpus, dirs
+
+
+def test_array_script_refusals(tmp_path, model):
+    proc = array_task(0, 3, str(tmp_path), "--input", "x.jsonl", "--output", "y", check=False)
+    assert proc.returncode != 0 and "--output is set by this script" in proc.stderr
+    env_less = subprocess.run(["bash", str(REPO / "launch" / "tokenize_array.sbatch"), str(tmp_path)],
+                              capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert env_less.returncode != 0 and "not an array task" in env_less.stderr
 
 
 def test_three_parts_merged_equal_one_machine(parts, texts, model, tmp_path):
