@@ -179,7 +179,11 @@ def build_sample(tokenizer, task_name: str, length: int, depth: float, index: in
         key = draw_word(rng)
         if key not in keys:
             keys.append(key)
-    values = [draw_value(task.value, rng) for _ in keys]
+    values: list[str] = []  # distinct, and no word value equal to a key (the question would give it away)
+    while len(values) < len(keys):
+        value = draw_value(task.value, rng)
+        if value not in keys and value not in values:
+            values.append(value)
     asked = rng.randrange(task.needles)
     prefix = tokenizer.encode(f"Some special magic {kind} are hidden within the following text. "
                               f"Make sure to memorize it. I will quiz you about the {kind} afterwards.")

@@ -188,3 +188,13 @@ def test_bad_input_is_one_line(exports, tmp_path, small_corpus):
     short.write_text("A short text. It has two sentences.\n")
     msg = one_line_error("--model", model, "--lengths", "400", "--haystack", str(short), "--tasks", "niah_single_2")
     assert "400-token" in msg and "more text" in msg
+
+
+def test_a_word_value_is_never_its_key(tok):
+    """Keys and word values are both adjective-noun pairs: a value equal to the key would be answered
+    by copying the question. Index 498 at seed 0 is the first such draw before values were redrawn."""
+    hay = noise_haystack(tok)
+    for i in range(490, 510):
+        s = build_sample(tok, "niah_single_word", 300, 0.5, i, seed=0, haystack=hay)
+        assert s.value != s.key and re.fullmatch(r"[a-z]+-[a-z]+", s.value)
+
