@@ -204,9 +204,24 @@ def test_datasets_inputs_are_streamed(texts, model, tmp_path, monkeypatch):
     for name in ("saved", "parquet", "hub"):
         assert outs[name]["splits"] == outs["jsonl"]["splits"], name
     # a streamed dataset without the text field says so
-    with pytest.raises(DataError, match=r"has no (field|column) 'body'"):
+    with pytest.raises(DataError, match=r"has no column 'body'"):
         tokenize_corpus(["some-user/some-corpus"], model, tmp_path / "x", num_workers=1, progress=False,
                         hub_split="validation", text_field="body")
+
+    # A streamed dataset whose columns are known only from its rows (features None): read row by row.
+    def generated_hub(name, config=None, *, split, streaming=False):
+        def rows():
+            for i, t in enumerate(docs):
+                yield {"body": t, "id": i}
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", generated_hub)
+    assert datasets.load_dataset("x", split="train").column_names is None
+    m = tokenize_corpus(["some-user/generated"], model, tmp_path / "tokens_gen", val_fraction=0.1, num_workers=1,
+                        progress=False, text_field="body")
+    assert m["splits"] == outs["jsonl"]["splits"]
+    with pytest.raises(DataError, match=r"row 0 has no field 'text' \(has: body, id\)"):
+        tokenize_corpus(["some-user/generated"], model, tmp_path / "x", num_workers=1, progress=False)
 
 
 def test_memory_stays_bounded_for_a_generator_corpus(texts, model, tmp_path, monkeypatch):
