@@ -161,7 +161,13 @@ def test_merge_refusals(parts, model, tmp_path, texts):
     index.write_bytes(index.read_bytes()[:-tc.DOC_DTYPE.itemsize])
     refused([dirs[0], dirs[1], cut], r"train_docs.bin does not match")
 
-    proc = run_script("data_prep/merge_shards.py", "--parts", str(dirs[0]), "--output", str(tmp_path / "out"),
+    # A failed task is rerun over its partial part: --overwrite counts the part's index files as its own.
+    rerun = tokenize_corpus([str(corpus)], model, cut, val_fraction=0.1, num_workers=1, seed=7, shard_tokens=9000,
+                            num_shards=3, shard_index=2, overwrite=True, progress=False)
+    assert rerun["part"]["index"] == 2
+    assert merge_shards([dirs[0], dirs[1], cut], tmp_path / "out")["splits"]["train"]["num_documents"] > 0
+
+    proc = run_script("data_prep/merge_shards.py", "--parts", str(dirs[0]), "--output", str(tmp_path / "out2"),
                       check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "missing parts 1, 2 of 3" in proc.stderr
     proc = run_script("data_prep/tokenize_corpus.py", "--input", str(corpus), "--tokenizer", str(model),
