@@ -212,6 +212,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, output: str | Path
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     part = num_shards is not None
+    doc_files: dict = {}
     try:
         writers = {False: ShardWriter(tmp, "train", dtype, shard_tokens),
                    True: ShardWriter(tmp, "val", dtype, shard_tokens)}
@@ -244,6 +245,8 @@ def tokenize_corpus(inputs: list[str], tokenizer: str | Path, output: str | Path
         manifest = write_manifest(tmp, tok, splits, extra)
         _replace_dir(tmp, output)
     except BaseException:
+        for f in doc_files.values():
+            f.close()
         shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir
         raise
     return {**manifest, "text_bytes": text_bytes, "seconds": time.perf_counter() - start}
