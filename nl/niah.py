@@ -251,6 +251,8 @@ def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iter
     Returns {"tasks": {task: {"accuracy", "by_length", "by_length_depth", "describe"}}, ...};
     accuracies are fractions in [0, 1], keys of lengths and depths are strings. Raises UsageError
     for bad input (unknown task, length <= 0 or too short, depth outside [0, 1], too little text)."""
+    from tqdm import tqdm
+
     from nl.text import warn
 
     lengths, depths, tasks = [int(x) for x in lengths], [float(d) for d in depths], list(tasks)
@@ -288,6 +290,8 @@ def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iter
     eos = tokenizer.eos_id
     out: dict = {"model": model_name, "seed": seed, "samples": samples, "lengths": lengths, "depths": depths,
                  "tasks": {}}
+    # A bar on stderr only when it is a terminal (tqdm's disable=None): a 16K prompt decodes in seconds to minutes.
+    progress = tqdm(total=sum(len(g) for g in plan.values()), desc="niah", unit="prompt", disable=None)
     for t in tasks:
         correct: dict[tuple[int, float], int] = {}
         for L in lengths:
@@ -296,6 +300,7 @@ def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iter
                 batch = group[b:b + batch_size]
                 prompts = torch.tensor([s.ids for s in batch], dtype=torch.long, device=device)
                 new = generate(prompts, answer_tokens[t]).tolist()
+                progress.update(len(batch))
                 for s, row in zip(batch, new):
                     row = row[:row.index(eos)] if eos in row else row
                     hit = s.value.lower() in tokenizer.decode(row).lower()
@@ -307,6 +312,7 @@ def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iter
             "by_length": {str(L): sum(correct[(L, d)] for d in depths) / (samples * len(depths)) for L in lengths},
             "by_length_depth": by_ld,
         }
+    progress.close()
     out["mean_accuracy"] = sum(r["accuracy"] for r in out["tasks"].values()) / len(tasks)
     return out
 
