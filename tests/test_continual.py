@@ -72,7 +72,7 @@ def test_forgetting_is_final_minus_best_loss():
 def test_two_phases_matrix_and_phase_two_starts_from_phase_one(arch, domains, tmp_path):
     run = tmp_path / "continual"
     hope = ["model.hope.chunk_size=8", "model.hope.memory_chunk_size=8", "model.hope.cms_chunk_sizes=[1,2]"]
-    cfg = small_cfg(domains[0], tmp_path / "unused", "eval.every=0", "train.lr=1e-2", *(hope if arch == "hope" else []), arch=arch)
+    cfg = small_cfg(domains[0], tmp_path / "unused", "eval.every=6", "train.lr=1e-2", *(hope if arch == "hope" else []), arch=arch)
     result = run_continual(cfg, domains, steps_per_domain=6, run_dir=run)
 
     loss = np.array(result["loss"])
@@ -88,6 +88,10 @@ def test_two_phases_matrix_and_phase_two_starts_from_phase_one(arch, domains, tm
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(first_batch_loss(phase1_export, domains[1], cfg), abs=1e-4)
     assert rows[0]["loss"] < math.log(1024) - 0.3
+
+    # The diagonal is each phase's own validation at its last step (the same windows).
+    for k in (1, 2):
+        assert loss[k - 1, k - 1] == pytest.approx(read_metrics(run / f"phase_{k}")[1][-1]["val_loss"], abs=1e-5)
 
     # Each matrix entry is what nl.evaluate reports for that export and domain (the same windows:
     # eval.max_batches=2 batches of 8 sequences, in micro-batches of 4).
