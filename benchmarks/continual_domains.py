@@ -26,6 +26,11 @@ PLACES = re.compile(r"\b(city|town|village|municipality|county|province|capital|
                     r"country in|region of|district)\b")
 
 
+def topic(text: str) -> str:
+    """"people", "places" or "general" for one article (title + extract) by the rule above."""
+    return "people" if PEOPLE.search(text[:400]) else "places" if PLACES.search(text[:300]) else "general"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="data/demo/corpus.jsonl")
@@ -37,9 +42,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     domains: dict[str, list[str]] = {"places": [], "people": [], "general": []}
     for line in Path(args.corpus).read_text(encoding="utf-8").splitlines():
-        text = json.loads(line)["text"]
-        topic = "people" if PEOPLE.search(text[:400]) else "places" if PLACES.search(text[:300]) else "general"
-        domains[topic].append(line)
+        domains[topic(json.loads(line)["text"])].append(line)
     domains["general"] = domains["general"][:args.general_docs]
     for name, lines in domains.items():
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import REPO, run_script
 from nl.config import ConfigError
 from nl.continual import forgetting, main, run_continual
 from nl.data.shards import DataError
@@ -162,3 +162,16 @@ def test_mixture_config_refused(domains, tmp_path):
     cfg = small_cfg(domains[0], tmp_path / "unused", f"data.sources=[{{dir: {domains[0]}}}]")
     with pytest.raises(ConfigError, match="data.sources is set"):
         run_continual(cfg, domains, 2, tmp_path / "run")
+
+
+def test_benchmark_topic_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("continual_domains", REPO / "benchmarks" / "continual_domains.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.topic("Ada Lovelace\n\nAda King, Countess of Lovelace (1815–1852) was an English mathematician.") \
+        == "people"
+    assert bench.topic("Jean Sibelius\n\nJean Sibelius was a Finnish composer of the late Romantic period.") == "people"
+    assert bench.topic("Samarkand\n\nSamarkand is a major city located in southeastern Uzbekistan.") == "places"
+    assert bench.topic("Polymer\n\nA polymer is a substance consisting of very large molecules.") == "general"
