@@ -156,7 +156,12 @@ def main() -> None:
                     help="instead of the table: HOPE (--hope) against HOPE with these further overrides and the "
                          "Transformer++, one step of each in turn for --steps rounds at each --seq-lens "
                          "(e.g. --ab retention_target=zero normalized_step=false normalize_v=false)")
+    ap.add_argument("--flush-denormal", action="store_true",
+                    help="torch.set_flush_denormal(True): subnormal floats (a memory decaying toward zero) "
+                         "cost ~100x on x86; flushing them measures the arithmetic alone")
     args = ap.parse_args()
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.hope)}
     if args.trim_heap:
         _release_freed_memory()
