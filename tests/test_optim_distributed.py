@@ -148,8 +148,9 @@ def test_deepspeed_refuses_rules_that_need_whole_matrices(name, token_dir, tmp_p
 
 
 def test_dmgd_trains_500_steps_stably_and_its_memory_learns(token_dir, tmp_path):
-    """500 steps of a small HOPE with DMGD + CMS: no NaN, the loss falls, the memory's internal
-    loss falls, and its weights moved away from their initial values (EMA momentum)."""
+    """500 steps of a small HOPE with DMGD + CMS: no NaN, the loss falls, the memory's weights moved
+    away from their initial values (EMA momentum) without collapsing onto a copy of its P u input
+    (read-out weight on P u near 1, internal loss near 0: what the objective before issue 12 did)."""
     run = tmp_path / "run"
     train(1, token_dir, run, "optim.name=dmgd", "train.steps=500", "train.lr=1e-3", "train.warmup_steps=20",
           "train.micro_batch_size=0", "train.batch_size=8", "train.log_every=25", "checkpoint.every=0")
@@ -158,8 +159,9 @@ def test_dmgd_trains_500_steps_stably_and_its_memory_learns(token_dir, tmp_path)
     memory = [r["memory_loss"] for r in rows if "memory_loss" in r]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-4:]) / 4 < sum(losses[:2]) / 2 - 1.0, losses
-    assert memory[-1] < memory[0], memory
+    assert all(math.isfinite(x) for x in memory) and min(memory[-4:]) > 0.05, memory
     thetas = single_memories(run, tmp_path / "ckpt.pt")
     assert thetas, "no DMGD memory in the checkpoint"
     initial_mix = torch.tensor([0.0, 1.0])  # w = [0, 1] at the start: an EMA momentum
     assert all(not torch.allclose(t[:2], initial_mix, atol=1e-3) for t in thetas)
+    assert all(t[0] < 0.5 for t in thetas), [t[:2] for t in thetas]  # a copy reads P u with weight 1
