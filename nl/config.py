@@ -136,7 +136,7 @@ class DMGDConfig:
     """Deep Momentum GD's memory MLP (nl/optim/memories.py DMGD)."""
 
     hidden: int = 8  # hidden width of the per-coordinate memory MLP
-    internal_loss: str = "l2"  # l2: regression of the output onto P u | dot: -<output, P u> (needs memory_decay)
+    internal_loss: str = "l2"  # l2: regress m([P u_{i-1}, mbar_{i-1}]) onto the next P u_i | dot: -<that output, P u_i> (needs memory_decay)
     memory_lr: float = 1e-2  # gradient-descent step of the memory on its internal objective
     memory_decay: float = 0.0  # retention: theta <- (1 - memory_decay) theta before each memory step
 
