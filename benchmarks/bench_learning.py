@@ -320,7 +320,7 @@ def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Pat
     colours = plt.get_cmap("tab10")
     style = [{"color": colours(i % 10), "ls": ("-", "--")[i // 10 % 2]} for i in range(len(rows))]
     paths = [out / "val_loss.png", out / "per_position.png"]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=90)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=80)
     for i, r in enumerate(rows):
         if not r["seeds"]:
             continue
@@ -339,7 +339,7 @@ def plot(rows: list[dict], seq_len: int, out: Path, curve_note: str) -> list[Pat
     smooth = {i: np.convolve(r["per_position"], np.ones(window) / window, mode="valid") for i, r in shown}
     x = np.arange(len(next(iter(smooth.values())))) + window - 1
     base_i, base = shown[0]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=90, sharex=True, height_ratios=(3, 2))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=80, sharex=True, height_ratios=(3, 2))
     for i, r in shown:
         top.plot(x, smooth[i], label=r["variant"], lw=1, **style[i])
         bottom.plot(x, smooth[i] - smooth[base_i], lw=1, **style[i])
