@@ -115,8 +115,8 @@ def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig, literal
     """HOPE_SPEC.md section 2 as a fully online loop, gradients of 1/2 ||M(k) - vhat||^2 by autograd.
 
     literal: Eq. 88 as printed. Otherwise docs/HOPE.md's memory-health form: v L2-normalised before it
-    makes the targets; each layer's step normalised by its input (x -> x / ||x|| in the decay, the
-    gradient divided by ||x||^2: normalised LMS); retention and decay act on W - W_0.
+    makes the targets; the MLP hidden layer's step normalised by its input (h -> h / ||h|| in the
+    decay, the gradient divided by ||h||^2: normalised LMS); retention and decay act on W - W_0.
     Independent of nl.ops except memory_apply (M(z) = W z or z + W1 silu(W2 z))."""
     T = z.shape[2]
     unit = lambda x: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)  # noqa: E731  (l2norm, eps 1e-6)
@@ -146,8 +146,10 @@ def online_recurrence(z, static, states, readout, cfg: RecurrenceConfig, literal
                 x = x[..., 0, :]
                 W0 = 0.0
                 if not literal:
-                    norm2 = x.pow(2).sum(-1)[..., None, None] + 1e-6
-                    x, gr, W0 = x / norm2[..., 0].sqrt(), gr / norm2, states[n][i].detach()
+                    W0 = states[n][i].detach()
+                    if len(layers) == 2 and i == 0:  # the MLP's hidden input h (k is unit already)
+                        norm = torch.clamp(torch.sqrt(x.pow(2).sum(-1)), min=1e-6)[..., None]
+                        x, gr = x / norm, gr / norm[..., None] ** 2
                 mom[n][i] = mu * mom[n][i] - eta * gr
                 decay = alpha * torch.eye(W.shape[-1], dtype=DT) - eta * x[..., :, None] * x[..., None, :]
                 new.append(W0 + (W - W0) @ decay + mom[n][i])

@@ -195,10 +195,10 @@ class ChunkLayer:
 
 
 def input_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """sqrt(||x||^2 + eps) over the last dim, kept: [..., I] -> [..., 1]. The normalised step uses
-    x / n in DGD's decay and g x^T / n^2 as the gradient term (normalised LMS): the step then changes
-    the layer's output on x by -eta g whatever the scale of x, as arXiv Eq. 57 assumes (||x|| = 1)."""
-    return torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    """max(||x||, eps) over the last dim, kept: [..., I] -> [..., 1]. The normalised step uses x / n in
+    DGD's decay and g x^T / n^2 as the gradient term (normalised LMS): the step then changes the
+    layer's output on x by -eta g whatever the scale of x, as arXiv Eq. 57 assumes (||x|| = 1)."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
 
 
 def dgd_step(S: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor,

@@ -15,8 +15,8 @@ chunk size `chunk_size` for the generators, `memory_chunk_size` for `memory`):
         at A_c; every layer of M_c takes one `delta_rule` step (DGD, decays token by token).
 
 RecurrenceConfig's memory-health switches (docs/HOPE.md) change this as follows: normalize_v uses
-l2norm(v_t) for the targets; normalized_step feeds each layer x / ||x|| to the decay and
-g x^T / ||x||^2 as the gradient term; retention_target="init" applies retention and decay to
+l2norm(v_t) for the targets; normalized_step feeds the MLP's hidden layer h / ||h|| to the decay and
+g h^T / ||h||^2 as the gradient term (k is unit already); retention_target="init" applies retention and decay to
 M - M_0; target="value" (Titans) regresses onto v_t itself; chunk_read="anchor" reads A_memory(q_t).
 
 Chunk size 1 makes every anchor the previous state: the fully online recurrence.
@@ -137,6 +137,12 @@ def _chunk_of(name: str, cfg: RecurrenceConfig) -> int:
     return cfg.memory_chunk_size if name == "memory" else cfg.chunk_size
 
 
+def _reads_hidden(i: int, layers: Memory) -> bool:
+    """Layer i of an MLP memory (W1, W2) reads the hidden h = silu(W2 k), the only layer input that is not
+    an L2-normalised k: the normalised step applies to it alone (to k it would be a no-op)."""
+    return len(layers) == 2 and i == 0
+
+
 def _target(A: Memory, v: torch.Tensor, cfg: RecurrenceConfig) -> torch.Tensor:
     return memory_apply(A, v) if cfg.target == "self" else v
 
@@ -160,7 +166,7 @@ def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str,
         stepped = []
         for i, (S, (x, g, _)) in enumerate(zip(layers, memory_grad_factors(A, k, _target(A, v, cfg)))):
             x, g = x[..., 0, :], g[..., 0, :]
-            if cfg.normalized_step:
+            if cfg.normalized_step and _reads_hidden(i, layers):
                 n = input_norm(x)
                 x, g = x / n, g / n
             P = None if state.mom[name] is None else state.mom[name][i]
@@ -187,8 +193,8 @@ class _ChunkMemory:
     """Every layer of one memory over one chunk (`ChunkLayer`s), in the form the config asks for:
     with retention_target="init" the layers run on the deviation S - M_0 (the chunk form of
     `dgd_step` is unchanged on it) and M_0's own contribution is added to reads and end states;
-    with normalized_step the layer inputs enter as unit vectors and the gradient factors are divided by
-    their norm (`input_norm`)."""
+    with normalized_step the MLP's hidden input h enters as a unit vector and its gradient factors are
+    divided by ||h|| (`input_norm`; layers fed by k, already unit, are left as they are)."""
 
     def __init__(self, S: Memory, P: Memory | None, init: Memory, k: torch.Tensor, v: torch.Tensor,
                  gates: ChunkGates, cfg: RecurrenceConfig) -> None:
@@ -196,12 +202,11 @@ class _ChunkMemory:
         self.layers = []
         for i, (x, g, xs) in enumerate(memory_grad_factors(S, k, _target(S, v, cfg))):
             S0 = S[i]
-            if cfg.normalized_step:
+            if cfg.normalized_step and _reads_hidden(i, S):
                 n = input_norm(x)
                 x, g, xs = x / n, g / n, xs / n
-            if self.init is not None:
-                S0 = S0 - self.init[i]
-                xs = xs - x @ self.init[i].mT
+            if self.init is not None:  # the layer's own output on x is then the deviation's: ChunkLayer forms it
+                S0, xs = S0 - self.init[i], None
             self.layers.append(ChunkLayer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs))
 
     def read_layer(self, i: int, Q: torch.Tensor) -> torch.Tensor:
@@ -333,7 +338,8 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
       read per layer: Q X^T (2 c^2 I), Q S0^T (2 c I O), with momentum Q P0^T (2 c I O), and the
           in-chunk terms (2 c^2 O; twice when momentum and DGD are both on);
       gates with momentum (once per chunk, shared by the memories): 2 c^3 + 4 c^2;
-      init_retention (retention_target=init): per layer X M_0^T (2 c I O), and in the read Q M_0^T;
+      init_retention (retention_target=init): with DGD per layer X (S_0 - M_0)^T (2 c I O; without it the
+          anchor's own output on X comes free), and in the read Q M_0^T;
       anchor_read: the read is one memory application A on q instead of the in-chunk read;
       self_target False (Titans' target v_t): the memory's A on v is not computed."""
     mlp = memory_type == "mlp"
@@ -347,7 +353,7 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
             if dgd:
                 mm += (2 * c * c * I if i < len(layers) - 1 else 0) + 2 * c * c * O + (2 * c * I * O if momentum else 0)
                 solve += c * (c - 1) * O
-            mm += 2 * c * I * O * (2 if momentum else 1) + (2 * c * I * O if init_retention else 0)
+            mm += 2 * c * I * O * (2 if momentum else 1) + (2 * c * I * O if init_retention and dgd else 0)
         return mm, solve
 
     def k_gram(c: int) -> int:  # k k^T of the layer whose input is k: once per chunk, the memories share k
