@@ -256,7 +256,7 @@ class SelfModifyingTitans(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         """Projections, gate ~ N(0, std); wo ~ N(0, out_std); memory initial states: linear W = I + N(0, std),
         MLP W1 ~ N(0, std), W2 ~ N(0, 1/hidden) (M starts near the identity); readout w ~ N(0, std),
-        biases from `_BIAS_INIT`."""
+        biases: eta = min(0.1, eta_max / 2), mu = 0.5, alpha per head from `alpha_bias_init`."""
         for p in self.proj.values():
             nn.init.normal_(p.linear.weight, std=std)
             if p.conv is not None:

@@ -221,7 +221,7 @@ class _ChunkMemory:
 
     def ends(self, momentum: bool) -> tuple[Memory, Memory | None]:
         ends = [layer.end_state() for layer in self.layers]
-        S = tuple(s if self.init is None else s + w0 for (s, _), w0 in zip(ends, self.init or [None] * len(ends)))
+        S = tuple(s for s, _ in ends) if self.init is None else tuple(s + w0 for (s, _), w0 in zip(ends, self.init))
         return S, (tuple(p for _, p in ends) if momentum else None)
 
 
