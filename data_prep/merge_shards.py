@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` with
 import numpy as np  # noqa: E402
 
 from data_prep.tokenize_corpus import DOC_DTYPE, _replace_dir, check_output  # noqa: E402
-from nl.cli import describe_os_error  # noqa: E402
+from nl.cli import one_line_errors  # noqa: E402
 from nl.data.shards import DataError, ShardWriter, TokenShards, write_manifest  # noqa: E402
 from nl.tokenizer import Tokenizer  # noqa: E402
 
@@ -168,12 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --output if it is a token directory written by these tools (never anything else)")
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():  # DataError, or an output path that cannot be created
         m = merge_shards(args.parts, args.output, args.shard_tokens, args.overwrite)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {describe_os_error(e)}")
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(f"merged {len(args.parts)} parts in {m['seconds']:.1f}s: train {train['num_tokens']} tokens "
           f"({train['num_documents']} documents, {len(train['shards'])} shards), val {val['num_tokens']} tokens "

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` and 
 
 from data_prep.tokenize_corpus import tokenize_corpus  # noqa: E402
 from data_prep.train_tokenizer import train_tokenizer  # noqa: E402
-from nl.cli import describe_os_error  # noqa: E402
-from nl.data.shards import MANIFEST_FILE, DataError  # noqa: E402
+from nl.cli import one_line_errors  # noqa: E402
+from nl.data.shards import MANIFEST_FILE  # noqa: E402
 from nl.data.sources import write_demo_corpus  # noqa: E402
 from nl.tokenizer import Tokenizer  # noqa: E402
 
@@ -60,12 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="data/demo", help="output folder (default: data/demo)")
     ap.add_argument("--num-workers", type=int, default=os.cpu_count(), help="tokenization processes")
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():  # DataError, or an output path that cannot be created
         prepare_demo(args.root, args.num_workers)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # e.g. an output path that cannot be created
-        sys.exit(f"error: {describe_os_error(e)}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` with
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nl.cli import describe_os_error  # noqa: E402
+from nl.cli import one_line_errors  # noqa: E402
 from nl.data.shards import (FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE, DataError, ShardWriter,  # noqa: E402
                              dtype_for_vocab, write_manifest)
 from nl.data.sources import iter_sourced_documents  # noqa: E402
@@ -311,15 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.num_shards is None) != (args.shard_index is None):
         sys.exit("error: --num-shards and --shard-index go together: pass both (e.g. --num-shards 8 "
                  "--shard-index $SLURM_ARRAY_TASK_ID) or neither")
-    try:
+    with one_line_errors():  # DataError, or an output path that cannot be created
         m = tokenize_corpus(args.input, args.tokenizer, args.output, args.val_fraction, args.num_workers,
                             args.text_field, args.shard_tokens, args.seed, args.overwrite,
                             strict_text=args.strict_text, hub_split=args.hub_split, hub_config=args.hub_config,
                             num_shards=args.num_shards, shard_index=args.shard_index or 0)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # e.g. an output path that cannot be created
-        sys.exit(f"error: {describe_os_error(e)}")
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(f"tokenized {train['num_documents'] + val['num_documents']} documents ({m['text_bytes'] / 1e6:.1f} MB) "
           f"in {m['seconds']:.1f}s: train {train['num_tokens']} tokens ({len(train['shards'])} shards), "

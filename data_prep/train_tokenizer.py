@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import nl` without installing
 
-from nl.cli import describe_os_error  # noqa: E402
+from nl.cli import one_line_errors  # noqa: E402
 from nl.data.shards import DataError  # noqa: E402
 from nl.data.sources import iter_sourced_documents  # noqa: E402
 
@@ -123,13 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--strict-text", action="store_true",
                     help="refuse text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():  # DataError, or an output path that cannot be created
         s = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field, args.max_chars,
                             strict_text=args.strict_text)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # e.g. an output path that cannot be created
-        sys.exit(f"error: {describe_os_error(e)}")
     print(f"trained BPE tokenizer (vocab {args.vocab_size}) on {s['chars'] / 1e6:.1f}M chars "
           f"({s['documents']} documents, {s['lines']} lines) in {s['seconds']:.1f}s -> {s['output']}")
 

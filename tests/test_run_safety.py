@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO
 from nl.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
-from test_train import read_metrics, small_cfg
+from test_train import nan_loss_from_step_13, read_metrics, small_cfg
 from nl.trainer import StopSignal, TrainingError, train
 
 
@@ -106,17 +106,7 @@ def test_load_step_resumes_from_an_older_checkpoint(token_dir, tmp_path):
 
 
 def test_divergence_error_names_the_checkpoints_and_load_step(token_dir, tmp_path, monkeypatch):
-    import nl.trainer as trainer
-
-    calls = {"n": 0}
-    real = trainer.token_loss_sum
-
-    def nan_from_step_13(model, x, y):  # 2 micro-batches per step
-        calls["n"] += 1
-        loss = real(model, x, y)
-        return loss * float("nan") if calls["n"] > 24 else loss
-
-    monkeypatch.setattr(trainer, "token_loss_sum", nan_from_step_13)
+    nan_loss_from_step_13(monkeypatch)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 13.*Checkpoints kept: steps 5, 10;.*"
                                             r"may already carry the divergence.*checkpoint\.load_step=5"):
         train(small_cfg(token_dir, tmp_path / "run", "checkpoint.every=5", "eval.every=0"))

@@ -194,18 +194,23 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(token_dir, tmp_path, m
     assert summary["step"] == 20
 
 
-def test_non_finite_loss_stops_without_saving(token_dir, tmp_path, monkeypatch):
+def nan_loss_from_step_13(monkeypatch) -> None:
+    """Make the trainer's loss NaN from step 13 on (small_cfg: 2 micro-batches per step)."""
     import nl.trainer as trainer
 
     calls = {"n": 0}
     real = trainer.token_loss_sum
 
-    def nan_at_step_13(model, x, y):  # 2 micro-batches per step
+    def nan_from_step_13(model, x, y):
         calls["n"] += 1
         loss = real(model, x, y)
         return loss * float("nan") if calls["n"] > 24 else loss
 
-    monkeypatch.setattr(trainer, "token_loss_sum", nan_at_step_13)
+    monkeypatch.setattr(trainer, "token_loss_sum", nan_from_step_13)
+
+
+def test_non_finite_loss_stops_without_saving(token_dir, tmp_path, monkeypatch):
+    nan_loss_from_step_13(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"non-finite loss at step 13.*step_00000010 is intact"):
         train(small_cfg(token_dir, run))
