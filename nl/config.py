@@ -69,6 +69,14 @@ class HopeConfig:
     # with its accumulated gradient (optim.cms; nl/optim/base.py).
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])
     cms_hidden: int = 0  # SwiGLU width of every CMS level; 0 = model.ffn_hidden rule
+    # Which reading of Eq. 31 (docs/HOPE.md "CMS: two readings"): outer (levels stepped every
+    # cms_chunk_sizes[l] optimizer steps) | in_context (per sequence, level l's fast weights start at the
+    # outer parameters and learn every cms_context_chunk_sizes[l] tokens inside the forward; the outer
+    # optimizer steps the levels every step) | both (in context, and the outer schedule on the outer weights).
+    cms_mode: str = "outer"
+    cms_context_chunk_sizes: list[int] = field(default_factory=list)  # tokens per in-context update; [] = cms_chunk_sizes
+    cms_inner_lr: float = 0.1  # eta of the in-context step (normalised step, nl/ops/cms.py), in (0, 1]
+    cms_retention: float = 0.99  # alpha per in-context update, toward the outer weights, in (0, 1]
 
 
 @dataclass
@@ -264,6 +272,7 @@ _CHOICES = {
     "model.hope.memory_type": ("mlp", "linear"),
     "model.hope.retention_target": ("auto", "init", "zero"),
     "model.hope.chunk_read": ("in_chunk", "anchor"),
+    "model.hope.cms_mode": ("outer", "in_context", "both"),
     "optim.name": ("adamw", "momentum", "precond_momentum", "delta_momentum", "dmgd", "m3", "dgd"),
     "optim.dmgd.internal_loss": ("l2", "dot"),
     "optim.cms.reduce": ("sum", "mean"),

@@ -9,48 +9,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nl.ops.cms import CMSState, ContextConfig, cms_chunked, cms_reference, initial_state
+from nl.ops.cms import ContextConfig, cms_chunked, cms_reference, initial_state
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def independent_reference(u, scale, W0, C, lr, retention):
+def independent_reference(h, v, W0, C, lr, retention):
     """From the equations, with the inner gradient by autograd (not the closed form under test):
     tokens of chunk j read W_j; at each boundary W_{j+1} = W_0 + alpha (W_j - W_0) - eta G / N, G the sum
-    of the chunk's gradients of 1/2 ||f_W(u_t) - s u_t||^2 (target constant), N the sum of the squared
-    norms of the layer's inputs (u for W1, W3; h for W2). Per sequence, one at a time."""
+    of the chunk's gradients of 1/2 ||W h_t - v_t||^2 (target constant), N the sum of ||h_t||^2. Per
+    sequence, one at a time."""
     ys, finals = [], []
-    for b in range(u.shape[0]):
-        W = list(W0)
-        grads, n_u, n_h, out = [0, 0, 0], 0, 0, []
-        for t in range(u.shape[1]):
-            x = u[b, t]
-            h = F.silu(W[0] @ x) * (W[1] @ x)
-            y = W[2] @ h
+    for b in range(h.shape[0]):
+        W, G, N, out = W0, 0, 0, []
+        for t in range(h.shape[1]):
+            y = W @ h[b, t]
             out.append(y)
-            # dL/dW = (dy/dW)^T e with e = y - s u_t: the target is a constant of the inner gradient, and the
-            # outer gradient still flows through e (into s and u), as for the Titans memories' targets
-            g = torch.autograd.grad(y, W, grad_outputs=y - scale * x, create_graph=True)
-            grads = [a + gi for a, gi in zip(grads, g)]
-            n_u, n_h = n_u + x.dot(x), n_h + h.dot(h)
+            # dL/dW = (dy/dW)^T e with e = y - v_t: the target is a constant of the inner gradient, and the
+            # outer gradient still flows through e (into v and h), as for the Titans memories' targets
+            G = G + torch.autograd.grad(y, W, grad_outputs=y - v[b, t], create_graph=True)[0]
+            N = N + h[b, t].dot(h[b, t])
             if (t + 1) % C == 0:
-                W = [w0 + retention * (w - w0) - lr * gi / n for w, w0, gi, n in
-                     zip(W, W0, grads, (n_u, n_u, n_h))]
-                grads, n_u, n_h = [0, 0, 0], 0, 0
+                W, G, N = W0 + retention * (W - W0) - lr * G / N, 0, 0
         ys.append(torch.stack(out))
         finals.append(W)
-    return torch.stack(ys), [torch.stack([f[i] for f in finals]) for i in range(3)]
+    return torch.stack(ys), torch.stack(finals)
 
 
 def _inputs(B=2, T=19, d=6, hidden=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, T, d, generator=g, dtype=torch.float64).requires_grad_()
-    scale = (0.5 + torch.rand(d, generator=g, dtype=torch.float64)).requires_grad_()
-    W0 = [(0.4 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
-          for shape in ((hidden, d), (hidden, d), (d, hidden))]
-    return u, scale, W0
+    h = torch.randn(B, T, hidden, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(B, T, d, generator=g, dtype=torch.float64).requires_grad_()
+    W0 = (0.4 * torch.randn(d, hidden, generator=g, dtype=torch.float64)).requires_grad_()
+    return h, v, W0
 
 
 @pytest.mark.parametrize("C", [1, 3, 16, 19])
@@ -58,22 +51,19 @@ def _inputs(B=2, T=19, d=6, hidden=10, seed=0):
 def test_level_equals_independent_reference_outputs_weights_and_outer_gradients(C, form):
     """T = 19: C = 3 and 16 do not divide it (a partial last chunk, its partial sums left in the state)."""
     cfg = ContextConfig(chunk_size=C, lr=0.7, retention=0.9)
-    u, scale, W0 = _inputs()
+    h, v, W0 = _inputs()
     run = cms_chunked if form == "chunked" else cms_reference
-    y, state = run(u, scale, initial_state(tuple(W0)), cfg)
-    y_ref, W_ref = independent_reference(u, scale, W0, C, cfg.lr, cfg.retention)
+    y, state = run(h, v, initial_state(W0), cfg)
+    y_ref, W_ref = independent_reference(h, v, W0, C, cfg.lr, cfg.retention)
     assert rel(y, y_ref) < 1e-10
-    B = u.shape[0]
-    for w, w_ref in zip(state.cur, W_ref):
-        assert rel(w.expand(B, *w.shape[-2:]), w_ref) < 1e-10
+    assert rel(state.cur.expand_as(W_ref), W_ref) < 1e-10
     assert state.pos == 19 and (state.acc is None) == (19 % C == 0)
-    # every outer gradient (inputs, target gain, initial weights), through all the updates
+    # every outer gradient (keys, targets, initial weights), through all the updates
     probe = torch.randn_like(y)
-    loss = (y * probe).sum() + sum((w * w).sum() for w in state.cur)
-    loss_ref = (y_ref * probe).sum() + sum((w * w).sum() for w in W_ref)
-    leaves = [u, scale, *W0]
-    grads = torch.autograd.grad(loss, leaves)
-    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    loss = (y * probe).sum() + (state.cur.expand_as(W_ref) ** 2).sum()
+    loss_ref = (y_ref * probe).sum() + (W_ref ** 2).sum()
+    grads = torch.autograd.grad(loss, [h, v, W0])
+    grads_ref = torch.autograd.grad(loss_ref, [h, v, W0])
     for g, g_ref in zip(grads, grads_ref):
         assert rel(g, g_ref) < 1e-10
 
@@ -81,15 +71,15 @@ def test_level_equals_independent_reference_outputs_weights_and_outer_gradients(
 @pytest.mark.parametrize("C", [1, 3, 16])
 def test_level_is_causal_and_per_sequence(C):
     """Perturbing token t of sequence 0 changes no output before t, and nothing of sequence 1."""
-    cfg = ContextConfig(chunk_size=C, lr=0.3, retention=0.9)
-    u, scale, W0 = _inputs(T=24)
+    cfg = ContextConfig(chunk_size=C, lr=0.7, retention=0.9)
+    h, v, W0 = _inputs(T=24)
     with torch.no_grad():
-        y, _ = cms_chunked(u, scale, initial_state(tuple(W0)), cfg)
-        assert torch.isfinite(y).all()
+        y, _ = cms_chunked(h, v, initial_state(W0), cfg)
         for t in (0, 5, 16, 23):
-            v = u.clone()
-            v[0, t] += 1.0
-            y2, _ = cms_chunked(v, scale, initial_state(tuple(W0)), cfg)
+            h2, v2 = h.clone(), v.clone()
+            h2[0, t] += 1.0
+            v2[0, t] += 1.0
+            y2, _ = cms_chunked(h2, v2, initial_state(W0), cfg)
             assert torch.equal(y2[0, :t], y[0, :t]) and torch.equal(y2[1], y[1])
             later = (y2[0, t:] - y[0, t:]).abs().amax(-1)
             assert later[0] > 0  # the perturbed token itself
@@ -101,13 +91,77 @@ def test_level_is_causal_and_per_sequence(C):
 def test_chunked_continues_from_any_state(C):
     """Prefill 7 tokens, then one token at a time (partial chunks in the state) == one call over all."""
     cfg = ContextConfig(chunk_size=C, lr=0.5, retention=0.95)
-    u, scale, W0 = _inputs(T=13)
+    h, v, W0 = _inputs(T=13)
     with torch.no_grad():
-        y, final = cms_chunked(u, scale, initial_state(tuple(W0)), cfg)
-        parts, state = [], initial_state(tuple(W0))
-        for piece in (u[:, :7], *u[:, 7:].split(1, dim=1)):
-            out, state = cms_chunked(piece, scale, state, cfg)
+        y, final = cms_chunked(h, v, initial_state(W0), cfg)
+        parts, state = [], initial_state(W0)
+        for hp, vp in zip((h[:, :7], *h[:, 7:].split(1, dim=1)), (v[:, :7], *v[:, 7:].split(1, dim=1))):
+            out, state = cms_chunked(hp, vp, state, cfg)
             parts.append(out)
     assert rel(torch.cat(parts, 1), y) < 1e-12 and state.pos == 13
-    for w, w_ref in zip(state.cur, final.cur):
-        assert rel(w, w_ref) < 1e-12
+    assert rel(state.cur, final.cur) < 1e-12
+
+
+# ------------------------------------------------------- the model ---------------------
+
+from nl.config import ConfigError, HopeConfig, ModelConfig, load_config  # noqa: E402
+from nl.models import build_model  # noqa: E402
+from nl.models.hope import restore_after_adaptation  # noqa: E402
+
+
+def small(mode: str = "in_context", **hope) -> ModelConfig:
+    hc = dict(chunk_size=4, memory_chunk_size=4, cms_chunk_sizes=[1, 4], cms_context_chunk_sizes=[1, 3],
+              cms_hidden=32, cms_mode=mode, cms_inner_lr=0.5, cms_retention=0.9)
+    hc.update(hope)
+    return ModelConfig(arch="hope", vocab_size=64, dim=16, n_layers=2, n_heads=2, hope=HopeConfig(**hc))
+
+
+def _model(mode="in_context", dtype=torch.float64, **hope):
+    model = build_model(small(mode, **hope), seed=0).to(dtype)
+    with torch.no_grad():  # a non-zero target gain: the reconstruction term is exercised too
+        for block in model.layers:
+            for level in block.cms.levels:
+                if level.context is not None:
+                    level.target_scale.uniform_(0.5, 1.5)
+    return model
+
+
+def test_model_chunked_equals_reference_in_every_parameter_gradient():
+    model = _model()
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    results = []
+    for reference in (False, True):
+        for block in model.layers:
+            for level in block.cms.levels:
+                level.reference = reference
+        model.zero_grad()
+        logits = model(ids)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert rel(a, b) < 1e-10
+    for n in ga:
+        assert rel(ga[n], gb[n]) < 1e-8, n
+    assert ga["layers.0.cms.levels.1.target_scale"].abs().sum() > 0  # the outer gradient reaches s
+
+
+def test_in_context_changes_the_model_and_outer_is_untouched():
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    outer = build_model(small("outer"), seed=0).double()
+    ctx = _model()
+    sd = {k: v for k, v in ctx.state_dict().items() if "target_scale" not in k}
+    assert set(sd) == set(outer.state_dict())  # same outer weights, plus s per in-context level
+    outer.load_state_dict(sd)
+    with torch.no_grad():
+        a, b = outer(ids), ctx(ids)
+    assert torch.equal(a[:, 0], b[:, 0])  # the first token reads the outer weights
+    assert rel(b[:, 1:], a[:, 1:]) > 1e-4  # later tokens read updated fast weights
+
+
+def test_config_is_validated():
+    for bad in (dict(cms_mode="sideways"), dict(cms_context_chunk_sizes=[1]), dict(cms_context_chunk_sizes=[1, 0]),
+                dict(cms_inner_lr=1.5), dict(cms_inner_lr=0.0), dict(cms_retention=1.2)):
+        with pytest.raises(ConfigError):
+            build_model(small(**bad), device="meta")
+    with pytest.raises(ConfigError, match="cms_mode"):
+        load_config("configs/hope_tiny.yaml", ["model.hope.cms_mode=sideways"])

@@ -61,6 +61,8 @@ from nl.config import ConfigError, ModelConfig
 from nl.models import register_model
 from nl.models.layers import RMSNorm, SwiGLU, precompute_rope, resolve_ffn_hidden
 from nl.models.transformer import Attention
+from nl.ops.cms import CMSState, ContextConfig, cms_chunked, cms_reference
+from nl.ops.cms import initial_state as cms_initial_state
 from nl.ops.titans import (GENERATORS, RecurrenceConfig, RecurrentState, chunked_matmul_flops, memory_norm,
                             titans_chunked, titans_reference, titans_step)
 
@@ -182,10 +184,12 @@ def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 @dataclass
 class MixerState:
-    """Decoding state of one recurrent mixer: its conv caches and the inner-memory recurrence."""
+    """Decoding state of one block: its mixer's conv caches and inner-memory recurrence, and (cms_mode
+    in_context | both) each CMS level's fast weights and partial sums (None for a level without)."""
 
     conv: dict[str, torch.Tensor | None]
     rec: RecurrentState
+    cms: list[CMSState | None] | None = None
 
 
 class SelfModifyingTitans(nn.Module):
@@ -348,29 +352,79 @@ class SelfModifyingTitans(nn.Module):
 
 
 class CMSLevel(nn.Module):
-    """x + SwiGLU(RMSNorm(x)). x: [B, T, dim] -> [B, T, dim]."""
+    """x + SwiGLU(RMSNorm(x)). x: [B, T, dim] -> [B, T, dim].
 
-    def __init__(self, dim: int, hidden: int, eps: float) -> None:
+    With `context` (cms_mode in_context | both) the SwiGLU's down projection w2 (its values) is the initial
+    state of per-sequence fast weights that learn inside the forward every context.chunk_size tokens
+    (nl/ops/cms.py), and the level owns `target_scale` [dim], the learned gain s of its reconstruction
+    target s * RMSNorm(x)."""
+
+    def __init__(self, dim: int, hidden: int, eps: float, context: ContextConfig | None = None) -> None:
         super().__init__()
         self.norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
+        self.context = context
+        self.reference = False  # True: the token-by-token reference (tests)
+        if context is not None:
+            self.target_scale = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
+        return self.forward_with_state(x)[0]
+
+    def forward_with_state(self, x: torch.Tensor, state: CMSState | None = None) -> tuple[torch.Tensor, CMSState | None]:
+        """x [B, T, dim], continuing from `state` (None: the sequence starts) -> (y, state after T; None
+        without context). The in-context recurrence runs in fp32 or wider, whatever the model's dtype."""
+        u = self.norm(x)
+        if self.context is None:
+            return x + self.mlp(u), None
+        ct = torch.promote_types(x.dtype, torch.float32)
+        if state is None:
+            state = cms_initial_state(self.mlp.w2.weight.to(ct))
+        keys = F.silu(self.mlp.w1(u)) * self.mlp.w3(u)  # the SwiGLU's hidden features, outer weights
+        with _full_precision(x):
+            run = cms_reference if self.reference else cms_chunked
+            y, state = run(keys.to(ct), self.target_scale.to(ct) * u.to(ct), state, self.context)
+        return x + y.to(x.dtype), state
 
 
 class CMS(nn.Module):
-    """Continuum Memory System: a chain of levels, level l updated every chunk_sizes[l] outer steps."""
+    """Continuum Memory System: a chain of levels, level l updated every chunk_sizes[l] outer steps
+    (cms_mode outer | both) and/or every context_chunk_sizes[l] tokens in context (in_context | both)."""
 
-    def __init__(self, dim: int, hidden: int, chunk_sizes: list[int], eps: float) -> None:
+    def __init__(self, dim: int, hidden: int, chunk_sizes: list[int], eps: float,
+                 contexts: list[ContextConfig] | None = None) -> None:
         super().__init__()
         self.chunk_sizes = list(chunk_sizes)
-        self.levels = nn.ModuleList(CMSLevel(dim, hidden, eps) for _ in chunk_sizes)
+        contexts = contexts or [None] * len(chunk_sizes)
+        self.levels = nn.ModuleList(CMSLevel(dim, hidden, eps, c) for c in contexts)
+        self.last_stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for level in self.levels:
-            x = level(x)
-        return x
+        return self.forward_with_state(x)[0]
+
+    def forward_with_state(self, x: torch.Tensor, states: list[CMSState | None] | None = None
+                           ) -> tuple[torch.Tensor, list[CMSState | None]]:
+        """x [B, T, dim] from per-level states (None: the sequence starts) -> (y, the states after T)."""
+        states = states or [None] * len(self.levels)
+        out = []
+        for level, state in zip(self.levels, states):
+            x, state = level.forward_with_state(x, state)
+            out.append(state)
+        self.last_stats = self._diagnostics(out)
+        return x, out
+
+    @torch.no_grad()
+    def _diagnostics(self, states: list[CMSState | None]) -> dict[str, torch.Tensor]:
+        """Per in-context level l: cms<l>_norm, the fast weights' norm over the outer weights' at the end of
+        the sequence, and cms<l>_dev, their distance to the outer weights over the outer norm (mean over
+        sequences); detached 0-dim tensors."""
+        stats = {}
+        for l, st in enumerate(states):
+            if st is not None:
+                n0 = st.init.norm()
+                stats[f"cms{l}_norm"] = (st.cur.flatten(-2).norm(dim=-1) / n0).mean()
+                stats[f"cms{l}_dev"] = ((st.cur - st.init).flatten(-2).norm(dim=-1) / n0).mean()
+        return stats
 
 
 class HopeBlock(nn.Module):
@@ -382,7 +436,7 @@ class HopeBlock(nn.Module):
         self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mixer = Attention(cfg.dim, cfg.n_heads) if hc.mixer == "attention" else SelfModifyingTitans(cfg)
         hidden = int(hc.cms_hidden) or resolve_ffn_hidden(cfg.dim, cfg.ffn_hidden, cfg.ffn_multiple_of)
-        self.cms = CMS(cfg.dim, hidden, list(hc.cms_chunk_sizes), cfg.norm_eps)
+        self.cms = CMS(cfg.dim, hidden, list(hc.cms_chunk_sizes), cfg.norm_eps, cms_contexts(cfg))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.mixer_norm.reset_parameters()
@@ -397,6 +451,8 @@ class HopeBlock(nn.Module):
             nn.init.normal_(level.mlp.w1.weight, std=std)
             nn.init.normal_(level.mlp.w3.weight, std=std)
             nn.init.normal_(level.mlp.w2.weight, std=out_std)
+            if level.context is not None:  # s = 0: at init the inner step only pulls the level toward zero
+                nn.init.zeros_(level.target_scale)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.mixer_norm(x)
@@ -404,8 +460,29 @@ class HopeBlock(nn.Module):
         return self.cms(x + h)
 
 
+def cms_contexts(cfg: ModelConfig) -> list[ContextConfig] | None:
+    """Each CMS level's in-context settings (cms_mode in_context | both), else None."""
+    hc = cfg.hope
+    if hc.cms_mode == "outer":
+        return None
+    sizes = list(hc.cms_context_chunk_sizes) or list(hc.cms_chunk_sizes)
+    return [ContextConfig(int(c), float(hc.cms_inner_lr), float(hc.cms_retention)) for c in sizes]
+
+
 def _validate_hope(cfg: ModelConfig) -> None:
     hc = cfg.hope
+    if hc.cms_mode not in ("outer", "in_context", "both"):
+        raise ConfigError(f"model.hope.cms_mode={hc.cms_mode!r}: valid values are outer, in_context, both")
+    sizes = list(hc.cms_context_chunk_sizes)
+    if sizes and (len(sizes) != len(hc.cms_chunk_sizes) or any(c < 1 for c in sizes)):
+        raise ConfigError(f"model.hope.cms_context_chunk_sizes={sizes} must hold one positive token count per CMS "
+                          f"level ({len(hc.cms_chunk_sizes)}, as cms_chunk_sizes), or be [] to reuse cms_chunk_sizes")
+    if not 0 < hc.cms_inner_lr <= 1:
+        raise ConfigError(f"model.hope.cms_inner_lr={hc.cms_inner_lr} must be in (0, 1] (the normalised in-context "
+                          f"step is contractive up to 1, docs/HOPE.md)")
+    if not 0 < hc.cms_retention <= 1:
+        raise ConfigError(f"model.hope.cms_retention={hc.cms_retention} must be in (0, 1] (1 = no pull back toward "
+                          f"the outer weights)")
     if len(hc.cms_chunk_sizes) == 0 or any(c < 1 for c in hc.cms_chunk_sizes):
         raise ConfigError(f"model.hope.cms_chunk_sizes={list(hc.cms_chunk_sizes)} must be a non-empty list of "
                           f"positive integers (one per CMS level; [1] = a single MLP)")
@@ -478,9 +555,11 @@ class Hope(nn.Module):
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Memory health of the last forward per block, detached 0-dim tensors (no host sync), keyed
         'memory/block<i>/<stat>': norm_<memory> (end-of-sequence norm / initial norm), eta, alpha,
-        share (of the read added by the memory to the query). Empty for Hope-Attention."""
+        share (of the read added by the memory to the query); with in-context CMS levels, cms<l>_norm and
+        cms<l>_dev (CMS.last_stats). Empty for Hope-Attention with cms_mode=outer."""
         return {f"memory/block{i}/{k}": v for i, block in enumerate(self.layers)
-                for k, v in getattr(block.mixer, "last_stats", {}).items() if not k.startswith("norm/")}
+                for k, v in {**getattr(block.mixer, "last_stats", {}), **block.cms.last_stats}.items()
+                if not k.startswith("norm/")}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
@@ -506,7 +585,7 @@ class Hope(nn.Module):
         states = []
         for block in self.layers:
             o, state = block.mixer.forward_with_state(block.mixer_norm(h))
-            h = block.cms(h + o)
+            h, state.cms = block.cms.forward_with_state(h + o)
             states.append(state)
         return self.output(self.norm(h)).float(), states
 
@@ -516,9 +595,9 @@ class Hope(nn.Module):
         h = self.tok_embeddings(token[:, None])
         new = []
         for block, state in zip(self.layers, states):
-            o, state = block.mixer.step(block.mixer_norm(h), state)
-            h = block.cms(h + o)
-            new.append(state)
+            o, new_state = block.mixer.step(block.mixer_norm(h), state)
+            h, new_state.cms = block.cms.forward_with_state(h + o, state.cms)
+            new.append(new_state)
         return self.output(self.norm(h))[:, 0].float(), new
 
     @torch.no_grad()
@@ -540,8 +619,9 @@ def restore_after_adaptation(model: nn.Module) -> Iterator[nn.Module]:
     """Undo every change test-time adaptation makes to `model` inside the block.
 
     Restores, in place, all parameters and buffers (values; tied weights stay tied),
-    requires_grad flags and train/eval modes. (The inner memories of a forward pass are
-    per-call state and never touch the module; this covers adaptation that writes weights.)"""
+    requires_grad flags and train/eval modes. (The inner memories of a forward pass and the in-context
+    CMS levels' fast weights are per-call state and never touch the module; this covers adaptation that
+    writes weights.)"""
     saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}

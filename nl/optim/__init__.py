@@ -99,7 +99,8 @@ def _frequency_rules(cfg: Config) -> list[tuple[re.Pattern | int, int, float]]:
                               f"(e.g. 'layers\\.\\d+\\.cms\\.levels\\.2\\.:64:0.5')") from None
         if every < 1:
             raise ConfigError(f"optim.cms.groups entry {entry!r}: EVERY must be >= 1")
-    if cms.enabled and cfg.model.arch == "hope":
+    # cms_mode=in_context: the levels learn in the sequence instead; their outer weights step every step
+    if cms.enabled and cfg.model.arch == "hope" and cfg.model.hope.cms_mode != "in_context":
         sizes = list(cfg.model.hope.cms_chunk_sizes)
         scales = list(cms.lr_scale) or [1.0] * len(sizes)
         if len(scales) != len(sizes):
