@@ -165,3 +165,97 @@ def test_config_is_validated():
             build_model(small(**bad), device="meta")
     with pytest.raises(ConfigError, match="cms_mode"):
         load_config("configs/hope_tiny.yaml", ["model.hope.cms_mode=sideways"])
+
+
+@pytest.mark.parametrize("mode", ["in_context", "both"])
+def test_prefill_and_steps_equal_the_full_forward(mode):
+    """Prefill 7 tokens, then step across several boundaries of both levels (C = 1 and 3): the state
+    carries each level's fast weights and its partial sums."""
+    model = _model(mode)
+    ids = torch.randint(0, 64, (2, 18), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+    logits, states = model.prefill(ids[:, :7])
+    assert rel(logits, full[:, :7]) < 1e-10
+    assert states[0].cms[1].acc is not None  # 7 = 2 * 3 + 1: a partial chunk in flight
+    for t in range(7, 18):
+        step_logits, states = model.step(ids[:, t], states)
+        assert rel(step_logits, full[:, t]) < 1e-9, t
+    assert all(s.cms[0].cur.shape == (2, 16, 32) for s in states)  # per sequence: [B, d, hidden]
+
+
+def test_restore_after_adaptation_covers_in_context_levels():
+    model = _model()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with restore_after_adaptation(model):
+        with torch.no_grad():
+            model.prefill(ids)  # fast weights are per call: the module is untouched
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        assert not torch.equal(model.layers[0].cms.levels[0].target_scale, before["layers.0.cms.levels.0.target_scale"])
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode, slow_every", [("outer", 16), ("in_context", 1), ("both", 16)])
+def test_outer_schedule_sees_the_levels_in_outer_and_both(mode, slow_every):
+    from nl.optim import param_groups
+
+    cfg = load_config("configs/hope_tiny.yaml", ["model.vocab_size=64", f"model.hope.cms_mode={mode}"])
+    model = build_model(cfg.model, device="meta")
+    groups, _ = param_groups(model, cfg)
+    every = {id(p): g["every"] for g in groups for p in g["params"]}
+    level2 = [p for n, p in model.named_parameters() if ".cms.levels.2." in n]
+    assert level2 and {every[id(p)] for p in level2} == {slow_every}
+
+
+def test_diagnostics_report_level_norms():
+    model = _model()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids)
+    diag = model.diagnostics()
+    for key in ("memory/block0/cms0_norm", "memory/block1/cms1_dev"):
+        assert key in diag and torch.isfinite(diag[key])
+    assert diag["memory/block0/cms0_dev"] > 0
+    assert not any("cms" in k for k in build_model(small("outer"), seed=0).diagnostics())
+
+
+def test_resume_export_and_generation_with_in_context_levels(token_dir, tmp_path):
+    """cms_mode=both through train.py's loop: a resume from the step-4 checkpoint repeats the losses
+    exactly; the export loads with the same logits and decodes (prefill/step) like the full forward."""
+    import shutil
+
+    import nl
+    from conftest import run_script
+    from nl.checkpoint import list_checkpoints
+    from nl.trainer import train
+    from test_train import read_metrics, small_cfg
+
+    run = tmp_path / "run"
+    extra = ["model.hope.cms_mode=both", "model.hope.cms_chunk_sizes=[1,2]", "model.hope.cms_context_chunk_sizes=[4,8]",
+             "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8", "train.steps=8", "checkpoint.every=4",
+             "eval.every=0"]
+    train(small_cfg(token_dir, run, *extra, arch="hope"))
+    full, _ = read_metrics(run)
+    shutil.rmtree(dict(list_checkpoints(run))[8])
+    (run / "metrics.jsonl").write_text("")
+    train(small_cfg(token_dir, run, *extra, arch="hope"))
+    resumed, _ = read_metrics(run)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]
+
+    out = tmp_path / "export"
+    run_script("-m", "nl.export", "--run", str(run), "--output", str(out))
+    model = nl.load_pretrained(out).eval()
+    assert model.layers[0].cms.levels[1].context.chunk_size == 8
+    prompt = torch.randint(0, 1024, (2, 5), generator=torch.Generator().manual_seed(0))
+    gen = model.generate(prompt, max_new_tokens=6, temperature=0, stop_at_eos=False)
+    with torch.no_grad():
+        for t in range(5, 11):
+            assert torch.equal(model(gen[:, :t])[:, -1].argmax(-1), gen[:, t])

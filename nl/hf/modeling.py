@@ -78,9 +78,17 @@ class HopeState:
             # memory layers are [B, H, O, I]; an anchor still at M_0 is shared ([H, O, I] or [1, H, O, I])
             return pick(t) if t.dim() == 4 and t.shape[0] == beam_idx.numel() else t
 
+        def pick_level(c):  # an in-context CMS level: fast weights [B, d, hidden] (or still the shared outer
+            # [d, hidden]) and partial sums [B, ...]; init is the outer weight, shared
+            if c is None:
+                return None
+            cur = pick(c.cur) if c.cur.dim() == 3 else c.cur
+            return dataclasses.replace(c, cur=cur, acc=_map_tensors(c.acc, pick))
+
         # rec.init (the outer M_0) and rec.stats are shared by all rows: not reordered.
         self.states = [dataclasses.replace(s, conv=_map_tensors(s.conv, pick), rec=dataclasses.replace(
-            s.rec, **{f: _map_tensors(getattr(s.rec, f), pick_memory) for f in ("cur", "anchor", "mom")}))
+            s.rec, **{f: _map_tensors(getattr(s.rec, f), pick_memory) for f in ("cur", "anchor", "mom")}),
+            cms=None if s.cms is None else [pick_level(c) for c in s.cms])
             for s in self.states]
 
 
