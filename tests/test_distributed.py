@@ -298,9 +298,11 @@ def test_slurm_script_finds_the_repo_from_nl_root_or_submit_dir_and_sources_nl_s
     assert wrong.returncode != 0 and f"NL_ROOT={tmp_path} holds no train.py" in wrong.stderr
 
 
-def test_hope_fsdp_on_two_ranks_equals_single_process(token_dir, tmp_path):
+@pytest.mark.parametrize("cms_mode", ["outer", "both"])  # both: in-context CMS levels and the outer schedule
+def test_hope_fsdp_on_two_ranks_equals_single_process(token_dir, tmp_path, cms_mode):
     hope = ("model.arch=hope", "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8",
-            "train.steps=4", "eval.every=0", "checkpoint.every=0")
+            "train.steps=4", "eval.every=0", "checkpoint.every=0", f"model.hope.cms_mode={cms_mode}",
+            "model.hope.cms_context_chunk_sizes=[1,4,16]")
     single, _ = launch(1, token_dir, tmp_path / "single", *hope)
     fsdp, _ = launch(2, token_dir, tmp_path / "fsdp", "dist.strategy=fsdp", *hope)
     np.testing.assert_allclose(fsdp, single, rtol=1e-5)
