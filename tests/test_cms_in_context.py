@@ -259,3 +259,44 @@ def test_resume_export_and_generation_with_in_context_levels(token_dir, tmp_path
     with torch.no_grad():
         for t in range(5, 11):
             assert torch.equal(model(gen[:, :t])[:, -1].argmax(-1), gen[:, t])
+        # after training (s != 0), over 4 x seq_len: finite, within the band docs/HOPE.md records
+        model(torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(1)))
+    norms = {k: v.item() for k, v in model.diagnostics().items() if "/cms" in k and k.endswith("_norm")}
+    assert len(norms) == 4 and all(0.5 < v < 2 for v in norms.values()), norms
+
+
+def test_level_weights_stay_in_band_over_four_training_lengths_at_init():
+    """At initialisation (target gain s = 0) the step is W <- alpha W + (1 - alpha) W_0 - eta W P with P =
+    sum h h^T / sum ||h||^2 (eigenvalues in [0, 1]), so ||W_j|| <= ||W_0|| for every chunk j (docs/HOPE.md);
+    and the fast weights do move. 4 x seq_len (seq_len 32) tokens, default lr and retention."""
+    cfg = small(cms_context_chunk_sizes=[1, 4], cms_inner_lr=0.1, cms_retention=0.99)
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, states = model.prefill(ids[:, :32])
+        for t in range(32, 128, 32):  # one 32-token window at a time through the recurrent state
+            h = model.tok_embeddings(ids[:, t:t + 32])
+            for block, state in zip(model.layers, states):
+                o, _ = block.mixer.forward_with_state(block.mixer_norm(h))  # the mixer restarts: CMS is under test
+                h, state.cms = block.cms.forward_with_state(h + o, state.cms)
+            for state in states:
+                for level in state.cms:
+                    ratio = level.cur.flatten(-2).norm(dim=-1) / level.init.norm()
+                    assert torch.isfinite(level.cur).all() and (ratio <= 1 + 1e-6).all(), ratio
+    dev = [((s.cur - s.init).flatten(-2).norm(dim=-1) / s.init.norm()).min() for st in states for s in st.cms]
+    assert min(dev) > 1e-3
+
+
+def test_beam_search_reorder_picks_level_state_rows():
+    from nl.hf.modeling import HopeState
+
+    model = _model()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, states = model.prefill(ids)
+        cache = HopeState(states, 8)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped, _ = model.step(ids[:, -1].flip(0), cache.states)
+        _, states_flip = model.prefill(ids.flip(0))
+        expect, _ = model.step(ids[:, -1].flip(0), states_flip)
+    assert rel(swapped, expect) < 1e-12
