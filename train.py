@@ -12,6 +12,7 @@ import signal
 import sys
 
 from nl.config import load_config
+from nl.distributed.accelerate_env import accelerate_overrides
 from nl.train_cli import config_report, default_threads, keys_help, set_keys, unread_keys
 
 
@@ -32,8 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        explicit = set_keys(args.config, args.overrides)
+        launched = accelerate_overrides(cfg, explicit)  # `accelerate launch` flags (README: accelerate)
+        if launched:
+            cfg = load_config(args.config, [*args.overrides, *launched])
         if os.environ.get("RANK", "0") == "0":
-            for warning in unread_keys(cfg, set_keys(args.config, args.overrides)):
+            for warning in unread_keys(cfg, explicit):
                 print(f"warning: {warning}", file=sys.stderr)
         if args.print_config:
             report = config_report(cfg)  # on every rank: each validates the same config
