@@ -117,12 +117,6 @@ def test_generate_stops_at_eos_like_nl(exports):
     assert hf.generation_config.eos_token_id == tok.eos_id
 
 
-def test_padding_is_refused(exports):
-    hf = auto_model(exports["transformer"], trust_remote_code=True)
-    with pytest.raises(ValueError, match="no padding"):
-        hf(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
-
-
 def test_auto_tokenizer_gives_nl_ids(exports, small_corpus):
     path = exports["hope"]
     ours = Tokenizer(path / "tokenizer.model")

@@ -10,6 +10,8 @@ names, so the state-dict keys are those of model.safetensors) and runs their for
 HOPE with a recurrent mixer carries its decoding state in `HopeState` (past_key_values): `generate()`
 prefills the prompt once, then feeds one token per step (`Hope.prefill` / `Hope.step`), constant
 memory per token. Transformer++ and Hope-Attention keep no cache: each step re-runs the sequence.
+Every forward call without past_key_values starts from fresh memories (nothing is carried between
+calls). A padded batch (attention_mask with zeros) runs each row's real span on its own: see forward.
 """
 
 from __future__ import annotations
@@ -99,14 +101,16 @@ class NLForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = ""
     main_input_name = "input_ids"
 
-    def __init__(self, config: NLConfig) -> None:
+    def __init__(self, config: NLConfig, net: nn.Module | None = None) -> None:
+        """net: an nl model already in memory (e.g. the one being trained) to wrap as it is, sharing its
+        parameters; None builds one from config.model."""
         super().__init__(config)
         from nl.models import build_model
 
         # transformers builds the model under a meta device context, then loads the weights; a plain
         # NLForCausalLM(config) gets nl's own initialisation (build_model's init_weights).
-        ambient = torch.empty(0).device
-        net = build_model(config.model_config(), device=ambient)
+        if net is None:
+            net = build_model(config.model_config(), device=torch.empty(0).device)
         for name, child in net.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "net", net)  # shares the children above; not registered twice
@@ -132,14 +136,31 @@ class NLForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values: HopeState | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T, V] fp32 (+ mean next-token cross-entropy when labels [B, T]
-        are given, shifted inside, -100 ignored). attention_mask must be all ones: nl models take no
-        padding. past_key_values: a HopeState from the previous call (HOPE recurrent mixers only)."""
+        are given, shifted inside, -100 ignored). past_key_values: a HopeState from the previous call
+        (HOPE recurrent mixers only).
+
+        attention_mask [B, T] (1 = token, 0 = padding): each row's ones must be one contiguous span
+        (left or right padding). With padding, every row's span runs on its own, unpadded (rows of equal
+        span length together), so a pad token never enters a memory, a position or an attention score:
+        a row's logits equal its unpadded run. Pad positions get logits 0 and are left out of the loss;
+        no HopeState is returned (generate() then re-reads each row's span at every step).
+        Raises ValueError for a mask with holes, or padding together with past_key_values."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported by nl models: pass input_ids")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("nl models take no padding (attention_mask has zeros): pass unpadded sequences "
-                             "(batch size 1, or prompts of equal length)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if past_key_values is not None:
+                raise ValueError("padding (attention_mask with zeros) together with past_key_values: a padded "
+                                 "batch keeps no recurrent state; pass past_key_values=None")
+            logits = self._padded_logits(input_ids, attention_mask)
+            loss = None
+            if labels is not None:  # neither a pad's prediction nor a prediction of a pad counts
+                real = attention_mask.bool()
+                labels = labels.masked_fill(~real, -100)
+                labels[:, 1:] = labels[:, 1:].masked_fill(~real[:, :-1], -100)
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                   ignore_index=-100)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None)
         state = None
         if past_key_values is not None:
             if not isinstance(past_key_values, HopeState):
@@ -161,6 +182,33 @@ class NLForCausalLM(PreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=state)
+
+    def _padded_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of a padded batch: each row's contiguous span of ones run unpadded, rows with
+        spans of the same length batched together; zeros at pad positions. HOPE's chunk scan cannot skip
+        a token inside a chunk cheaply, and a left pad would shift Transformer++'s RoPE positions, so
+        running the real span alone is the exact way for every architecture."""
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        starts = mask.int().argmax(1)  # first one of each row (0 for an all-pad row)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        span = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
+        if not torch.equal(span, mask):
+            raise ValueError("attention_mask must mark one contiguous span per row (left or right padding); "
+                             "a mask with holes cannot be run exactly by nl models")
+        logits = None
+        for n in sorted(set(lengths.tolist())):
+            if n == 0:
+                continue  # an all-pad row: logits stay 0
+            rows = (lengths == n).nonzero().flatten()
+            index = starts[rows, None] + torch.arange(n, device=mask.device)
+            out = self.net(input_ids[rows[:, None], index])
+            if logits is None:
+                logits = out.new_zeros(*input_ids.shape, out.shape[-1])
+            logits[rows[:, None], index] = out
+        if logits is None:
+            raise ValueError("attention_mask is all zeros: there is no token to run")
+        return logits
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: HopeState | None = None,
                                       attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
