@@ -59,10 +59,12 @@ from torch import nn
 
 from nl.config import ConfigError, ModelConfig
 from nl.models import register_model
+from nl.models.documents import Documents
 from nl.models.layers import RMSNorm, SwiGLU, precompute_rope, resolve_ffn_hidden
 from nl.models.transformer import Attention
 from nl.ops.cms import CMSState, ContextConfig, cms_chunked, cms_reference
 from nl.ops.cms import initial_state as cms_initial_state
+from nl.ops.delta_rule import check_kernel
 from nl.ops.titans import (GENERATORS, RecurrenceConfig, RecurrentState, chunked_matmul_flops, memory_norm,
                             titans_chunked, titans_reference, titans_step)
 
@@ -106,11 +108,12 @@ def recurrence_config(cfg: ModelConfig) -> RecurrenceConfig:
     hc = cfg.hope
     titans = hc.mixer == "titans"
     target = hc.retention_target if hc.retention_target != "auto" else ("zero" if titans else "init")
+    check_kernel(str(hc.kernel))
     return RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max), bool(hc.dgd),
                             bool(hc.momentum), bool(hc.retention), bool(hc.recompute_chunks),
                             retention_target=target, normalized_step=bool(hc.normalized_step) and not titans,
                             normalize_v=bool(hc.normalize_v), target="value" if titans else "self",
-                            chunk_read=str(hc.chunk_read))
+                            chunk_read=str(hc.chunk_read), kernel=str(hc.kernel))
 
 
 def cms_level_of(param_name: str) -> int | None:
@@ -399,7 +402,11 @@ class CMS(nn.Module):
         self.levels = nn.ModuleList(CMSLevel(dim, hidden, eps, c) for c in contexts)
         self.last_stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; with `docs` (data.document_boundaries=reset) the in-context levels'
+        fast weights restart at every document (the chain runs on the packed documents)."""
+        if docs is not None and any(level.context is not None for level in self.levels):
+            return docs.apply(self, x)
         return self.forward_with_state(x)[0]
 
     def forward_with_state(self, x: torch.Tensor, states: list[CMSState | None] | None = None
@@ -454,10 +461,19 @@ class HopeBlock(nn.Module):
             if level.context is not None:  # s = 0: at init the inner step only pulls the level toward zero
                 nn.init.zeros_(level.target_scale)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
+        """rope: the attention mixer's (cos, sin); docs: the windows' documents (data.document_boundaries=reset):
+        attention is masked block-diagonally, a recurrent mixer (memories, conv caches) runs on every
+        document from its initial state."""
         h = self.mixer_norm(x)
-        h = self.mixer(h, *rope) if rope is not None else self.mixer(h)
-        return self.cms(x + h)
+        if rope is not None:
+            h = self.mixer(h, *rope, None if docs is None else docs.attention_mask())
+        elif docs is not None:
+            h = docs.apply(self.mixer, h)
+        else:
+            h = self.mixer(h)
+        return self.cms(x + h, docs)
 
 
 def cms_contexts(cfg: ModelConfig) -> list[ContextConfig] | None:
@@ -521,6 +537,9 @@ class Hope(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # data.document_boundaries=reset: the EOS id; every document of a window then starts from the
+        # initial state (nl.models.documents.document_reset). None: a window is one sequence.
+        self.document_eos_id: int | None = None
 
     def init_weights(self) -> None:
         """Initialise every parameter in place (after `to_empty`, or to re-initialise).
@@ -563,11 +582,14 @@ class Hope(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
+        docs = None if self.document_eos_id is None else Documents.from_eos(input_ids, self.document_eos_id)
         rope = None
         if self.mixer == "attention":
             rope = precompute_rope(self.head_dim, input_ids.shape[1], self.rope_theta, device=h.device)
+            if docs is not None:  # RoPE positions restart in every document
+                rope = docs.rope(*rope)
         for block in self.layers:
-            h = block(h, rope)
+            h = block(h, rope, docs)
         return self.output(self.norm(h)).float()
 
     # ------------------------------------------------------------ inference ----------
@@ -579,8 +601,15 @@ class Hope(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MixerState]]:
-        """Chunked forward over a prompt [B, T] -> (logits [B, T, V], per-block recurrent state)."""
+        """Chunked forward over a prompt [B, T] -> (logits [B, T, V], per-block recurrent state).
+
+        The prompt is one document: with data.document_boundaries=reset a prompt holding EOS is refused
+        (ValueError), as `step` carries the state on across tokens."""
         self._check_recurrent()
+        if self.document_eos_id is not None and bool((input_ids == self.document_eos_id).any()):
+            raise ValueError("prefill: the prompt holds EOS (several documents) and this model resets at each "
+                             "document: decode one document per prompt, or switch the reset off with "
+                             "nl.models.documents.document_reset(model, None)")
         h = self.tok_embeddings(input_ids)
         states = []
         for block in self.layers:

@@ -72,7 +72,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by position (half-split pairing: dim i is paired with dim i + Dh/2).
 
-    q, k: [B, T, H, Dh]; cos, sin: [T, Dh/2] from `precompute_rope`. The rotation is done
-    in fp32 and cast back. Afterwards q_s . k_t depends on the positions only through s - t."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, Dh/2], broadcast over batch and heads
+    q, k: [B, T, H, Dh]; cos, sin: [T, Dh/2] from `precompute_rope`, or [B, T, Dh/2] for positions
+    per sequence (nl.models.documents). The rotation is done in fp32 and cast back. Afterwards
+    q_s . k_t depends on the positions only through s - t."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) T, 1, Dh/2], broadcast over heads (and batch)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)

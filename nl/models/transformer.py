@@ -19,6 +19,7 @@ from torch import nn
 
 from nl.config import ModelConfig
 from nl.models import register_model
+from nl.models.documents import Documents
 from nl.models.layers import RMSNorm, SwiGLU, apply_rope, precompute_rope, resolve_ffn_hidden
 
 
@@ -34,14 +35,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """cos, sin: [T, Dh/2] or [B, T, Dh/2] (`apply_rope`); mask: None (causal) or bool [B, 1, T, T],
+        True where a query may attend a key (block-diagonal causal: `Documents.attention_mask`)."""
         B, T, _ = x.shape
         shape = (B, T, self.n_heads, self.head_dim)
         q, k = apply_rope(self.wq(x).view(shape), self.wk(x).view(shape), cos, sin)
         v = self.wv(x).view(shape)
         # SDPA wants [B, H, T, Dh].
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
+                                             attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -55,8 +59,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, resolve_ffn_hidden(cfg.dim, cfg.ffn_hidden, cfg.ffn_multiple_of))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -87,6 +92,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # data.document_boundaries=reset: the EOS id, and attention stays inside each document
+        # (nl.models.documents.document_reset); None: a window is one sequence.
+        self.document_eos_id: int | None = None
 
     def init_weights(self) -> None:
         """Initialise every parameter in place (after `to_empty`, or to re-initialise).
@@ -113,6 +121,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
         cos, sin = precompute_rope(self.head_dim, input_ids.shape[1], self.rope_theta, device=h.device)
+        mask = None
+        if self.document_eos_id is not None:  # each document alone: positions restart, no attention across
+            docs = Documents.from_eos(input_ids, self.document_eos_id)
+            (cos, sin), mask = docs.rope(cos, sin), docs.attention_mask()
         for block in self.layers:
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, mask)
         return self.output(self.norm(h)).float()
