@@ -119,6 +119,10 @@ class DataConfig:
     # sha256 of every shard is checked against the manifest at start-up (catches corrupt
     # shards; sizes are always checked). Turn off for very large corpora if start-up time matters.
     verify_checksums: bool = True
+    # none: a window is one sequence (documents packed back to back see each other) | reset: at each EOS
+    # HOPE's inner memories and conv caches restart and attention is masked per document, as if every
+    # document ran alone (EOS ends its document; RoPE positions restart; nl/models/documents.py).
+    document_boundaries: str = "none"
 
 
 @dataclass
@@ -262,6 +266,7 @@ class Config:
 
 _CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
+    "data.document_boundaries": ("none", "reset"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "wandb.mode": ("offline", "online", "disabled"),

@@ -35,6 +35,7 @@ from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.export import load_init_weights
 from nl.metrics import MetricsLogger, peak_flops, progress_enabled
 from nl.models import build_model, count_parameters, flops_per_token
+from nl.models.documents import document_reset
 from nl.optim import build_optimizer, check_supported
 from nl.provenance import claim_tokenizer
 
@@ -241,6 +242,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     if cfg.train.init_from and resume_from is None:  # continued pretraining; a resume loads its checkpoint
         load_init_weights(base_model, cfg.train.init_from, train_data.fingerprint)
+    if cfg.data.document_boundaries == "reset":  # each document of a window alone (nl/models/documents.py)
+        document_reset(base_model, train_data.eos_id)
     n_params = count_parameters(base_model)  # before sharding: FSDP2 parameters hold only a shard
     model = parallelize(base_model, cfg, env, use_bf16)
     inner_optimizer = build_optimizer(model, cfg)  # ours (nl/optim), also under DeepSpeed
