@@ -64,6 +64,9 @@ class HopeConfig:
     # Read inside a chunk: in_chunk (the anchor plus the in-chunk updates up to t-1) | anchor (the
     # anchor alone, like every other chunk quantity: Eq. 90 literally).
     chunk_read: str = "in_chunk"
+    # The chunk step of the inner memories: torch | triton (fused Triton kernels, nl/ops/triton_dgd.py) | auto
+    # (triton on CUDA when Triton imports, else torch). triton without CUDA needs TRITON_INTERPRET=1 (slow).
+    kernel: str = "auto"
     # One chunk size per CMS level, in outer optimizer steps; the number of levels is its length
     # ([1] = no CMS: one ordinary MLP). Level l is stepped every cms_chunk_sizes[l] optimizer steps
     # with its accumulated gradient (optim.cms; nl/optim/base.py).
@@ -141,6 +144,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between metrics lines (stdout, metrics.jsonl, wandb)
     init_from: str = ""  # an export dir (python -m nl.export): a fresh run starts from its weights
+    # torch.compile each block (after activation checkpointing, before FSDP; HOPE compiles its chunk
+    # body once and keeps the chunk loop in Python). The first step pays the compile (minutes on CPU).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend with train.compile: inductor | aot_eager | eager
 
 
 @dataclass
@@ -206,6 +213,12 @@ class OptimConfig:
 class EvalConfig:
     every: int = 100  # steps between validation runs; 0 disables periodic validation
     max_batches: int = 20  # validation batches of train.batch_size sequences; 0 = whole split
+    # Tasks run at each validation step on rank 0 (README: Evaluating a model), logged as
+    # eval/<task>/<metric>: lm-eval task names (checked against lm-eval at startup; pip install lm-eval)
+    # and niah:<LENGTH> entries (NIAH single needle in the noise haystack, prompts of LENGTH tokens).
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int = 0  # examples per lm-eval task (0 = all); NIAH: prompts per depth (0 = 10)
+    task_include_path: str = ""  # folder of extra lm-eval task YAMLs (local tasks); "" = lm-eval's own only
 
 
 @dataclass
@@ -269,6 +282,7 @@ _CHOICES = {
     "data.document_boundaries": ("none", "reset"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "wandb.mode": ("offline", "online", "disabled"),
     "dist.strategy": ("single", "ddp", "fsdp", "deepspeed"),
     "dist.zero_stage": (0, 1, 2, 3),
@@ -277,6 +291,7 @@ _CHOICES = {
     "model.hope.memory_type": ("mlp", "linear"),
     "model.hope.retention_target": ("auto", "init", "zero"),
     "model.hope.chunk_read": ("in_chunk", "anchor"),
+    "model.hope.kernel": ("auto", "torch", "triton"),
     "model.hope.cms_mode": ("outer", "in_context", "both"),
     "optim.name": ("adamw", "momentum", "precond_momentum", "delta_momentum", "dmgd", "m3", "dgd"),
     "optim.dmgd.internal_loss": ("l2", "dot"),
@@ -343,7 +358,23 @@ def load_config(path: str | Path | list | tuple | None = None,
             raise _unknown_key_error(key, "the command line")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "the command line")
     _check_choices(cfg)
+    _check_eval_tasks(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def _check_eval_tasks(cfg: DictConfig) -> None:
+    """eval.tasks' niah:<LENGTH> entries and eval.task_limit; lm-eval names are checked against lm-eval
+    at the start of training (nl.lm_eval.InLoopTasks), where importing it is paid once."""
+    for entry in cfg.eval.tasks:
+        if entry.startswith("niah"):
+            length = entry.partition(":")[2]
+            if not length.isdigit() or int(length) <= 0:
+                raise ConfigError(f"eval.tasks entry {entry!r}: write NIAH as niah:<LENGTH>, e.g. niah:1024")
+    if cfg.eval.task_limit < 0:
+        raise ConfigError(f"eval.task_limit={cfg.eval.task_limit}: pass 0 (all examples) or a positive count")
+    if cfg.eval.tasks and cfg.eval.every <= 0:
+        raise ConfigError("eval.tasks runs at validation steps but eval.every=0: set eval.every=N "
+                          "(or eval.tasks=[])")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,6 +1,7 @@
 """Process-group setup and parallelisation applied to a model from outside.
 
-Order as in torchtitan: activation checkpointing on each block, then DDP or FSDP2
+Order as in torchtitan: activation checkpointing on each block, then torch.compile per block
+(train.compile), then DDP or FSDP2
 (`fully_shard` per block, then the root, which groups embeddings, final norm and head).
 The model code never knows whether it is sharded.
 """
@@ -80,9 +81,33 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int) ->
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile every block of `model.layers` in place (`Module.compile`, as torchtitan compiles
+    per block: many blocks share one graph, and state-dict keys keep no `_orig_mod.` prefix).
+
+    HOPE's recurrence leaves the block's graph (a graph break in `nl.ops.titans.titans_chunked`): its
+    chunk loop stays in Python and each chunk body is compiled once, with the same backend, instead
+    of the loop being unrolled (docs/COMPILE.md)."""
+    from nl.ops import titans
+
+    titans.CHUNK_COMPILE_BACKEND = backend
+    for block in model.layers:
+        # Inside an activation-checkpoint wrapper, the wrapped block is compiled and the checkpoint stays
+        # eager: dynamo traces a checkpoint as one higher-order op, which cannot hold HOPE's graph break,
+        # and gives up on the whole block (it would silently run eager).
+        getattr(block, "_checkpoint_wrapped_module", block).compile(backend=backend)
+
+
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv, bf16: bool) -> nn.Module:
-    """Apply activation checkpointing, then the data-parallel strategy of cfg.dist.strategy."""
+    """Apply activation checkpointing, then compile (train.compile), then the data-parallel strategy
+    of cfg.dist.strategy (torchtitan's order)."""
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing, cfg.dist.ac_every_n)
+    if cfg.train.compile:
+        if cfg.dist.strategy == "deepspeed":
+            raise ConfigError("train.compile=true with dist.strategy=deepspeed is not supported (DeepSpeed's "
+                              "parameter hooks run inside the compiled blocks): use dist.strategy=fsdp or ddp, or "
+                              "train.compile=false")
+        apply_compile(model, cfg.train.compile_backend)
     if env.world_size == 1 or cfg.dist.strategy in ("single", "deepspeed"):
         return model  # deepspeed: the engine wraps it later (nl/distributed/deepspeed.py)
     if cfg.dist.strategy == "ddp":

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nl.ops.delta_rule import (ChunkGates, ChunkLayer, dgd_step, memory_apply, memory_grad_factors,
+from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, memory_apply, memory_grad_factors,
                               input_norm)
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
@@ -75,10 +75,13 @@ class RecurrenceConfig:
     # Read inside a chunk: "in_chunk" = the anchor plus the in-chunk updates up to t-1; "anchor" = the
     # anchor alone, like every other chunk quantity (Eq. 90 literally).
     chunk_read: str = "in_chunk"
+    # The chunk step of each memory layer: torch (`delta_rule.ChunkLayer`) | triton (one fused kernel per layer
+    # and chunk, nl/ops/triton_dgd.py) | auto (triton on CUDA tensors when Triton imports).
+    kernel: str = "torch"
 
     def __post_init__(self) -> None:
         for key, allowed in (("retention_target", RETENTION_TARGETS), ("chunk_read", CHUNK_READS),
-                             ("target", TARGETS)):
+                             ("target", TARGETS), ("kernel", KERNELS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
 
@@ -207,7 +210,7 @@ class _ChunkMemory:
                 x, g, xs = x / n, g / n, xs / n
             if self.init is not None:  # the layer's own output on x is then the deviation's: ChunkLayer forms it
                 S0, xs = S0 - self.init[i], None
-            self.layers.append(ChunkLayer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs))
+            self.layers.append(chunk_layer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs, cfg.kernel))
 
     def read_layer(self, i: int, Q: torch.Tensor) -> torch.Tensor:
         out = self.layers[i].read(Q)
@@ -237,9 +240,36 @@ def _maybe_recompute(cfg: RecurrenceConfig, fn, *args):
     return fn(*args)
 
 
+CHUNK_COMPILE_BACKEND = "inductor"  # set by nl.distributed.apply_compile to the blocks' backend
+# Graphs of one chunk-body function: (generator, memory) x (first chunk, the rest) x (grad, no_grad),
+# and as many again once a new sequence length makes dynamo mark the chunk's strides dynamic.
+CHUNK_RECOMPILE_LIMIT = 32
+_compiled_chunks: dict[str, object] = {}  # backend -> torch.compile(_maybe_recompute)
+
+
+def _run_chunk(compiled: bool, cfg: RecurrenceConfig, fn, *args):
+    """One chunk body: eager, or (compiled) through one torch.compile of `_maybe_recompute` shared by
+    all chunks, steps and layers: dynamo guards on the body's code and the inputs' shapes and strides,
+    so equal chunks reuse one graph (the first chunk, whose anchor is the unbatched initial state, and
+    a shorter last chunk add one graph each). Recomputation (cfg.recompute) is traced as part of it."""
+    if not compiled:
+        return _maybe_recompute(cfg, fn, *args)
+    backend = CHUNK_COMPILE_BACKEND
+    if backend not in _compiled_chunks:
+        _compiled_chunks[backend] = torch.compile(_maybe_recompute, backend=backend)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    with torch._dynamo.config.patch(**{limit: CHUNK_RECOMPILE_LIMIT}):
+        return _compiled_chunks[backend](cfg, fn, *args)
+
+
+@torch.compiler.disable
+def _chunk_loop_in_python(*args, **kwargs):
+    return titans_chunked(*args, **kwargs, compile_chunks=True)
+
+
 def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], states: dict[str, Memory],
                    readout: dict[str, torch.Tensor], cfg: RecurrenceConfig,
-                   trace: bool = False) -> tuple[torch.Tensor, RecurrentState]:
+                   trace: bool = False, compile_chunks: bool = False) -> tuple[torch.Tensor, RecurrentState]:
     """Chunk-wise parallel form: a loop over chunks, none over tokens; no host-device sync.
 
     z: [B, H, T, d] input of the generators (None if there are none); static: the values not
@@ -248,7 +278,13 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     b_eta, w_alpha, b_alpha, w_mu, b_mu ([H, d], [H]) for the generated gates.
     Returns o [B, H, T, d] and the RecurrentState after token T. Its stats hold the mean eta and
     alpha of the memory's chunks (detached 0-dim tensors) and, with trace, "norm/<name>": the
-    memory's Frobenius norm at the end of each of its chunks, [B, H, n_chunks] (detached)."""
+    memory's Frobenius norm at the end of each of its chunks, [B, H, n_chunks] (detached).
+
+    Under torch.compile (train.compile) the graph breaks here: the chunk loop runs in Python and each
+    chunk body is compiled once (compile_chunks, `_run_chunk`), instead of the loop being unrolled
+    into one graph of T/C chunk bodies."""
+    if torch.compiler.is_compiling():
+        return _chunk_loop_in_python(z, static, states, readout, cfg, trace)
     gen_names = [n for n in GENERATORS if n in states]
     T = (z if z is not None else static["q"] if "q" in static else static["k"]).shape[2]
     C1, C2 = cfg.chunk_size, cfg.memory_chunk_size
@@ -275,7 +311,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         pieces = []
         for zc, sc in zip(z.split(C1, dim=2), _split_chunks(static, C1, T)):
             anchor = S
-            piece, S, P = _maybe_recompute(cfg, generator_chunk, zc, sc, S, P)
+            piece, S, P = _run_chunk(compile_chunks, cfg, generator_chunk, zc, sc, S, P)
             pieces.append(piece)
             if trace:
                 for i, n in enumerate(gen_names):
@@ -303,7 +339,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     outs = []
     for c in _split_chunks(inputs, C2, T):
         anchor = S
-        o, S, P = _maybe_recompute(cfg, memory_chunk, c, S, P)
+        o, S, P = _run_chunk(compile_chunks, cfg, memory_chunk, c, S, P)
         outs.append(o)
         if trace:
             norms.setdefault("memory", []).append(memory_norm(S).detach())
