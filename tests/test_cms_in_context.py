@@ -300,3 +300,19 @@ def test_beam_search_reorder_picks_level_state_rows():
         _, states_flip = model.prefill(ids.flip(0))
         expect, _ = model.step(ids[:, -1].flip(0), states_flip)
     assert rel(swapped, expect) < 1e-12
+
+
+def test_mixing_flops_count_the_in_context_gradient_sums():
+    """What torch's flop counter sees beyond the outer mode's forward is exactly the added count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+    counts = {}
+    for mode in ("outer", "in_context"):
+        model = build_model(small(mode), seed=0)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(ids)
+        counts[mode] = (fc.get_total_flops(), model.mixing_flops_per_token(12))
+    extra = counts["in_context"][0] - counts["outer"][0]
+    assert extra == 2 * 2 * (2 * 16 * 32) * 12 * 2  # blocks x levels x (2 d hidden) x T x B
+    assert (counts["in_context"][1] - counts["outer"][1]) * 12 * 2 == extra

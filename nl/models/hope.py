@@ -566,10 +566,15 @@ class Hope(nn.Module):
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of sequence mixing over all blocks: attention 4 * dim * T per block
-        (Hope-Attention), else the inner memories of each block (SelfModifyingTitans)."""
+        (Hope-Attention), else the inner memories of each block (SelfModifyingTitans); plus the in-context
+        CMS levels' gradient sums."""
+        # In-context CMS levels add the chunk sums of e h^T, 2 * dim * hidden per token and level (their
+        # reads W h are the static w2's matmul, counted in 6 N).
+        cms = sum(2 * level.mlp.w2.weight.numel() for block in self.layers for level in block.cms.levels
+                  if level.context is not None)
         if self.mixer == "attention":
-            return 4.0 * len(self.layers) * self.tok_embeddings.embedding_dim * seq_len
-        return sum(block.mixer.mixing_flops_per_token(seq_len) for block in self.layers)
+            return 4.0 * len(self.layers) * self.tok_embeddings.embedding_dim * seq_len + cms
+        return sum(block.mixer.mixing_flops_per_token(seq_len) for block in self.layers) + cms
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Memory health of the last forward per block, detached 0-dim tensors (no host sync), keyed
