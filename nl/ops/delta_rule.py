@@ -120,6 +120,7 @@ class ChunkGates:
 
     def __init__(self, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None) -> None:
         self.eta = eta
+        self.log_alpha, self.log_mu = log_alpha, log_mu  # the raw gates, for the fused kernel (kernel=triton)
         self.momentum = log_mu is not None
         lg = log_alpha.cumsum(-1)
         lg_prev = lg - log_alpha
@@ -192,6 +193,43 @@ class ChunkLayer:
         S = S + g.c_end[..., None, None] * self.P0
         P = g.m_end[..., None, None] * self.P0 + (g.Mu_end[..., None] * self.W).mT @ self.X
         return S, P
+
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def chunk_layer(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, gates: ChunkGates,
+                dgd: bool, XS: torch.Tensor | None = None, kernel: str = "torch"):
+    """The one dispatch point of the chunk step: `ChunkLayer` (kernel="torch"), or the fused Triton kernel
+    (kernel="triton": `nl.ops.triton_dgd.FusedChunkLayer`, same interface); "auto" picks triton for CUDA
+    tensors when Triton imports, torch otherwise. Arguments as `ChunkLayer`."""
+    if kernel == "auto":
+        kernel = "triton" if X.is_cuda and triton_available() else "torch"
+    if kernel == "triton":
+        from nl.ops.triton_dgd import FusedChunkLayer
+        return FusedChunkLayer(S0, P0, X, G, gates, dgd, XS)
+    if kernel != "torch":
+        raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    return ChunkLayer(S0, P0, X, G, gates, dgd, XS)
+
+
+def triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_kernel(kernel: str) -> None:
+    """Refuse kernel=triton where it cannot run (no Triton; no CUDA and no TRITON_INTERPRET=1)."""
+    import os
+    if kernel not in KERNELS:
+        raise ValueError(f"model.hope.kernel={kernel!r}: expected one of {KERNELS}")
+    if kernel != "triton":
+        return
+    if not triton_available():
+        raise ValueError("model.hope.kernel=triton needs the triton package (pip install triton), or use kernel=torch")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("model.hope.kernel=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels "
+                         "on CPU, slowly): use model.hope.kernel=auto or torch here")
 
 
 def input_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nl.ops.delta_rule import (ChunkGates, ChunkLayer, dgd_step, memory_apply, memory_grad_factors,
+from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, memory_apply, memory_grad_factors,
                               input_norm)
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
@@ -75,10 +75,13 @@ class RecurrenceConfig:
     # Read inside a chunk: "in_chunk" = the anchor plus the in-chunk updates up to t-1; "anchor" = the
     # anchor alone, like every other chunk quantity (Eq. 90 literally).
     chunk_read: str = "in_chunk"
+    # The chunk step of each memory layer: torch (`delta_rule.ChunkLayer`) | triton (one fused kernel per layer
+    # and chunk, nl/ops/triton_dgd.py) | auto (triton on CUDA tensors when Triton imports).
+    kernel: str = "torch"
 
     def __post_init__(self) -> None:
         for key, allowed in (("retention_target", RETENTION_TARGETS), ("chunk_read", CHUNK_READS),
-                             ("target", TARGETS)):
+                             ("target", TARGETS), ("kernel", KERNELS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
 
@@ -207,7 +210,7 @@ class _ChunkMemory:
                 x, g, xs = x / n, g / n, xs / n
             if self.init is not None:  # the layer's own output on x is then the deviation's: ChunkLayer forms it
                 S0, xs = S0 - self.init[i], None
-            self.layers.append(ChunkLayer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs))
+            self.layers.append(chunk_layer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs, cfg.kernel))
 
     def read_layer(self, i: int, Q: torch.Tensor) -> torch.Tensor:
         out = self.layers[i].read(Q)

@@ -1,0 +1,261 @@
+"""One DGD chunk step of one memory layer as a single fused Triton kernel (`delta_rule.ChunkLayer`'s math).
+
+Per batch element (one program each) and one chunk of C tokens, from the anchor S0 [O, I] (and the
+momentum P0 [O, I]), the layer inputs X [C, I], gradient factors G [C, O], an optional query Q [C, I]
+and the gates log_alpha, eta (and log_mu) [C], the kernel forms in registers, with no round trip
+through memory:
+
+    decays     gamma, D[t-1, j], D_end (and with momentum Mu, E = D Mu, c = D m)   (cumulative sums)
+    Gram       X X^T                     right-hand side  -eta (gamma_{t-1} X S0^T + (E o XX) W + c X P0^T)
+    solve      delta = (I + eta D o XX)^-1 rhs    (the unit-lower inverse by forward substitution)
+    read       S_{t-1} q_t for every t  (read before write)       end state S_C (and P_C)
+
+with W = -eta G; the equations are those of `delta_rule` (module docstring there). Returns
+(out [N, C, O] or an empty tensor without Q, S_C [N, O, I], P_C [N, O, I] or an empty tensor).
+
+Backward (`dgd_chunk_backward`): it recomputes the chunk in PyTorch from the op's inputs
+(`ChunkGates`/`ChunkLayer`, the same torch code as kernel=torch) and differentiates that, so
+nothing but the inputs is saved; it is itself a custom op. It is not yet a Triton kernel: its
+launches are those of the torch chunk's backward (docs/BENCHMARKS.md "Kernel launches").
+
+Both are registered with torch.library.custom_op (`nl::dgd_chunk`, `nl::dgd_chunk_backward`), so
+torch.compile and FSDP2 see one opaque call each. Inputs are float32 or float64 (the recurrence runs in
+fp32, issue 14 item 1); fp32 products use IEEE precision, not TF32 (the solve amplifies errors).
+Triton is imported here, so import this module lazily (`delta_rule.chunk_layer` does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nl.ops.delta_rule import ChunkGates, ChunkLayer
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
+@triton.jit
+def _dgd_chunk_kernel(S0, P0, X, G, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
+                      BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
+                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, PRECISION: tl.constexpr):
+    n = tl.program_id(0)
+    rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
+    mc, mi, mo = rc < C, ri < I, ro < O
+    # Tiles, zero-padded: padded tokens have eta = 0 and log_alpha = log_mu = 0, so they change nothing.
+    x = tl.load(X + n * C * I + rc[:, None] * I + ri[None, :], mask=mc[:, None] & mi[None, :], other=0.)
+    g = tl.load(G + n * C * O + rc[:, None] * O + ro[None, :], mask=mc[:, None] & mo[None, :], other=0.)
+    s0 = tl.load(S0 + n * O * I + ro[:, None] * I + ri[None, :], mask=mo[:, None] & mi[None, :], other=0.)
+    la = tl.load(LA + n * C + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
+
+    row, col = rc[:, None], rc[None, :]
+    lg = tl.sum(tl.where(col <= row, la[None, :], 0.), 1)          # log gamma_t (cumulative sum)
+    lg_prev = lg - la                                                # log gamma_{t-1}
+    lg_end = tl.sum(la, 0)
+    gamma_prev = tl.exp(lg_prev)
+    Dp = tl.where(col < row, tl.exp(tl.where(col < row, lg_prev[:, None] - lg[None, :], 0.)), 0.)
+    D_end = tl.where(mc, tl.exp(lg_end - lg), 0.)                # padded tokens: no share of the end state
+    w = -eta[:, None] * g                                            # w_t = -eta_t g_t
+    if MOMENTUM:
+        lm = tl.sum(tl.where(col <= row, tl.load(LM + n * C + rc, mask=mc, other=0.)[None, :], 0.), 1)
+        lm_end = tl.sum(tl.load(LM + n * C + rc, mask=mc, other=0.), 0)
+        Mu = tl.where(col <= row, tl.exp(tl.where(col <= row, lm[:, None] - lm[None, :], 0.)), 0.)
+        m = tl.exp(lm)
+        Ep = tl.dot(Dp, Mu, input_precision=PRECISION)
+        cp = tl.sum(Dp * m[None, :], 1)
+        E_end = tl.sum(D_end[:, None] * Mu, 0)
+        c_end = tl.sum(D_end * m, 0)
+        Mu_end = tl.exp(lm_end - lm)
+        p0 = tl.load(P0 + n * O * I + ro[:, None] * I + ri[None, :], mask=mo[:, None] & mi[None, :], other=0.)
+    else:
+        Ep = Dp
+        E_end = D_end
+    if DGD:
+        XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
+        base = gamma_prev[:, None] * tl.dot(x, tl.trans(s0), input_precision=PRECISION)
+        base += tl.dot(Ep * XX, w, input_precision=PRECISION)
+        if MOMENTUM:
+            base += cp[:, None] * tl.dot(x, tl.trans(p0), input_precision=PRECISION)
+        A = eta[:, None] * Dp * XX                                   # strictly lower triangular
+        # (I + A)^-1 by forward substitution on its rows: inv_t = e_t - sum_{j<t} A[t, j] inv_j.
+        inv = tl.where(row == col, 1., 0.).to(x.dtype)
+        for t in range(1, BC):
+            a_t = tl.sum(tl.where(row == t, A, 0.), 0)               # row t of A, indexed by j
+            new = tl.sum(a_t[:, None] * inv, 0)
+            inv = tl.where(row == t, inv - new[None, :], inv)
+        delta = tl.dot(inv, -eta[:, None] * base, input_precision=PRECISION)
+    if HAS_Q:
+        q = tl.load(Q + n * C * I + rc[:, None] * I + ri[None, :], mask=mc[:, None] & mi[None, :], other=0.)
+        QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
+        out = gamma_prev[:, None] * tl.dot(q, tl.trans(s0), input_precision=PRECISION)
+        out += tl.dot(Ep * QX, w, input_precision=PRECISION)
+        if MOMENTUM:
+            out += cp[:, None] * tl.dot(q, tl.trans(p0), input_precision=PRECISION)
+        if DGD:
+            out += tl.dot(Dp * QX, delta, input_precision=PRECISION)
+        tl.store(OUT + n * C * O + rc[:, None] * O + ro[None, :], out, mask=mc[:, None] & mo[None, :])
+    coef = E_end[:, None] * w
+    if DGD:
+        coef += D_end[:, None] * delta
+    s_end = tl.exp(lg_end) * s0 + tl.dot(tl.trans(coef), x, input_precision=PRECISION)
+    if MOMENTUM:
+        s_end += c_end * p0
+        p_end = tl.exp(lm_end) * p0 + tl.dot(tl.trans(Mu_end[:, None] * w), x, input_precision=PRECISION)
+        tl.store(P_END + n * O * I + ro[:, None] * I + ri[None, :], p_end, mask=mo[:, None] & mi[None, :])
+    tl.store(S_END + n * O * I + ro[:, None] * I + ri[None, :], s_end, mask=mo[:, None] & mi[None, :])
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
+
+
+def _check(S0: torch.Tensor, X: torch.Tensor, G: torch.Tensor) -> None:
+    if S0.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"kernel=triton runs the recurrence in float32 or float64, got {S0.dtype}: cast the "
+                        "chunk inputs to float32 (the recurrence's own autocast-disabled region does)")
+    if S0.device.type == "cpu" and not triton.knobs.runtime.interpret:
+        raise RuntimeError("kernel=triton on CPU tensors needs TRITON_INTERPRET=1 set before import "
+                           "(or use model.hope.kernel=torch)")
+    if X.dim() != 3 or G.shape[:2] != X.shape[:2] or S0.shape != (X.shape[0], G.shape[2], X.shape[2]):
+        raise ValueError(f"dgd_chunk: expected X [N, C, I], G [N, C, O], S0 [N, O, I], got "
+                         f"{tuple(X.shape)}, {tuple(G.shape)}, {tuple(S0.shape)}")
+
+
+@torch.library.custom_op("nl::dgd_chunk", mutates_args=())
+def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, Q: torch.Tensor | None,
+              log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
+              dgd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused chunk step (module docstring). All inputs contiguous with one batch dim N:
+    S0, P0 [N, O, I]; X, Q [N, C, I]; G [N, C, O]; log_alpha, eta, log_mu [N, C]. P0 and log_mu
+    together (momentum) or neither. Returns (out [N, C, O] | empty, S_C [N, O, I], P_C [N, O, I] | empty)."""
+    _check(S0, X, G)
+    N, C, I = X.shape
+    O = G.shape[2]
+    momentum = P0 is not None
+    out = X.new_empty(N, C, O) if Q is not None else X.new_empty(0)
+    S_end = torch.empty_like(S0)
+    P_end = torch.empty_like(S0) if momentum else X.new_empty(0)
+    _dgd_chunk_kernel[(N,)](S0, P0 if momentum else S0, X, G, Q if Q is not None else X, log_alpha, eta,
+                            log_mu if momentum else eta, out, S_end, P_end if momentum else S_end, C, I, O,
+                            BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
+                            HAS_Q=Q is not None, PRECISION="ieee")
+    return out, S_end, P_end
+
+
+@dgd_chunk.register_fake
+def _(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
+    N, C, _ = X.shape
+    out = X.new_empty(N, C, G.shape[2]) if Q is not None else X.new_empty(0)
+    return out, torch.empty_like(S0), torch.empty_like(S0) if P0 is not None else X.new_empty(0)
+
+
+def chunk_reference(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
+                    Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
+                    log_mu: torch.Tensor | None, dgd: bool) -> tuple[torch.Tensor | None, torch.Tensor,
+                                                                     torch.Tensor | None]:
+    """`dgd_chunk`'s math in PyTorch (ChunkGates + ChunkLayer, kernel=torch): (out | None, S_C, P_C | None)."""
+    layer = ChunkLayer(S0, P0, X, G, ChunkGates(log_alpha, eta, log_mu), dgd)
+    out = layer.read(Q) if Q is not None else None
+    return (out, *layer.end_state())
+
+
+def _autograd_inside_op():
+    """A custom op's body runs below the Autograd dispatch keys (they are in the thread's exclude set), so
+    enable_grad alone records nothing there: lift that exclusion for the recomputation's own autograd.
+    (torch.func.vjp would do this publicly, but ChunkLayer's solve is an autograd.Function without the
+    setup_context that functorch requires.)"""
+    keys = torch._C.DispatchKey
+    autograd = (torch._C.DispatchKeySet(keys.AutogradFunctionality) | torch._C.DispatchKeySet(keys.AutogradOther)
+                | torch._C.DispatchKeySet(keys.AutogradNestedTensor))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set() - autograd)
+
+
+@torch.library.custom_op("nl::dgd_chunk_backward", mutates_args=())
+def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
+                       Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
+                       log_mu: torch.Tensor | None, dgd: bool, g_out: torch.Tensor, g_S: torch.Tensor,
+                       g_P: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, Q, log_alpha, eta, log_mu), by recomputing the chunk
+    in PyTorch and differentiating it; an absent input (None) gets an empty tensor. g_out, g_P: empty
+    when there is no Q / no momentum."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (S0, P0, X, G, Q, log_alpha, eta, log_mu)]
+    with _autograd_inside_op(), torch.enable_grad():
+        outs = chunk_reference(*leaves, dgd)
+        pairs = [(o, g) for o, g in zip(outs, (g_out, g_S, g_P)) if o is not None]
+        wrt = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+    result = []
+    for t in leaves:
+        if t is None:
+            result.append(X.new_empty(0))
+            continue
+        gr = next(grads)
+        result.append(torch.zeros_like(t) if gr is None else gr)
+    return result
+
+
+@dgd_chunk_backward.register_fake
+def _(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P):
+    return [X.new_empty(0) if t is None else torch.empty_like(t) for t in (S0, P0, X, G, Q, log_alpha, eta, log_mu)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    *tensors, ctx.dgd = inputs
+    ctx.absent = [t is None for t in tensors]
+    ctx.save_for_backward(*[t for t in tensors if t is not None])
+
+
+def _backward(ctx, g_out, g_S, g_P):
+    saved = iter(ctx.saved_tensors)
+    tensors = [None if absent else next(saved) for absent in ctx.absent]
+    S0, P0, X, G, Q = tensors[:5]
+    # Gradients of unused outputs arrive as None; the empty outputs (no Q, no momentum) get empty ones.
+    g_out = X.new_empty(0) if Q is None else X.new_zeros(*X.shape[:2], G.shape[2]) if g_out is None else g_out
+    g_S = torch.zeros_like(S0) if g_S is None else g_S
+    g_P = X.new_empty(0) if P0 is None else torch.zeros_like(S0) if g_P is None else g_P
+    grads = dgd_chunk_backward(*tensors, ctx.dgd, g_out.contiguous(), g_S.contiguous(), g_P.contiguous())
+    return (*[None if absent else g for g, absent in zip(grads, ctx.absent)], None)
+
+
+dgd_chunk.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedChunkLayer:
+    """`delta_rule.ChunkLayer` on the fused kernel: the same constructor, `read` and `end_state`.
+
+    Nothing runs at construction; `read(Q)` runs the kernel once for the read and the end state
+    together, `end_state()` reuses that or runs the kernel without a query. Broadcast batch dims
+    (gates shared by memories, k shared by the generators) are expanded and flattened to [N, ...]
+    first (autograd sums their gradients back). XS (the anchor's output on X) is not taken: the kernel
+    forms X S0^T on chip where it needs it."""
+
+    def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
+                 gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None) -> None:
+        del XS  # formed inside the kernel
+        self.S0, self.P0, self.X, self.G, self.gates, self.dgd = S0, P0, X, G, gates, dgd
+        self._ends: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _run(self, Q: torch.Tensor | None):
+        g = self.gates
+        gate_list = [g.log_alpha, g.eta] + ([g.log_mu] if g.momentum else [])
+        mats = [self.S0, self.X, self.G] + ([self.P0] if self.P0 is not None else []) + ([Q] if Q is not None else [])
+        batch = torch.broadcast_shapes(*[t.shape[:-2] for t in mats], *[t.shape[:-1] for t in gate_list])
+        flat = lambda t, k: t.expand(*batch, *t.shape[-k:]).reshape(-1, *t.shape[-k:]).contiguous()
+        C, O = self.X.shape[-2], self.G.shape[-1]
+        out, S, P = dgd_chunk(flat(self.S0, 2), None if self.P0 is None else flat(self.P0, 2), flat(self.X, 2),
+                              flat(self.G, 2), None if Q is None else flat(Q, 2), flat(g.log_alpha, 1),
+                              flat(g.eta, 1), flat(g.log_mu, 1) if g.momentum else None, self.dgd)
+        shape = (*batch, *self.S0.shape[-2:])
+        self._ends = (S.view(shape), P.view(shape) if self.P0 is not None else None)
+        return out.view(*batch, C, O) if Q is not None else None
+
+    def read(self, Q: torch.Tensor) -> torch.Tensor:
+        """S_{t-1} q_t for every token of the chunk. Q: [..., C, I] -> [..., C, O]."""
+        return self._run(Q)
+
+    def end_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S_C, P_C): the layer and its momentum after the chunk's last token."""
+        if self._ends is None:
+            self._run(None)
+        return self._ends
