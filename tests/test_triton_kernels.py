@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from test_hope_model import small  # noqa: E402
+import test_hope_ops  # noqa: E402
 from test_hope_ops import HOPE, make_inputs, outputs_and_grads, rel  # noqa: E402
 
 import nl.models.hope  # noqa: E402,F401  (registers arch 'hope')
@@ -106,13 +107,17 @@ def test_chunk_kernel_end_state_without_read():
     assert rel(S.cpu(), S_ref) < 1e-12 and rel(P.cpu(), P_ref) < 1e-12
 
 
-@pytest.mark.parametrize("memory_type,momentum,chunk", [("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1),
-                                                        ("mlp", True, 1)])
-def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk):
+@pytest.mark.parametrize("memory_type,momentum,chunk", [
+    ("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1),
+    pytest.param("mlp", True, 1, marks=pytest.mark.slow), pytest.param("linear", False, 1, marks=pytest.mark.slow)])
+def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
     kernel=triton == titans_reference token by token in float64, outputs, final states, every gradient;
-    T=7: a partial last chunk at chunk 4."""
-    inputs = make_inputs(memory_type, HOPE, ("q",), T=7, seed=5)
+    T=7 at chunk 4: a partial last chunk. One sequence and one head: the interpreter runs each program
+    of the grid in Python (~0.1 s each)."""
+    monkeypatch.setattr(test_hope_ops, "B", 1)
+    monkeypatch.setattr(test_hope_ops, "H", 1)
+    inputs = make_inputs(memory_type, HOPE, ("q",), T=7 if chunk > 1 else 4, seed=5)
     cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum)
     o_ref, s_ref, g_ref = outputs_and_grads(titans_reference, inputs, cfg)
     fused_cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum,
@@ -128,6 +133,8 @@ def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, ch
 def test_kernel_runs_the_fused_op(monkeypatch):
     """kernel=triton really goes through nl::dgd_chunk (one call per memory layer and chunk), torch does not."""
     from nl.ops import triton_dgd
+    monkeypatch.setattr(test_hope_ops, "B", 1)
+    monkeypatch.setattr(test_hope_ops, "H", 1)
     calls = []
     real = triton_dgd.dgd_chunk
     monkeypatch.setattr(triton_dgd, "dgd_chunk", lambda *a: calls.append(1) or real(*a))
@@ -143,8 +150,10 @@ def test_tiny_hope_forward_backward_triton_equals_torch():
     parameter gradient equal between kernel=torch and kernel=triton."""
     results = []
     for kernel in ("torch", "triton"):
-        model = build_model(small(chunk=4, kernel=kernel), seed=0).to(DEVICE)
-        tokens = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        cfg = small(chunk=4, kernel=kernel)
+        cfg.n_layers, cfg.n_heads = 1, 1  # few interpreted programs: one layer, one head
+        model = build_model(cfg, seed=0).to(DEVICE)
+        tokens = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
         logits = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()

@@ -79,7 +79,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
         A = eta[:, None] * Dp * XX                                   # strictly lower triangular
         # (I + A)^-1 by forward substitution on its rows: inv_t = e_t - sum_{j<t} A[t, j] inv_j.
         inv = tl.where(row == col, 1., 0.).to(x.dtype)
-        for t in range(1, BC):
+        for t in range(1, C):  # rows past C are padding: identity rows suffice
             a_t = tl.sum(tl.where(row == t, A, 0.), 0)               # row t of A, indexed by j
             new = tl.sum(a_t[:, None] * inv, 0)
             inv = tl.where(row == t, inv - new[None, :], inv)
