@@ -33,6 +33,7 @@ from nl.distributed import all_reduce_sum, init_distributed, parallelize
 from nl.distributed.strategy import build_strategy
 from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.export import load_init_weights
+from nl.lm_eval import InLoopTasks
 from nl.metrics import MetricsLogger, peak_flops, progress_enabled
 from nl.models import build_model, count_parameters, flops_per_token
 from nl.models.documents import document_reset
@@ -233,6 +234,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
         changes = config_changes(path, saved, current_config(cfg, train_data.fingerprint)) if saved else []
 
     resume_from = select_start(cfg, compare)
+    # eval.tasks: lm-eval names checked on every rank now, so a typo stops the run before step 1.
+    in_loop_tasks = InLoopTasks(cfg, train_data.tokenizer_path) if cfg.eval.tasks else None
     claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
     config_yaml = to_yaml(cfg)
     if coordinator:
@@ -317,6 +320,16 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
         overall = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights.values())
         return {"val_loss": overall, **{f"val_loss/{n}": loss for n, loss in losses.items()}}
 
+    def evaluate_tasks() -> dict[str, float]:
+        """eval.tasks on rank 0's unwrapped model; the other ranks wait. lm-eval reseeds the global RNG:
+        the training RNG state is put back, so the run's random numbers do not depend on eval.tasks."""
+        rng = _rng_state()
+        results = in_loop_tasks(base_model) if coordinator else {}
+        _set_rng_state(rng)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return results
+
     model.train()
     last_loss, last_val, stopped_by = None, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -380,6 +393,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 val_losses = validate()
                 last_val = val_losses.get("val_loss")
+                if in_loop_tasks is not None:
+                    val_losses.update(evaluate_tasks())
                 if val_losses:
                     logger.log({"step": step, **val_losses, "tokens": tokens_seen})
                 window_start = time.perf_counter()  # keep validation out of tokens_per_s

@@ -33,10 +33,10 @@ MC_EXAMPLES = [  # question, choices, gold
     ("He was born in", ["London", "is", "above", "green green"], 0),
     ("The album was released", ["in 1999", "the of", "blue", "cat"], 0),
 ]
-DOCS = ["The history of the city begins in the year 1200, when a small market town grew on the river.",
-        "The album was released in 1999 and reached the top of the charts in several countries.",
-        "Water is a chemical compound of hydrogen and oxygen; it freezes at zero degrees Celsius.",
-        "The species is found in forests and grasslands of the northern part of the continent."]
+DOCS = ["The history of the city begins in the year 1200.",  # each under 31 tokens: one window
+        "The album was released in 1999 in several countries.",
+        "Water freezes at zero degrees Celsius.",
+        "The species is found in forests of the north."]
 
 
 def write_local_tasks(root: Path) -> Path:
@@ -167,3 +167,146 @@ def test_mask_with_a_hole_is_refused(exports):
     hf = auto_model(exports["transformer"])
     with pytest.raises(ValueError, match="contiguous span"):
         hf(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1]]))
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_lm_eval_batch_of_4_equals_one_at_a_time(exports, local_tasks, name):
+    from nl.lm_eval import load_export, metrics, run_tasks
+
+    model, tokenizer, seq_len = load_export(exports[name])
+    runs = [metrics(run_tasks(model, tokenizer, ["tiny_mc", "tiny_ppl"], batch_size=b, max_length=seq_len,
+                              include_path=str(local_tasks))) for b in (1, 4)]
+    one, four = runs
+    assert set(one["tiny_mc"]) >= {"acc", "acc_norm"} and set(one["tiny_ppl"]) >= {"word_perplexity"}
+    assert one["tiny_mc"] == four["tiny_mc"]  # the same choice wins every example
+    for metric, value in one["tiny_ppl"].items():
+        assert math.isfinite(value) and four["tiny_ppl"][metric] == pytest.approx(value, rel=1e-5), metric
+
+
+def test_lm_eval_word_perplexity_is_the_models_own(exports, local_tasks):
+    """tiny_ppl's word perplexity = exp(total NLL of the documents / their words), the NLL computed here
+    from the nl model directly: one window each (documents are shorter than seq_len), the first token
+    predicted from EOS alone (the document separator nl trains with)."""
+    from nl.lm_eval import load_export, metrics, run_tasks
+
+    model, tokenizer, seq_len = load_export(exports["hope"])
+    got = metrics(run_tasks(model, tokenizer, ["tiny_ppl"], batch_size=2, max_length=seq_len,
+                            include_path=str(local_tasks)))["tiny_ppl"]["word_perplexity"]
+    ref = load_pretrained(exports["hope"])
+    prefix = tokenizer.eos_token_id
+    total, words = 0.0, 0
+    for text in DOCS:
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) < seq_len
+        x = torch.tensor([[prefix] + ids])
+        with torch.no_grad():
+            logp = ref(x)[0, :-1].log_softmax(-1)
+        total += -logp.gather(-1, x[0, 1:, None]).sum().item()
+        words += len(text.split())
+    assert got == pytest.approx(math.exp(total / words), rel=1e-4)
+
+
+def test_table1_columns_and_average():
+    from nl.lm_eval import markdown, table1
+
+    per_task = {"wikitext": {"word_perplexity": 31.5}, "piqa": {"acc": 0.6, "acc_norm": 0.9},
+                "arc_challenge": {"acc": 0.1, "acc_norm": 0.3}, "tiny_mc": {"acc": 0.25}}
+    row = table1(per_task)
+    assert row["Wiki ppl"] == 31.5 and row["PIQA acc"] == 0.6 and row["ARC-c acc_norm"] == 0.3
+    assert row["LMB ppl"] is None and row["BoolQ acc"] is None
+    assert row["Avg acc"] == pytest.approx((0.6 + 0.3) / 2)  # accuracies that were run; ppl excluded
+    lines = markdown(row, per_task, "m").splitlines()
+    assert lines[0].startswith("| Model | Wiki ppl | LMB ppl | LMB acc | PIQA acc | Hella acc_norm | Wino acc |")
+    assert lines[2] == "| m | 31.50 | - | - | 60.0 | - | - | - | 30.0 | - | - | 45.0 |"
+    assert "| tiny_mc | acc | 0.2500 |" in lines  # tasks outside the paper's set: every metric
+
+
+def test_cli_prints_table_and_writes_json(exports, local_tasks, tmp_path, capsys):
+    from nl.lm_eval import main
+
+    out = tmp_path / "res" / "lm_eval.json"
+    result = main(["--model", str(exports["transformer"]), "--tasks", "tiny_mc", "tiny_ppl", "--limit", "5",
+                   "--batch-size", "4", "--include-path", str(local_tasks), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "| Model | Wiki ppl |" in printed and "| tiny_mc | acc_norm |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["table1"]["PIQA acc"] is None and saved["max_length"] == 32
+    assert saved["metrics"]["tiny_mc"] == result["metrics"]["tiny_mc"]
+    assert saved["results"]["tiny_mc"]["sample_len"] == 5  # --limit reached lm-eval
+
+
+def test_cli_bad_input_is_one_line(exports, local_tasks, tmp_path):
+    from nl.lm_eval import main
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^error: .*lacks model.safetensors.*python -m nl.export"):
+        main(["--model", str(incomplete), "--tasks", "tiny_mc", "--include-path", str(local_tasks)])
+    with pytest.raises(SystemExit, match=r"^error: --include-path .* is not a directory"):
+        main(["--model", str(exports["hope"]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"^error: --batch-size and --limit must be >= 1"):
+        main(["--model", str(exports["hope"]), "--tasks", "tiny_mc", "--include-path", str(local_tasks),
+              "--batch-size", "0"])
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15K bundled task YAMLs: ~45 s on 2 busy cores
+def test_unknown_task_is_one_line(exports, local_tasks):
+    from nl.lm_eval import main
+
+    with pytest.raises(SystemExit, match=r"^error: unknown lm-eval task 'tiny_mcq' .*lm_eval ls tasks"):
+        main(["--model", str(exports["hope"]), "--tasks", "tiny_mc", "tiny_mcq", "--include-path", str(local_tasks)])
+
+
+def test_eval_tasks_in_the_training_loop(token_dir, local_tasks, tmp_path):
+    from nl.trainer import train
+
+    run = tmp_path / "run"
+    train(small_cfg(token_dir, run, "train.steps=4", "eval.every=2", "checkpoint.every=4",
+                    "eval.tasks=[tiny_mc,tiny_ppl,niah:192]", "eval.task_limit=3",
+                    f"eval.task_include_path={local_tasks}"))
+    _, val_rows = read_metrics(run)
+    assert [r["step"] for r in val_rows] == [2, 4]
+    for row in val_rows:
+        assert 0.0 <= row["eval/tiny_mc/acc"] <= 1.0 and 0.0 <= row["eval/tiny_mc/acc_norm"] <= 1.0
+        assert row["eval/tiny_ppl/word_perplexity"] > 1.0
+        assert row["eval/niah:192/accuracy"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # 5 depths x 3 prompts: /15
+        assert row["eval/niah:192/accuracy"] * 15 == pytest.approx(round(row["eval/niah:192/accuracy"] * 15))
+
+
+def test_eval_tasks_leave_training_unchanged(token_dir, local_tasks, tmp_path):
+    """The in-loop evaluation neither changes the weights nor the random numbers training draws."""
+    from nl.trainer import train
+
+    runs = {}
+    for name, extra in {"plain": [], "tasks": ["eval.tasks=[tiny_mc]", "eval.task_limit=2",
+                                                f"eval.task_include_path={local_tasks}"]}.items():
+        train(small_cfg(token_dir, tmp_path / name, "train.steps=4", "eval.every=2", "checkpoint.every=4", *extra,
+                        arch="hope"))
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name)[0]]
+    assert runs["tasks"] == runs["plain"]
+
+
+def test_eval_tasks_config_errors(token_dir, local_tasks, tmp_path):
+    from nl.config import ConfigError
+    from nl.trainer import train
+
+    with pytest.raises(ConfigError, match=r"niah:<LENGTH>"):
+        small_cfg(token_dir, tmp_path / "a", "eval.tasks=[niah:abc]")
+    with pytest.raises(ConfigError, match=r"eval.every=0"):
+        small_cfg(token_dir, tmp_path / "b", "eval.tasks=[niah:64]", "eval.every=0")
+    with pytest.raises(ConfigError, match=r"niah:64: length 64 is too short .* lengths > "):
+        train(small_cfg(token_dir, tmp_path / "c", "eval.tasks=[niah:64]"))
+    with pytest.raises(ConfigError, match=r"dist.strategy=single or ddp"):
+        train(small_cfg(token_dir, tmp_path / "c", "eval.tasks=[niah:64]", "dist.strategy=fsdp"))
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15K bundled task YAMLs: ~45 s on 2 busy cores
+def test_unknown_eval_task_stops_before_the_first_step(token_dir, local_tasks, tmp_path):
+    from nl.config import ConfigError
+    from nl.trainer import train
+
+    with pytest.raises(ConfigError, match=r"eval.tasks: unknown lm-eval task 'tiny_mcq'.*eval.task_include_path"):
+        train(small_cfg(token_dir, tmp_path / "run", "eval.tasks=[tiny_mcq]", f"eval.task_include_path={local_tasks}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
