@@ -106,7 +106,7 @@ def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, b
         # An empty context (a rolling perplexity's first window) is the prefix token alone: EOS, the
         # document separator nl models are trained with (lm-eval's default, BOS, never occurs in training).
         lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  prefix_token_id=tokenizer.eos_token_id)
+                  prefix_token_id=tokenizer.eos_token_id, trust_remote_code=True)
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, num_fewshot=0,
                               log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     finally:
@@ -170,7 +170,8 @@ def load_export(path: str | Path, device: str = "cpu"):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    # the tokenizer needs no remote code, but AutoTokenizer reads config.json, whose auto_map would prompt
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model, tokenizer, int(getattr(model.config, "seq_len", 0)) or None
 
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - start
         per_task = metrics(results)
         row = table1(per_task)
-        print(markdown(row, per_task, Path(args.model).name))
+        print(markdown(row, per_task, str(args.model)))
         out = {"model": str(args.model), "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size,
                "max_length": args.max_length or seq_len, "seconds": seconds, "table1": row, "metrics": per_task,
                "results": results}
