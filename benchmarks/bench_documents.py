@@ -6,8 +6,9 @@
 For each preset: one model (its weights), the same demo-corpus batches (data/demo/tokens, created by
 data_prep/prepare_demo.py) and an AdamW step; forward + backward + step timed with reset and with
 none, alternating in rounds (A B A B ...) so drift of a shared machine hits both. Prints a markdown
-table: tokens/s of each mode, their ratio, and what reset pays for: the packed rows' size N * L over
-B * T (the recurrent layers run on N documents padded to the longest, L) and documents per window.
+table: tokens/s of each mode, their ratio, and what reset pays for: documents per window, and the
+padded batches the recurrent layers run on (documents grouped by length, nl.models.documents): their
+number per forward and their tokens over the window's B * T.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def main() -> None:
     loader = TokenLoader(shards, args.seq_len, args.batch, seed=0)
     batches = [loader.next_batch() for _ in range(args.steps)]
     docs = [Documents.from_eos(x, shards.eos_id) for x, _ in batches]
-    packed = sum(d.n_docs * d.max_len for d in docs) / (len(docs) * args.batch * args.seq_len)
+    padded = sum(d.padded_tokens() for d in docs) / (len(docs) * args.batch * args.seq_len)
     per_window = sum(d.n_docs for d in docs) / (len(docs) * args.batch)
+    groups = sum(len(d.groups) for d in docs) / len(docs)
 
     rows = []
     for path in args.configs:
@@ -80,8 +82,8 @@ def main() -> None:
           f"{args.seq_len} --batch {args.batch} --steps {args.steps} --rounds {args.rounds}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; date {datetime.date.today()}")
-    print(f"data: {args.data}, {per_window:.2f} documents per window of {args.seq_len}; packed rows "
-          f"N*L / (B*T) = {packed:.2f}\n")
+    print(f"data: {args.data}, {per_window:.2f} documents per window of {args.seq_len}; with reset the recurrent "
+          f"layers run {groups:.1f} padded batches per forward, {padded:.2f}x the window tokens\n")
     print("| model | tokens/s none | tokens/s reset | reset / none |\n|---|---|---|---|")
     for name, tps in rows:
         print(f"| {name} | {tps['none']:,.0f} | {tps['reset']:,.0f} | {tps['reset'] / tps['none']:.2f} |")

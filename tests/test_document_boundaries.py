@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from nl.config import ConfigError, HopeConfig, ModelConfig, load_config
 from nl.models import build_model
+from nl.models import documents
 from nl.models.documents import Documents, document_reset
 
 EOS = 2
@@ -76,19 +77,25 @@ def models(name: str):
     return reset, plain
 
 
+@pytest.mark.parametrize("floor", [64, 2])  # one padded batch | documents grouped by length (4 groups)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_reset_equals_each_document_alone(name):
+def test_reset_equals_each_document_alone(name, floor, monkeypatch):
+    monkeypatch.setattr(documents, "MIN_GROUP_LEN", floor)
     reset, plain = models(name)
     ids = windows()
     with torch.no_grad():
         got, want, carried = reset(ids), per_document_logits(plain, ids), plain(ids)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (got - want).abs().max()
+    if hasattr(reset, "diagnostics"):  # HOPE's memory health: means over the documents, the keys of a plain run
+        stats = reset.diagnostics()
+        assert set(stats) == set(plain.diagnostics()) and all(torch.isfinite(v) for v in stats.values())
     # The switch matters: without it, row 0's later documents see the earlier ones.
     assert (carried[0, 7:] - want[0, 7:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["hope_mlp", "hope_linear", "hope_attention", "transformer"])
-def test_reset_gradients_equal_per_document_gradients(name):
+def test_reset_gradients_equal_per_document_gradients(name, monkeypatch):
+    monkeypatch.setattr(documents, "MIN_GROUP_LEN", 2)  # several groups
     reset, plain = models(name)
     ids = windows()
     targets = torch.roll(ids, -1, dims=1)
@@ -116,18 +123,31 @@ def test_none_is_todays_forward_bit_for_bit(name):
         assert torch.equal(model(ids), toggled(ids))
 
 
-def test_documents_index_maps():
+@pytest.mark.parametrize("floor", [64, 2])
+def test_documents_index_maps(floor, monkeypatch):
+    monkeypatch.setattr(documents, "MIN_GROUP_LEN", floor)
     ids = windows()
     docs = Documents.from_eos(ids, EOS)
     lengths = [len(d) for row in ids for d in split_documents(row)]
-    assert docs.n_docs == len(lengths) and docs.max_len == max(lengths)
+    assert docs.n_docs == len(lengths)
+    seen = []
+
+    def record(x):  # a per-token layer that records what it is given
+        seen.append(x)
+        return 2 * x
+
     x = torch.randn(3, T, 5)
-    packed = docs.pack(x)
-    assert packed.shape == (len(lengths), max(lengths), 5)
-    for n, length in enumerate(lengths):  # real tokens in order, zeros after them
-        assert packed[n, length:].abs().sum() == 0
-    assert torch.equal(docs.unpack(packed), x)
-    assert torch.equal(torch.cat([packed[n, :length] for n, length in enumerate(lengths)]), x.flatten(0, 1))
+    assert torch.equal(docs.apply(record, x), 2 * x)
+    rows = [r for batch in seen for r in batch]
+    assert sorted(int((r.abs().sum(-1) > 0).sum()) for r in rows) == sorted(lengths)  # one document per row
+    for batch in seen:  # each row: a document's tokens in order, then zeros
+        for r in batch:
+            n = int((r.abs().sum(-1) > 0).sum())
+            assert r[n:].abs().sum() == 0 and any(torch.equal(r[:n], d) for d in x.flatten(0, 1).split(lengths))
+        if floor == 2:  # groups by powers of two: padding at most doubles a group
+            assert batch.shape[1] <= 2 * min(int((r.abs().sum(-1) > 0).sum()) for r in batch)
+    assert len(seen) == (1 if floor == 64 else 4)  # lengths {1, 2}, {7, 8}, {11, 12}, {17, 29}
+    assert docs.padded_tokens() == sum(b.shape[0] * b.shape[1] for b in seen)
     # Positions restart after each EOS; attention only within a document and causally.
     assert docs.positions[0, :10].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 0]
     assert docs.positions[2, :3].tolist() == [0, 0, 1] and docs.positions[1].tolist() == list(range(T))
