@@ -57,7 +57,8 @@ def _lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise UsageError("lm-eval is not installed: pip install 'lm-eval==0.4.13' (see requirements-test.txt)") from None
+        raise UsageError("lm-eval is not installed: pip install 'lm-eval==0.4.13' "
+                         "(pinned in requirements.txt)") from None
     return lm_eval
 
 
@@ -92,7 +93,8 @@ def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, b
 
     hf_model: a transformers causal LM (nl.hf.modeling.NLForCausalLM); tokenizer: its HF tokenizer.
     limit: examples per task (None = all). Returns lm-eval's `results` dict,
-    {task: {"acc,none": float, "acc_stderr,none": float, ..., "alias": str}}; the model is left in eval mode."""
+    {task: {"acc,none": float, "acc_stderr,none": float, ..., "alias": str}}; the model runs in eval mode
+    and gets its train/eval mode back."""
     _lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -32,18 +32,22 @@ ARCHS = {  # name -> (arch, overrides)
 }
 
 
-@pytest.fixture(scope="module")
-def exports(token_dir, tmp_path_factory) -> dict[str, Path]:
-    """One tiny trained-for-2-steps export per architecture."""
+def tiny_exports(token_dir: Path, root: Path, archs: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
+    """{name: export dir} of a tiny model trained for 2 steps per entry name -> (arch, overrides)."""
     from nl.trainer import train
 
-    root = tmp_path_factory.mktemp("hf")
     out = {}
-    for name, (arch, extra) in ARCHS.items():
+    for name, (arch, extra) in archs.items():
         train(small_cfg(token_dir, root / f"run_{name}", "train.steps=2", "eval.every=0", "checkpoint.every=2",
                         *extra, arch=arch))
         out[name] = export(root / f"run_{name}", root / f"export_{name}")
     return out
+
+
+@pytest.fixture(scope="module")
+def exports(token_dir, tmp_path_factory) -> dict[str, Path]:
+    """One tiny trained-for-2-steps export per architecture."""
+    return tiny_exports(token_dir, tmp_path_factory.mktemp("hf"), ARCHS)
 
 
 def auto_model(path: Path, **kwargs):

@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nl.export import export, load_pretrained
+from nl.export import load_pretrained
 from test_train import read_metrics, small_cfg
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported: local directories only
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -r requirements-test.txt)")
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements-test.txt)")
+from test_hf_export import tiny_exports  # noqa: E402  (after the skips: it needs transformers)
 
-ARCHS = {"transformer": ("transformer", []), "hope": ("hope", ["model.hope.mixer=self_modifying", "model.hope.chunk_size=8",
-                                    "model.hope.memory_chunk_size=8"])}
+ARCHS = {"transformer": ("transformer", []),
+         "hope": ("hope", ["model.hope.mixer=self_modifying", "model.hope.chunk_size=8",
+                           "model.hope.memory_chunk_size=8"])}
 MC_EXAMPLES = [  # question, choices, gold
     ("The capital of France is", ["Paris", "a river", "green", "seven"], 0),
     ("Water freezes at zero degrees", ["Celsius", "purple", "the king", "dogs"], 0),
@@ -89,16 +91,8 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def exports(token_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny trained-for-2-steps export per architecture (HOPE: chunks of 8 tokens, so requests cross chunk boundaries)."""
-    from nl.trainer import train
-
-    root = tmp_path_factory.mktemp("lmeval")
-    out = {}
-    for name, (arch, extra) in ARCHS.items():
-        train(small_cfg(token_dir, root / f"run_{name}", "train.steps=2", "eval.every=0", "checkpoint.every=2",
-                        *extra, arch=arch))
-        out[name] = export(root / f"run_{name}", root / f"export_{name}")
-    return out
+    """A tiny trained-for-2-steps export per architecture (HOPE: 8-token chunks, so requests cross chunk boundaries)."""
+    return tiny_exports(token_dir, tmp_path_factory.mktemp("lmeval"), ARCHS)
 
 
 @pytest.fixture(scope="module")
