@@ -32,12 +32,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def one_autotune_config():
     """The interpreter cannot benchmark autotune configs: keep the first one while interpreting."""
     from nl.ops import triton_dgd
-    kernel = triton_dgd._dgd_chunk_kernel
-    configs = kernel.configs
+    kernels = [triton_dgd._dgd_chunk_kernel, triton_dgd._dgd_chunk_bwd_kernel]
+    configs = [k.configs for k in kernels]
     if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel.configs = configs[:1]
+        for k in kernels:
+            k.configs = k.configs[:1]
     yield
-    kernel.configs = configs
+    for k, c in zip(kernels, configs):
+        k.configs = c
 
 
 def token_by_token(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
@@ -73,15 +75,18 @@ def values_and_grads(fn, inputs: dict, dgd: bool, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("C,momentum,dgd", [(5, True, True), (5, False, True), (1, True, True), (16, True, False),
-                                            (20, False, True)])
-def test_chunk_kernel_equals_token_by_token(dtype, tol, C, momentum, dgd):
+@pytest.mark.parametrize("C,momentum,dgd,given_xs", [(5, True, True, False), (5, False, True, False),
+                                                     (1, True, True, False), (16, True, False, False),
+                                                     (20, False, True, False), (5, True, True, True)])
+def test_chunk_kernel_equals_token_by_token(dtype, tol, C, momentum, dgd, given_xs):
     """One chunk, with padding (C=5, 20 not powers of two; O=6, I=8), chunk size 1, momentum on and off,
-    DGD off: outputs, end states and the gradients of every input (S0, P0, X, G, Q and the gates)."""
+    DGD off, the anchor's output XS = X S0^T passed in (its gradient flows back through torch): outputs,
+    end states and the gradients of every input (S0, P0, X, G, Q and the gates)."""
     from nl.ops.triton_dgd import dgd_chunk
 
     def fused(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
-        out, S, P = dgd_chunk(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd)
+        XS = X @ S0.mT if given_xs else None
+        out, S, P = dgd_chunk(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd)
         return out, S, (P if P0 is not None else None)
 
     inputs = chunk_inputs(C, momentum)
@@ -101,15 +106,14 @@ def test_chunk_kernel_end_state_without_read():
     inputs = chunk_inputs(7, True, seed=3)
     args = {k: None if v is None else v.to(DEVICE) for k, v in inputs.items()}
     args["Q"] = None
-    out, S, P = dgd_chunk(**args, dgd=True)
+    out, S, P = dgd_chunk(**args, XS=None, dgd=True)
     _, S_ref, P_ref = token_by_token(**inputs, dgd=True)
     assert out.numel() == 0
     assert rel(S.cpu(), S_ref) < 1e-12 and rel(P.cpu(), P_ref) < 1e-12
 
 
 @pytest.mark.parametrize("memory_type,momentum,chunk", [
-    ("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1),
-    pytest.param("mlp", True, 1, marks=pytest.mark.slow), pytest.param("linear", False, 1, marks=pytest.mark.slow)])
+    ("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1), ("mlp", True, 1), ("linear", False, 1)])
 def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
     kernel=triton == titans_reference token by token in float64, outputs, final states, every gradient;
@@ -191,5 +195,8 @@ def test_custom_op_registration():
     so torch.compile and FSDP2 can treat nl::dgd_chunk as one opaque call."""
     import nl.ops.triton_dgd  # noqa: F401  (registers the ops)
     inputs = {k: None if v is None else v.to(DEVICE).requires_grad_(k != "X") for k, v in chunk_inputs(5, True).items()}
-    torch.library.opcheck(torch.ops.nl.dgd_chunk.default, tuple(inputs.values()) + (True,),
+    XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
+    args = (inputs["S0"], inputs["P0"], inputs["X"], inputs["G"], XS, inputs["Q"], inputs["log_alpha"], inputs["eta"],
+            inputs["log_mu"], True)
+    torch.library.opcheck(torch.ops.nl.dgd_chunk.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -13,10 +13,10 @@ through memory:
 with W = -eta G; the equations are those of `delta_rule` (module docstring there). Returns
 (out [N, C, O] or an empty tensor without Q, S_C [N, O, I], P_C [N, O, I] or an empty tensor).
 
-Backward (`dgd_chunk_backward`): it recomputes the chunk in PyTorch from the op's inputs
-(`ChunkGates`/`ChunkLayer`, the same torch code as kernel=torch) and differentiates that, so
-nothing but the inputs is saved; it is itself a custom op. It is not yet a Triton kernel: its
-launches are those of the torch chunk's backward (docs/BENCHMARKS.md "Kernel launches").
+Backward (`dgd_chunk_backward`): a second fused kernel, one program per batch element, that recomputes
+the forward's intermediates on chip from the op's inputs (nothing else is saved: recomputation instead
+of storage) and runs every product in reverse, down to the gates' cumulative sums: gradients of S0, P0,
+X, G, Q, log_alpha, eta and log_mu.
 
 Both are registered with torch.library.custom_op (`nl::dgd_chunk`, `nl::dgd_chunk_backward`), so
 torch.compile and FSDP2 see one opaque call each. Inputs are float32 or float64 (the recurrence runs in
@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from nl.ops.delta_rule import ChunkGates, ChunkLayer
+from nl.ops.delta_rule import ChunkGates
 
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_kernel(S0, P0, X, G, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
+def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
                       BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
-                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, PRECISION: tl.constexpr):
+                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
@@ -72,7 +72,11 @@ def _dgd_chunk_kernel(S0, P0, X, G, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
         E_end = D_end
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
-        base = gamma_prev[:, None] * tl.dot(x, tl.trans(s0), input_precision=PRECISION)
+        if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
+            xs = tl.load(XS + n * C * O + rc[:, None] * O + ro[None, :], mask=mc[:, None] & mo[None, :], other=0.)
+        else:
+            xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
+        base = gamma_prev[:, None] * xs
         base += tl.dot(Ep * XX, w, input_precision=PRECISION)
         if MOMENTUM:
             base += cp[:, None] * tl.dot(x, tl.trans(p0), input_precision=PRECISION)
@@ -105,6 +109,176 @@ def _dgd_chunk_kernel(S0, P0, X, G, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
     tl.store(S_END + n * O * I + ro[:, None] * I + ri[None, :], s_end, mask=mo[:, None] & mi[None, :])
 
 
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
+@triton.jit
+def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA, dETA,
+                          dLM, C, I, O, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
+                          MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """Gradients of one chunk step: the forward's intermediates are recomputed on chip (nothing was saved
+    but the inputs), then every product of the forward is transposed in reverse order."""
+    n = tl.program_id(0)
+    rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
+    mc, mi, mo = rc < C, ri < I, ro < O
+    m_ci, m_co, m_oi = mc[:, None] & mi[None, :], mc[:, None] & mo[None, :], mo[:, None] & mi[None, :]
+    p_ci, p_co, p_oi = rc[:, None] * I + ri[None, :], rc[:, None] * O + ro[None, :], ro[:, None] * I + ri[None, :]
+    x = tl.load(X + n * C * I + p_ci, mask=m_ci, other=0.)
+    g = tl.load(G + n * C * O + p_co, mask=m_co, other=0.)
+    s0 = tl.load(S0 + n * O * I + p_oi, mask=m_oi, other=0.)
+    ds = tl.load(DS + n * O * I + p_oi, mask=m_oi, other=0.)
+    la = tl.load(LA + n * C + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
+    row, col = rc[:, None], rc[None, :]
+    # ---- forward, recomputed (as _dgd_chunk_kernel)
+    lg = tl.sum(tl.where(col <= row, la[None, :], 0.), 1)
+    lg_prev = lg - la
+    lg_end = tl.sum(la, 0)
+    gp = tl.exp(lg_prev)
+    ge = tl.exp(lg_end)
+    Dp = tl.where(col < row, tl.exp(tl.where(col < row, lg_prev[:, None] - lg[None, :], 0.)), 0.)
+    D_end = tl.where(mc, tl.exp(lg_end - lg), 0.)
+    w = -eta[:, None] * g
+    if MOMENTUM:
+        lmu = tl.load(LM + n * C + rc, mask=mc, other=0.)
+        lm = tl.sum(tl.where(col <= row, lmu[None, :], 0.), 1)
+        lm_end = tl.sum(lmu, 0)
+        Mu = tl.where(col <= row, tl.exp(tl.where(col <= row, lm[:, None] - lm[None, :], 0.)), 0.)
+        m = tl.exp(lm)
+        Ep = tl.dot(Dp, Mu, input_precision=PRECISION)
+        cp = tl.sum(Dp * m[None, :], 1)
+        E_end = tl.sum(D_end[:, None] * Mu, 0)
+        c_end = tl.sum(D_end * m, 0)
+        Mu_end = tl.exp(lm_end - lm)
+        m_end = tl.exp(lm_end)
+        p0 = tl.load(P0 + n * O * I + p_oi, mask=m_oi, other=0.)
+    else:
+        Ep = Dp
+        E_end = D_end
+    coef = E_end[:, None] * w
+    if DGD:
+        XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
+        if HAS_XS:
+            xs = tl.load(XS + n * C * O + p_co, mask=m_co, other=0.)
+        else:
+            xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
+        base = gp[:, None] * xs + tl.dot(Ep * XX, w, input_precision=PRECISION)
+        if MOMENTUM:
+            XP = tl.dot(x, tl.trans(p0), input_precision=PRECISION)
+            base += cp[:, None] * XP
+        A = eta[:, None] * Dp * XX
+        inv = tl.where(row == col, 1., 0.).to(x.dtype)
+        for t in range(1, C):
+            a_t = tl.sum(tl.where(row == t, A, 0.), 0)
+            new = tl.sum(a_t[:, None] * inv, 0)
+            inv = tl.where(row == t, inv - new[None, :], inv)
+        delta = tl.dot(inv, -eta[:, None] * base, input_precision=PRECISION)
+        coef += D_end[:, None] * delta
+    # ---- backward. End state S_C = ge S0 + coef^T X (+ c_end P0); P_C = m_end P0 + (Mu_end w)^T X.
+    ds0 = ge * ds
+    d_ge = tl.sum(tl.sum(ds * s0, 1), 0)
+    dcoef = tl.dot(x, tl.trans(ds), input_precision=PRECISION)          # [C, O]
+    dx = tl.dot(coef, ds, input_precision=PRECISION)                    # [C, I]
+    dw = E_end[:, None] * dcoef
+    dE_end = tl.sum(dcoef * w, 1)
+    dDp = tl.zeros([BC, BC], dtype=x.dtype)
+    dEp = tl.zeros([BC, BC], dtype=x.dtype)
+    dgp = tl.zeros([BC], dtype=x.dtype)
+    dcp = tl.zeros([BC], dtype=x.dtype)
+    dD_end = tl.zeros([BC], dtype=x.dtype)
+    deta = tl.zeros([BC], dtype=x.dtype)
+    if DGD:
+        ddelta = D_end[:, None] * dcoef
+        dD_end += tl.sum(dcoef * delta, 1)
+    if MOMENTUM:
+        dp = tl.load(DP + n * O * I + p_oi, mask=m_oi, other=0.)
+        dp0 = c_end * ds + m_end * dp
+        d_cend = tl.sum(tl.sum(ds * p0, 1), 0)
+        d_mend = tl.sum(tl.sum(dp * p0, 1), 0)
+        mw = Mu_end[:, None] * w
+        dmw = tl.dot(x, tl.trans(dp), input_precision=PRECISION)
+        dw += Mu_end[:, None] * dmw
+        dMu_end = tl.sum(dmw * w, 1)
+        dx += tl.dot(mw, dp, input_precision=PRECISION)
+    # Read: out = gp (Q S0^T) + cp (Q P0^T) + (Ep o QX) w + (Dp o QX) delta.
+    if HAS_Q:
+        q = tl.load(Q + n * C * I + p_ci, mask=m_ci, other=0.)
+        do = tl.load(DOUT + n * C * O + p_co, mask=m_co, other=0.)
+        QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
+        doW = tl.dot(do, tl.trans(w), input_precision=PRECISION)           # [C, C]
+        dQX = Ep * doW
+        dEp += doW * QX
+        dw += tl.dot(tl.trans(Ep * QX), do, input_precision=PRECISION)
+        dgp += tl.sum(do * tl.dot(q, tl.trans(s0), input_precision=PRECISION), 1)
+        dq = gp[:, None] * tl.dot(do, s0, input_precision=PRECISION)
+        ds0 += tl.dot(tl.trans(gp[:, None] * do), q, input_precision=PRECISION)
+        if MOMENTUM:
+            dcp += tl.sum(do * tl.dot(q, tl.trans(p0), input_precision=PRECISION), 1)
+            dq += cp[:, None] * tl.dot(do, p0, input_precision=PRECISION)
+            dp0 += tl.dot(tl.trans(cp[:, None] * do), q, input_precision=PRECISION)
+        if DGD:
+            doD = tl.dot(do, tl.trans(delta), input_precision=PRECISION)
+            dQX += Dp * doD
+            dDp += doD * QX
+            ddelta += tl.dot(tl.trans(Dp * QX), do, input_precision=PRECISION)
+        dq += tl.dot(dQX, x, input_precision=PRECISION)
+        dx += tl.dot(tl.trans(dQX), q, input_precision=PRECISION)
+        tl.store(dQ + n * C * I + p_ci, dq, mask=m_ci)
+    # Solve: (I + A) delta = -eta base, A = eta Dp o XX; base = gp XS + (Ep o XX) w (+ cp XP).
+    if DGD:
+        drhs = tl.dot(tl.trans(inv), ddelta, input_precision=PRECISION)
+        dA = -tl.where(col < row, tl.dot(drhs, tl.trans(delta), input_precision=PRECISION), 0.)
+        deta += tl.sum(dA * Dp * XX, 1) - tl.sum(drhs * base, 1)
+        dDp += eta[:, None] * dA * XX
+        dXX = eta[:, None] * Dp * dA
+        dbase = -eta[:, None] * drhs
+        dgp += tl.sum(dbase * xs, 1)
+        dxs = gp[:, None] * dbase
+        dbW = tl.dot(dbase, tl.trans(w), input_precision=PRECISION)
+        dEp += dbW * XX
+        dXX += Ep * dbW
+        dw += tl.dot(tl.trans(Ep * XX), dbase, input_precision=PRECISION)
+        if MOMENTUM:
+            dcp += tl.sum(dbase * XP, 1)
+            dXP = cp[:, None] * dbase
+            dx += tl.dot(dXP, p0, input_precision=PRECISION)
+            dp0 += tl.dot(tl.trans(dXP), x, input_precision=PRECISION)
+        if HAS_XS:
+            tl.store(dXS + n * C * O + p_co, dxs, mask=m_co)
+        else:
+            dx += tl.dot(dxs, s0, input_precision=PRECISION)
+            ds0 += tl.dot(tl.trans(dxs), x, input_precision=PRECISION)
+        dx += tl.dot(dXX + tl.trans(dXX), x, input_precision=PRECISION)
+    # w = -eta g
+    tl.store(dG + n * C * O + p_co, -eta[:, None] * dw, mask=m_co)
+    deta -= tl.sum(dw * g, 1)
+    tl.store(dETA + n * C + rc, deta, mask=mc)
+    tl.store(dX + n * C * I + p_ci, dx, mask=m_ci)
+    tl.store(dS0 + n * O * I + p_oi, ds0, mask=m_oi)
+    # Gates: Ep = Dp Mu, cp = Dp m, E_end = D_end Mu, c_end = D_end . m; Mu, m, Mu_end, m_end from cumsum(log_mu).
+    if MOMENTUM:
+        dDp += tl.dot(dEp, tl.trans(Mu), input_precision=PRECISION) + dcp[:, None] * m[None, :]
+        dMu = tl.dot(tl.trans(Dp), dEp, input_precision=PRECISION) + D_end[:, None] * dE_end[None, :]
+        dm = tl.sum(Dp * dcp[:, None], 0) + d_cend * D_end
+        dD_end += tl.sum(Mu * dE_end[None, :], 1) + d_cend * m
+        t_mu = dMu * Mu
+        dlm = tl.sum(t_mu, 1) - tl.sum(t_mu, 0) + dm * m - dMu_end * Mu_end
+        dlm_end = tl.sum(dMu_end * Mu_end, 0) + d_mend * m_end
+        dlmu = tl.sum(tl.where(row >= col, dlm[:, None], 0.), 0) + dlm_end     # reverse cumulative sum
+        tl.store(dLM + n * C + rc, dlmu, mask=mc)
+        tl.store(dP0 + n * O * I + p_oi, dp0, mask=m_oi)
+    else:
+        dDp += dEp
+        dD_end += dE_end
+    # Dp = exp(lg_prev[t] - lg[j]), gp = exp(lg_prev), D_end = exp(lg_end - lg), ge = exp(lg_end); lg = cumsum(la).
+    t_d = dDp * Dp
+    dlg_prev = tl.sum(t_d, 1) + dgp * gp
+    dlg = dlg_prev - tl.sum(t_d, 0) - dD_end * D_end
+    dlg_end = tl.sum(dD_end * D_end, 0) + d_ge * ge
+    dla = tl.sum(tl.where(row >= col, dlg[:, None], 0.), 0) + dlg_end - dlg_prev
+    tl.store(dLA + n * C + rc, dla, mask=mc)
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
 
@@ -122,12 +296,13 @@ def _check(S0: torch.Tensor, X: torch.Tensor, G: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("nl::dgd_chunk", mutates_args=())
-def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, Q: torch.Tensor | None,
-              log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
+def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, XS: torch.Tensor | None,
+              Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
               dgd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused chunk step (module docstring). All inputs contiguous with one batch dim N:
-    S0, P0 [N, O, I]; X, Q [N, C, I]; G [N, C, O]; log_alpha, eta, log_mu [N, C]. P0 and log_mu
-    together (momentum) or neither. Returns (out [N, C, O] | empty, S_C [N, O, I], P_C [N, O, I] | empty)."""
+    S0, P0 [N, O, I]; X, Q [N, C, I]; G, XS [N, C, O]; log_alpha, eta, log_mu [N, C]. P0 and log_mu
+    together (momentum) or neither. XS: the anchor's output on X that DGD's decay reads (None: X S0^T;
+    `ChunkLayer`'s XS, e.g. X (S0 - M_0)^T for retention toward M_0). Returns (out [N, C, O] | empty, S_C [N, O, I], P_C [N, O, I] | empty)."""
     _check(S0, X, G)
     N, C, I = X.shape
     O = G.shape[2]
@@ -135,69 +310,51 @@ def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: tor
     out = X.new_empty(N, C, O) if Q is not None else X.new_empty(0)
     S_end = torch.empty_like(S0)
     P_end = torch.empty_like(S0) if momentum else X.new_empty(0)
-    _dgd_chunk_kernel[(N,)](S0, P0 if momentum else S0, X, G, Q if Q is not None else X, log_alpha, eta,
-                            log_mu if momentum else eta, out, S_end, P_end if momentum else S_end, C, I, O,
-                            BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
-                            HAS_Q=Q is not None, PRECISION="ieee")
+    _dgd_chunk_kernel[(N,)](S0, P0 if momentum else S0, X, G, XS if XS is not None else G,
+                            Q if Q is not None else X, log_alpha, eta, log_mu if momentum else eta, out, S_end,
+                            P_end if momentum else S_end, C, I, O, BC=_block(C), BI=_block(I), BO=_block(O),
+                            DGD=dgd, MOMENTUM=momentum, HAS_Q=Q is not None, HAS_XS=XS is not None,
+                            PRECISION="ieee")
     return out, S_end, P_end
 
 
 @dgd_chunk.register_fake
-def _(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
+def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd):
     N, C, _ = X.shape
     out = X.new_empty(N, C, G.shape[2]) if Q is not None else X.new_empty(0)
     return out, torch.empty_like(S0), torch.empty_like(S0) if P0 is not None else X.new_empty(0)
 
 
-def chunk_reference(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
-                    Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
-                    log_mu: torch.Tensor | None, dgd: bool) -> tuple[torch.Tensor | None, torch.Tensor,
-                                                                     torch.Tensor | None]:
-    """`dgd_chunk`'s math in PyTorch (ChunkGates + ChunkLayer, kernel=torch): (out | None, S_C, P_C | None)."""
-    layer = ChunkLayer(S0, P0, X, G, ChunkGates(log_alpha, eta, log_mu), dgd)
-    out = layer.read(Q) if Q is not None else None
-    return (out, *layer.end_state())
-
-
-def _autograd_inside_op():
-    """A custom op's body runs below the Autograd dispatch keys (they are in the thread's exclude set), so
-    enable_grad alone records nothing there: lift that exclusion for the recomputation's own autograd.
-    (torch.func.vjp would do this publicly, but ChunkLayer's solve is an autograd.Function without the
-    setup_context that functorch requires.)"""
-    keys = torch._C.DispatchKey
-    autograd = (torch._C.DispatchKeySet(keys.AutogradFunctionality) | torch._C.DispatchKeySet(keys.AutogradOther)
-                | torch._C.DispatchKeySet(keys.AutogradNestedTensor))
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
-                                           torch._C._dispatch_tls_local_exclude_set() - autograd)
-
-
 @torch.library.custom_op("nl::dgd_chunk_backward", mutates_args=())
 def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
-                       Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
+                       XS: torch.Tensor | None, Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
                        log_mu: torch.Tensor | None, dgd: bool, g_out: torch.Tensor, g_S: torch.Tensor,
                        g_P: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, Q, log_alpha, eta, log_mu), by recomputing the chunk
-    in PyTorch and differentiating it; an absent input (None) gets an empty tensor. g_out, g_P: empty
-    when there is no Q / no momentum."""
-    leaves = [None if t is None else t.detach().requires_grad_() for t in (S0, P0, X, G, Q, log_alpha, eta, log_mu)]
-    with _autograd_inside_op(), torch.enable_grad():
-        outs = chunk_reference(*leaves, dgd)
-        pairs = [(o, g) for o, g in zip(outs, (g_out, g_S, g_P)) if o is not None]
-        wrt = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-    result = []
-    for t in leaves:
-        if t is None:
-            result.append(X.new_empty(0))
-            continue
-        gr = next(grads)
-        result.append(torch.zeros_like(t) if gr is None else gr)
-    return result
+    """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu), one fused kernel that
+    recomputes the chunk from its inputs; an absent input (None) gets an empty tensor. g_out, g_P: empty
+    when there is no Q / no momentum. Shapes as `dgd_chunk`."""
+    _check(S0, X, G)
+    N, C, I = X.shape
+    O = G.shape[2]
+    momentum = P0 is not None
+    grads = [X.new_empty(0) if t is None else torch.empty_like(t)
+             for t in (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)]
+    dS0, dP0, dX, dG, dXS, dQ, dLA, dETA, dLM = grads
+    if XS is not None and not dgd:
+        dXS.zero_()  # only DGD's decay reads XS
+    _dgd_chunk_bwd_kernel[(N,)](S0, P0 if momentum else S0, X, G, XS if XS is not None else G,
+                                Q if Q is not None else X, log_alpha, eta, log_mu if momentum else eta,
+                                g_out if Q is not None else G, g_S, g_P if momentum else g_S, dS0,
+                                dP0 if momentum else dS0, dX, dG, dXS if XS is not None else dG,
+                                dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA, C, I, O,
+                                BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
+                                HAS_Q=Q is not None, HAS_XS=XS is not None, PRECISION="ieee")
+    return grads
 
 
 @dgd_chunk_backward.register_fake
-def _(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P):
-    return [X.new_empty(0) if t is None else torch.empty_like(t) for t in (S0, P0, X, G, Q, log_alpha, eta, log_mu)]
+def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P):
+    return [X.new_empty(0) if t is None else torch.empty_like(t) for t in (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -209,7 +366,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, g_out, g_S, g_P):
     saved = iter(ctx.saved_tensors)
     tensors = [None if absent else next(saved) for absent in ctx.absent]
-    S0, P0, X, G, Q = tensors[:5]
+    S0, P0, X, G, _, Q = tensors[:6]
     # Gradients of unused outputs arrive as None; the empty outputs (no Q, no momentum) get empty ones.
     g_out = X.new_empty(0) if Q is None else X.new_zeros(*X.shape[:2], G.shape[2]) if g_out is None else g_out
     g_S = torch.zeros_like(S0) if g_S is None else g_S
@@ -227,24 +384,25 @@ class FusedChunkLayer:
     Nothing runs at construction; `read(Q)` runs the kernel once for the read and the end state
     together, `end_state()` reuses that or runs the kernel without a query. Broadcast batch dims
     (gates shared by memories, k shared by the generators) are expanded and flattened to [N, ...]
-    first (autograd sums their gradients back). XS (the anchor's output on X) is not taken: the kernel
-    forms X S0^T on chip where it needs it."""
+    first (autograd sums their gradients back). XS, the anchor's output on X, is passed on when given
+    (DGD only; without it the kernel forms X S0^T on chip)."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
                  gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None) -> None:
-        del XS  # formed inside the kernel
         self.S0, self.P0, self.X, self.G, self.gates, self.dgd = S0, P0, X, G, gates, dgd
+        self.XS = XS if dgd else None  # ChunkLayer reads it only for DGD's decay
         self._ends: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _run(self, Q: torch.Tensor | None):
         g = self.gates
         gate_list = [g.log_alpha, g.eta] + ([g.log_mu] if g.momentum else [])
-        mats = [self.S0, self.X, self.G] + ([self.P0] if self.P0 is not None else []) + ([Q] if Q is not None else [])
+        mats = [t for t in (self.S0, self.X, self.G, self.P0, self.XS, Q) if t is not None]
         batch = torch.broadcast_shapes(*[t.shape[:-2] for t in mats], *[t.shape[:-1] for t in gate_list])
         flat = lambda t, k: t.expand(*batch, *t.shape[-k:]).reshape(-1, *t.shape[-k:]).contiguous()
         C, O = self.X.shape[-2], self.G.shape[-1]
         out, S, P = dgd_chunk(flat(self.S0, 2), None if self.P0 is None else flat(self.P0, 2), flat(self.X, 2),
-                              flat(self.G, 2), None if Q is None else flat(Q, 2), flat(g.log_alpha, 1),
+                              flat(self.G, 2), None if self.XS is None else flat(self.XS, 2),
+                              None if Q is None else flat(Q, 2), flat(g.log_alpha, 1),
                               flat(g.eta, 1), flat(g.log_mu, 1) if g.momentum else None, self.dgd)
         shape = (*batch, *self.S0.shape[-2:])
         self._ends = (S.view(shape), P.view(shape) if self.P0 is not None else None)
