@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 
 from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, memory_apply, memory_grad_factors,
                               input_norm)
+from nl.ops.fla_dispatch import titans_memory_fla, use_fla
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
 
@@ -336,8 +337,11 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     inputs = {"q": q, "k": k, "v": v, "eta": eta, "log_alpha": log_alpha}
     if log_mu is not None:
         inputs["log_mu"] = log_mu
-    outs = []
-    for c in _split_chunks(inputs, C2, T):
+    outs, chunks = [], _split_chunks(inputs, C2, T)
+    if use_fla(cfg, len(S), q.device, trace):  # the online Titans rule is fla's gated delta rule: one call
+        o, S_T = titans_memory_fla(q, k, v, eta, log_alpha, S[0], cfg)
+        outs, chunks, S, anchor = [o], [], (S_T,), (S_T,)  # chunk 1: S_T is the next token's anchor
+    for c in chunks:
         anchor = S
         o, S, P = _run_chunk(compile_chunks, cfg, memory_chunk, c, S, P)
         outs.append(o)
