@@ -304,3 +304,28 @@ def test_unknown_eval_task_stops_before_the_first_step(token_dir, local_tasks, t
     with pytest.raises(ConfigError, match=r"eval.tasks: unknown lm-eval task 'tiny_mcq'.*eval.task_include_path"):
         train(small_cfg(token_dir, tmp_path / "run", "eval.tasks=[tiny_mcq]", f"eval.task_include_path={local_tasks}"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # lm-eval's own CLI indexes its ~15K bundled task YAMLs: ~60 s on 2 busy cores
+def test_plain_lm_eval_cli_on_an_export_gives_our_numbers(exports, local_tasks, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,...` reads an export as it is;
+    with our window (max_length = seq_len) and prefix token (EOS) it gives python -m nl.lm_eval's numbers."""
+    import subprocess
+    import sys
+
+    from nl.lm_eval import main
+
+    path = exports["hope"]
+    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
+    ours = main(["--model", str(path), "--tasks", "tiny_mc", "tiny_ppl", "--include-path", str(local_tasks),
+                 "--batch-size", "4"])["metrics"]
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={path},trust_remote_code=True,prefix_token_id={eos},max_length=32",
+                    "--tasks", "tiny_mc,tiny_ppl", "--include_path", str(local_tasks), "--batch_size", "4",
+                    "--output_path", str(tmp_path / "out")],
+                   check=True, env={**os.environ, "HF_HOME": str(tmp_path / "hf")}, capture_output=True)
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    assert results["tiny_mc"]["acc,none"] == ours["tiny_mc"]["acc"]
+    assert results["tiny_mc"]["acc_norm,none"] == ours["tiny_mc"]["acc_norm"]
+    assert results["tiny_ppl"]["word_perplexity,none"] == pytest.approx(ours["tiny_ppl"]["word_perplexity"],
+                                                                        rel=1e-5)
