@@ -329,3 +329,15 @@ def test_plain_lm_eval_cli_on_an_export_gives_our_numbers(exports, local_tasks, 
     assert results["tiny_mc"]["acc_norm,none"] == ours["tiny_mc"]["acc_norm"]
     assert results["tiny_ppl"]["word_perplexity,none"] == pytest.approx(ours["tiny_ppl"]["word_perplexity"],
                                                                         rel=1e-5)
+
+
+@pytest.mark.slow  # a 2-rank torchrun launch: ~1 min on 2 busy cores
+def test_eval_tasks_under_ddp_run_on_rank_0_while_rank_1_waits(token_dir, local_tasks, tmp_path):
+    from test_distributed import launch
+
+    run = tmp_path / "run"
+    launch(2, token_dir, run, "dist.strategy=ddp", "eval.tasks=[tiny_mc,niah:192]", "eval.task_limit=2",
+           f"eval.task_include_path={local_tasks}")
+    _, val_rows = read_metrics(run)
+    assert [r["step"] for r in val_rows] == [5, 10]  # one row per eval step: rank 0 writes, rank 1 waited
+    assert all({"val_loss", "eval/tiny_mc/acc", "eval/niah:192/accuracy"} <= set(r) for r in val_rows)
