@@ -1,12 +1,23 @@
-# The two README commands: `make demo` (set up + train the tiny model on the demo corpus)
-# and `make test` (set up + run the default test suite). Both are idempotent.
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-RUN    ?= runs/tiny
-EXPORT ?= exports/tiny
+# The two README commands: `make demo` (set up + train the tiny HOPE on the demo corpus, export,
+# evaluate, sample, plot) and `make test` (set up + run the default test suite). Both are idempotent.
+# The Transformer++ demo: `make demo CONFIG=configs/tiny.yaml`; both on one plot: `make demo-compare`.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+CONFIG  ?= configs/hope_tiny.yaml
+DEMO    ?= configs/demo.yaml
+DATA    ?= data/demo
+RUNS    ?= runs
+EXPORTS ?= exports
+NAME    := $(basename $(notdir $(CONFIG)))
+RUN     ?= $(RUNS)/demo_$(NAME)
+EXPORT  ?= $(EXPORTS)/demo_$(NAME)
+PROMPT  ?= The history of
+# extra key=value overrides for the demo's training runs, and extra nl.evaluate flags (tests shrink both)
+DEMO_ARGS ?=
+EVAL_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean-demo
+.PHONY: setup demo demo-compare test test-all bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -18,11 +29,20 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) data_prep/prepare_demo.py --root data/demo
-	$(PY) train.py --config configs/tiny.yaml run.dir=$(RUN)
+	$(PY) data_prep/prepare_demo.py --root $(DATA)
+	$(PY) train.py --config $(CONFIG) --config $(DEMO) data.dir=$(DATA)/tokens run.dir=$(RUN) $(DEMO_ARGS)
 	$(PY) -m nl.export --run $(RUN) --output $(EXPORT)
-	$(PY) -m nl.evaluate --model $(EXPORT) --data data/demo/tokens
-	@echo "Done. Metrics: $(RUN)/metrics.jsonl  config: $(RUN)/config.yaml  checkpoints: $(RUN)/checkpoints/  exported model: $(EXPORT)/"
+	$(PY) -m nl.evaluate --model $(EXPORT) --data $(DATA)/tokens $(EVAL_ARGS)
+	$(PY) -m nl.generate --model $(EXPORT) --prompt "$(PROMPT)" --max-new-tokens 40 --seed 0
+	$(PY) -m nl.plot $(RUN) --output $(RUN)/loss.png
+	@echo "Done. Loss curves: $(RUN)/loss.png  metrics: $(RUN)/metrics.jsonl  config: $(RUN)/config.yaml  checkpoints: $(RUN)/checkpoints/  exported model: $(EXPORT)/"
+
+# HOPE and the Transformer++ on the same tokens (same budget layer, same data order), one figure + table
+demo-compare: setup
+	$(PY) data_prep/prepare_demo.py --root $(DATA)
+	$(PY) train.py --config configs/hope_tiny.yaml --config $(DEMO) data.dir=$(DATA)/tokens run.dir=$(RUNS)/demo_hope_tiny $(DEMO_ARGS)
+	$(PY) train.py --config configs/tiny.yaml --config $(DEMO) data.dir=$(DATA)/tokens run.dir=$(RUNS)/demo_tiny $(DEMO_ARGS)
+	$(PY) -m nl.plot $(RUNS)/demo_hope_tiny $(RUNS)/demo_tiny --output $(RUNS)/demo_compare.png --table $(RUNS)/demo_compare.md
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"
@@ -35,4 +55,5 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 
 clean-demo:
-	rm -rf data/demo runs/tiny exports/tiny
+	rm -rf $(DATA) $(RUNS)/demo_hope_tiny $(RUNS)/demo_tiny $(RUNS)/demo_compare.png $(RUNS)/demo_compare.md \
+		$(EXPORTS)/demo_hope_tiny $(EXPORTS)/demo_tiny $(RUN) $(EXPORT)
