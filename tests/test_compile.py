@@ -139,3 +139,25 @@ def test_inductor_losses_equal_eager(arch):
     seen = []
     assert train_losses(model, data, after_step=lambda i: seen.append(graphs())) == pytest.approx(eager, rel=1e-4)
     assert seen[1:] == [seen[0]] * 2
+
+
+def test_compiled_blocks_under_fsdp2_keep_the_losses():
+    """Compile, then fully_shard per block and the root (parallelize's order), on a 1-rank gloo group."""
+    import torch.distributed as dist
+
+    from nl.distributed import fully_shard
+
+    cfg = tiny("hope")
+    data = batches(2, 8)
+    eager = train_losses(build_model(cfg, seed=0), data)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build_model(cfg, seed=0)
+        apply_compile(model, backend="aot_eager")
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        assert train_losses(model, data) == pytest.approx(eager, rel=1e-5, abs=1e-6)
+        assert graphs()[0] >= 5
+    finally:
+        dist.destroy_process_group()
