@@ -218,3 +218,33 @@ def test_launch_counter_counts_the_fused_calls():
     assert 0 < counts["triton"]["bwd_triton"] <= 2 * 4
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
+
+
+def test_compiled_graph_keeps_the_op_opaque():
+    """torch.compile(fullgraph=True) traces a chunk step on the kernel with no graph break, nl::dgd_chunk and
+    its backward staying single calls in the graphs; values and gradients equal eager."""
+    from nl.ops.triton_dgd import dgd_chunk
+    inputs = {k: None if v is None else v.to(DEVICE).requires_grad_() for k, v in chunk_inputs(5, True, seed=4).items()}
+    ops = []
+
+    def backend(gm, example_inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def record(g, _):
+            ops.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
+            return g
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    def step(S0, P0, X, G, Q, log_alpha, eta, log_mu):
+        out, S, P = dgd_chunk(S0, P0, X, G, None, Q, log_alpha, eta, log_mu, True)
+        return out.square().sum() + S.sum() + P.square().sum()
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend=backend), step):
+        loss = fn(**inputs)
+        results.append((loss, torch.autograd.grad(loss, [v for v in inputs.values() if v is not None])))
+    (l_c, g_c), (l_e, g_e) = results
+    assert ops.count("nl.dgd_chunk.default") == 1 and ops.count("nl.dgd_chunk_backward.default") == 1, ops
+    assert rel(l_c.detach().cpu(), l_e.detach().cpu()) < 1e-12
+    assert all(rel(a.cpu(), b.cpu()) < 1e-12 for a, b in zip(g_c, g_e))
