@@ -228,11 +228,12 @@ def test_compiled_graph_keeps_the_op_opaque():
     ops = []
 
     def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
         from torch._functorch.aot_autograd import aot_module_simplified
 
         def record(g, _):
             ops.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
-            return g
+            return make_boxed_func(g.forward)
         return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
 
     def step(S0, P0, X, G, Q, log_alpha, eta, log_mu):
