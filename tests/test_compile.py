@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from nl.config import ConfigError, HopeConfig, ModelConfig, load_config
 from nl.distributed import DistEnv, apply_activation_checkpointing, apply_compile, parallelize
@@ -24,6 +23,10 @@ def tiny(arch: str, chunk: int = 4, **hope) -> ModelConfig:
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
+    # torch._dynamo is imported here, not at collection: it imports triton, which must first be imported
+    # after tests/test_fla_dispatch.py and test_triton_kernels.py set TRITON_INTERPRET=1 (without CUDA)
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -33,6 +36,8 @@ def fresh_dynamo():
 
 def graphs() -> tuple[int, int]:
     """(graphs dynamo compiled, ops captured into them) so far."""
+    from torch._dynamo.utils import counters
+
     return counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
 
 
@@ -70,6 +75,8 @@ def test_compiled_losses_equal_eager_and_no_recompiles_across_steps(arch, recomp
     assert eager[-1] < eager[0]  # the steps did change the weights
     assert seen[0][0] > 0 and seen[1:] == [seen[0]] * 2, seen  # step 1 compiled everything; 2 and 3 reuse it
     if arch == "transformer":
+        from torch._dynamo.utils import counters
+
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert seen[0][0] == 1  # the 2 blocks share one graph (parameters are graph inputs)
 
@@ -78,6 +85,8 @@ def test_hope_chunk_loop_is_not_unrolled():
     """The graphs and ops compiled do not grow with the number of chunks: 2 chunks and 6 chunks compile
     the same (block before / after the recurrence, and 4 chunk bodies: generators and memory, each
     first chunk (unbatched initial state) and the rest); an unrolled loop would capture 3x the ops."""
+    from torch._dynamo.utils import counters
+
     cfg = tiny("hope")
     counts = {}
     for T in (8, 24):

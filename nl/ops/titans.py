@@ -263,7 +263,7 @@ def _run_chunk(compiled: bool, cfg: RecurrenceConfig, fn, *args):
         return _compiled_chunks[backend](cfg, fn, *args)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # torch.compiler.disable, imported lazily: importing torch._dynamo imports triton
 def _chunk_loop_in_python(*args, **kwargs):
     return titans_chunked(*args, **kwargs, compile_chunks=True)
 
