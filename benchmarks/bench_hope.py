@@ -22,6 +22,7 @@ import ctypes
 import datetime
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,25 +84,34 @@ def train_tokens_per_s(cfg: ModelConfig, T: int, batch: int, steps: int) -> floa
     return batch * T / best
 
 
-def alternating_tokens_per_s(cfgs: dict[str, ModelConfig], T: int, batch: int, rounds: int) -> dict[str, float]:
-    """One training step of each model in turn, `rounds` times after a warm-up round; the best
-    tokens/s of each. Alternating in one process makes the ratios immune to this VM's drift."""
+def alternating_step_seconds(cfgs: dict[str, ModelConfig], T: int, batch: int,
+                             rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """One training step of each model in turn, `rounds` times after a warm-up round: per model, the
+    (wall, CPU) seconds of each round's step. Alternating in one process makes ratios taken round by
+    round immune to this VM's drift; the process's CPU time (one thread) is the steadier of the two
+    where other jobs share the cores."""
     runs = {}
     for name, cfg in cfgs.items():
         model = build_model(cfg, seed=0)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     ids = torch.randint(0, 4096, (batch, T + 1), generator=torch.Generator().manual_seed(0))
-    best = {name: float("inf") for name in cfgs}
+    times = {name: [] for name in cfgs}
     for r in range(rounds + 1):
         for name, (model, opt) in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if r:
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: batch * T / sec for name, sec in best.items()}
+            if r:  # round 0 is warm-up
+                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> str:
+    """Median of the round-by-round ratios num/den, with their range: '0.95 (0.93..0.97)'."""
+    r = sorted(a / b for a, b in zip(num, den))
+    return f"{statistics.median(r):.3f} ({r[0]:.3f}..{r[-1]:.3f})"
 
 
 def interleaved_seconds_per_token(cfg: ModelConfig, seq_lens: list[int], rounds: int) -> dict[int, float]:
@@ -154,8 +164,9 @@ def main() -> None:
                     help="HopeConfig overrides for the benchmarked HOPE, e.g. momentum=true memory_type=linear")
     ap.add_argument("--ab", nargs="*", default=None, metavar="KEY=VALUE",
                     help="instead of the table: HOPE (--hope) against HOPE with these further overrides and the "
-                         "Transformer++, one step of each in turn for --steps rounds at each --seq-lens "
-                         "(e.g. --ab retention_target=zero normalized_step=false normalize_v=false)")
+                         "Transformer++, one step of each in turn for --steps rounds at each --seq-lens; median "
+                         "ratios of wall and CPU time (e.g. --ab retention_target=zero normalized_step=false "
+                         "normalize_v=false)")
     ap.add_argument("--flush-denormal", action="store_true",
                     help="torch.set_flush_denormal(True): subnormal floats (a memory decaying toward zero) "
                          "cost ~100x on x86; flushing them measures the arithmetic alone")
@@ -186,14 +197,20 @@ def main() -> None:
     n_tfm = count_parameters(build_model(tfm, device="meta"))
     if args.ab is not None:
         b_overrides = {**overrides, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.ab)}}
-        print(f"| T | batch | HOPE A tokens/s | HOPE B ({' '.join(args.ab)}) tokens/s | Transformer++ tokens/s | "
+        print("Speed ratios are medians of the round-by-round ratios (range in brackets); tokens/s from the "
+              "median step time.\n")
+        print(f"| T | batch | clock | HOPE A tokens/s | HOPE B ({' '.join(args.ab)}) tokens/s | Transformer++ tokens/s | "
               f"A / Transformer++ | B / Transformer++ | A / B |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for T in args.seq_lens:
             batch = max(1, min(args.batch, 8192 // T))
-            r = alternating_tokens_per_s({"A": hope, "B": hope_cfg(**b_overrides), "T": tfm}, T, batch, args.steps)
-            print(f"| {T} | {batch} | {r['A']:.0f} | {r['B']:.0f} | {r['T']:.0f} | {r['A'] / r['T']:.3f} | "
-                  f"{r['B'] / r['T']:.3f} | {r['A'] / r['B']:.3f} |", flush=True)
+            times = alternating_step_seconds({"A": hope, "B": hope_cfg(**b_overrides), "T": tfm}, T, batch, args.steps)
+            for j, clock in enumerate(("wall", "CPU")):
+                sec = {n: [t[j] for t in ts] for n, ts in times.items()}
+                tok = {n: batch * T / statistics.median(v) for n, v in sec.items()}
+                print(f"| {T} | {batch} | {clock} | {tok['A']:.0f} | {tok['B']:.0f} | {tok['T']:.0f} | "
+                      f"{median_ratio(sec['T'], sec['A'])} | {median_ratio(sec['T'], sec['B'])} | "
+                      f"{median_ratio(sec['B'], sec['A'])} |", flush=True)
         return
     if args.interleave:
         costs = {name: interleaved_seconds_per_token(cfg, args.seq_lens, args.interleave)

@@ -368,3 +368,47 @@ def test_chunked_path_compiles_into_one_graph_forward_and_backward(solve, monkey
     assert rel(o_c, o_e) < 1e-12 and rel(s_c, s_e) < 1e-12
     assert all((a is None) == (b is None) for a, b in zip(g_c, g_e))
     assert all(rel(a, b) < 1e-12 for a, b in zip(g_c, g_e) if b is not None)
+
+
+def _chunk_op_counts(cfg: RecurrenceConfig, T: int) -> tuple[int, int]:
+    """Forward of titans_chunked (MLP memories, generators k v eta alpha): (matrix products, elementwise
+    ops whose output has a memory layer's shape [..., D, HID] or [..., HID, D])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm = self.weight_sized = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.mm += name in ("mm", "bmm")
+            if name in ("add", "sub", "mul", "addcmul", "lerp") and isinstance(out, torch.Tensor) \
+                    and tuple(out.shape[-2:]) in ((D, HID), (HID, D)):
+                self.weight_sized += 1
+            return out
+
+    inputs = make_inputs("mlp", ("k", "v", "eta", "alpha"), ("q",), T=T)
+    with torch.no_grad(), Count() as c:
+        titans_chunked(*inputs, cfg)
+    return c.mm, c.weight_sized
+
+
+def test_memory_health_form_costs_one_deviation_product_per_layer_and_chunk():
+    """Performance budget of the default (memory-health) form against the literal Eq. 88 (issue 11): per
+    chunk of both loops it adds DGD's product of each layer's deviation with its inputs and the read-out
+    memory's M_0 read of the hidden layer (k M_0^T and q M_0^T are formed once per sequence), i.e. 4
+    matrix products, and one memory-sized pass per layer (the anchor M_0 + (S - M_0)): S - M_0 is never
+    formed per chunk and M_0 is never added back to an end state."""
+    literal = RecurrenceConfig(3, 3, 0.3, True, False, True, retention_target="zero", normalized_step=False,
+                               normalize_v=False)
+    health = RecurrenceConfig(3, 3, 0.3, True, False, True)
+    per_chunk = {}
+    for name, cfg in (("literal", literal), ("health", health)):
+        (mm2, w2), (mm4, w4) = _chunk_op_counts(cfg, 6), _chunk_op_counts(cfg, 12)  # 2 and 4 chunks
+        per_chunk[name] = ((mm4 - mm2) / 2, (w4 - w2) / 2)
+    extra_mm = per_chunk["health"][0] - per_chunk["literal"][0]
+    extra_weight_sized = per_chunk["health"][1] - per_chunk["literal"][1]
+    assert extra_mm <= 4, per_chunk
+    assert extra_weight_sized <= 2 * 2, per_chunk  # 2 layers in each of the 2 loops (generators, memory)

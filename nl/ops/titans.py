@@ -193,40 +193,63 @@ def titans_reference(z: torch.Tensor | None, static: dict[str, torch.Tensor], st
     return torch.cat(outs, dim=2), state
 
 
-class _ChunkMemory:
-    """Every layer of one memory over one chunk (`ChunkLayer`s), in the form the config asks for:
-    with retention_target="init" the layers run on the deviation S - M_0 (the chunk form of
-    `dgd_step` is unchanged on it) and M_0's own contribution is added to reads and end states;
-    with normalized_step the MLP's hidden input h enters as a unit vector and its gradient factors are
-    divided by ||h|| (`input_norm`; layers fed by k, already unit, are left as they are)."""
+def _times_init(x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """x w0^T: x [..., N, I], w0 [..., O, I] (an initial state, which the sequences share) -> [..., N, O].
+    As an einsum the dims that only one side has (the sequences of x; the stacked generators of w0 against a
+    shared k) become rows or columns of one larger matmul, where x @ w0.mT would copy w0 per sequence."""
+    return torch.einsum("...ni,...oi->...no", x, w0)
 
-    def __init__(self, S: Memory, P: Memory | None, init: Memory, k: torch.Tensor, v: torch.Tensor,
-                 gates: ChunkGates, cfg: RecurrenceConfig) -> None:
+
+def _layers_from_deviation(dev: Memory, init: Memory) -> Memory:
+    """A memory's layers M_0 + (S - M_0) from its deviation (what the chunk loops carry under retention_target="init")."""
+    return tuple(d + w0 for d, w0 in zip(dev, init))
+
+
+class _ChunkMemory:
+    """Every layer of one memory over one chunk (`ChunkLayer`s), in the form the config asks for.
+
+    S: the anchor's layers; carried: what the chunk loop carries, the layers themselves, or with
+    retention_target="init" their deviation S - M_0 from the initial state `init` (retention and DGD's decay
+    act on the deviation and the chunk form of `dgd_step` is unchanged on it, so the `ChunkLayer`s run on
+    it and their end states are the next deviation: S - M_0 is formed once, at the loop's start, and M_0
+    is added back only where the layers themselves are needed, S = M_0 + (S - M_0) for the outputs and
+    gradients at the anchor, and M_0 q in reads). DGD's decay reads (S_0 - M_0) x: for the read-out
+    memory's layer fed by k it is k S_0^T - k M_0^T, with k M_0^T formed for the whole sequence at once
+    (`k_init`, [..., C, O]), the product k S_0^T coming with the gradient.
+    normalized_step: the MLP's hidden input h enters as the unit vector h / ||h|| and its gradient factors
+    are divided by ||h|| (`input_norm`; layers fed by k, already unit, are left as they are)."""
+
+    def __init__(self, S: Memory, carried: Memory, P: Memory | None, init: Memory, k: torch.Tensor,
+                 v: torch.Tensor, gates: ChunkGates, cfg: RecurrenceConfig, k_init: torch.Tensor | None = None) -> None:
         self.init = init if cfg.retention_target == "init" else None
         self.layers = []
         for i, (x, g, xs) in enumerate(memory_grad_factors(S, k, _target(S, v, cfg))):
-            S0 = S[i]
+            if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
+                xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             if cfg.normalized_step and _reads_hidden(i, S):
-                n = input_norm(x)
-                x, g, xs = x / n, g / n, xs / n
-            if self.init is not None:  # the layer's own output on x is then the deviation's: ChunkLayer forms it
-                S0, xs = S0 - self.init[i], None
-            self.layers.append(chunk_layer(S0, None if P is None else P[i], x, g, gates, cfg.dgd, xs, cfg.kernel))
+                r = 1 / input_norm(x)  # one division, then products
+                x, g, xs = x * r, g * r, None if xs is None else xs * r
+            self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs,
+                                           cfg.kernel))
 
-    def read_layer(self, i: int, Q: torch.Tensor) -> torch.Tensor:
+    def read_layer(self, i: int, Q: torch.Tensor, Q_init: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i's S_{t-1} Q_t [..., C, O]; Q_init: Q M_0^T when the caller has it."""
         out = self.layers[i].read(Q)
-        return out if self.init is None else out + Q @ self.init[i].mT
+        if self.init is None:
+            return out
+        return out + (_times_init(Q, self.init[i]) if Q_init is None else Q_init)
 
-    def read(self, q: torch.Tensor) -> torch.Tensor:
-        """M_{t-1}(q_t) for every token of the chunk: [..., C, d] -> [..., C, d]."""
+    def read(self, q: torch.Tensor, q_init: torch.Tensor | None = None) -> torch.Tensor:
+        """M_{t-1}(q_t) for every token of the chunk: [..., C, d] -> [..., C, d]. q_init: q M_0^T of the
+        layer fed by q, when the caller formed it for the whole sequence."""
         if len(self.layers) == 1:
-            return self.read_layer(0, q)
-        return q + self.read_layer(0, F.silu(self.read_layer(1, q)))  # M(q) = q + W1 silu(W2 q)
+            return self.read_layer(0, q, q_init)
+        return q + self.read_layer(0, F.silu(self.read_layer(1, q, q_init)))  # M(q) = q + W1 silu(W2 q)
 
     def ends(self, momentum: bool) -> tuple[Memory, Memory | None]:
+        """The carried state (layers or deviation) and the momentum after the chunk."""
         ends = [layer.end_state() for layer in self.layers]
-        S = tuple(s for s, _ in ends) if self.init is None else tuple(s + w0 for (s, _), w0 in zip(ends, self.init))
-        return S, (tuple(p for _, p in ends) if momentum else None)
+        return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
 
 
 def _split_chunks(tensors: dict[str, torch.Tensor], C: int, T: int) -> list[dict[str, torch.Tensor]]:
@@ -301,12 +324,16 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
                   for i in range(n_layers))
         S_init = S
         P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
+        gen_dev_init = S_init if cfg.retention_target == "init" else None  # the loop carries S - M_0 (_ChunkMemory)
+        if gen_dev_init is not None:
+            S = tuple(torch.zeros_like(w) for w in S)
         def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
-            out = memory_apply(S, zc[:, None])
+            A = S if gen_dev_init is None else _layers_from_deviation(S, gen_dev_init)
+            out = memory_apply(A, zc[:, None])
             gen = {n: out[:, i] for i, n in enumerate(gen_names)}
             q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None])
-            S, P = _ChunkMemory(S, P, S_init, k[:, None], v[:, None], gates, cfg).ends(cfg.momentum)
+            S, P = _ChunkMemory(A, S, P, S_init, k[:, None], v[:, None], gates, cfg).ends(cfg.momentum)
             return (q, k, v, eta, log_alpha, log_mu), S, P
 
         pieces = []
@@ -315,8 +342,11 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
             piece, S, P = _run_chunk(compile_chunks, cfg, generator_chunk, zc, sc, S, P)
             pieces.append(piece)
             if trace:
+                layers = S if gen_dev_init is None else _layers_from_deviation(S, gen_dev_init)
                 for i, n in enumerate(gen_names):
-                    norms.setdefault(n, []).append(memory_norm(tuple(w[:, i] for w in S)).detach())
+                    norms.setdefault(n, []).append(memory_norm(tuple(w[:, i] for w in layers)).detach())
+        if gen_dev_init is not None:
+            S, anchor = _layers_from_deviation(S, gen_dev_init), _layers_from_deviation(anchor, gen_dev_init)
         for i, n in enumerate(gen_names):
             final.cur[n] = tuple(w[:, i] for w in S)
             final.anchor[n] = tuple(w[:, i] for w in anchor)
@@ -328,8 +358,9 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     S, P = states["memory"], final.mom["memory"]
     def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
         gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"))
-        mem = _ChunkMemory(S, P, states["memory"], c["k"], c["v"], gates, cfg)
-        o = mem.read(c["q"]) if cfg.chunk_read == "in_chunk" else memory_apply(S, c["q"])
+        A = S if dev_init is None else _layers_from_deviation(S, dev_init)
+        mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
+        o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else memory_apply(A, c["q"])
         return (o, *mem.ends(cfg.momentum))
 
     # Split every input into chunks once: the backward of split is one concatenation, where the
@@ -337,16 +368,28 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     inputs = {"q": q, "k": k, "v": v, "eta": eta, "log_alpha": log_alpha}
     if log_mu is not None:
         inputs["log_mu"] = log_mu
+    if cfg.retention_target == "init":  # k and q are known: their products with the constant M_0 in one matmul each
+        by_k = states["memory"][-1]  # the layer fed by k and q (W of a linear memory, W2 of an MLP)
+        if cfg.dgd:
+            inputs["k_init"] = _times_init(k, by_k)
+        if cfg.chunk_read == "in_chunk":
+            inputs["q_init"] = _times_init(q, by_k)
     outs, chunks = [], _split_chunks(inputs, C2, T)
     if use_fla(cfg, len(S), q.device, trace):  # the online Titans rule is fla's gated delta rule: one call
         o, S_T = titans_memory_fla(q, k, v, eta, log_alpha, S[0], cfg)
         outs, chunks, S, anchor = [o], [], (S_T,), (S_T,)  # chunk 1: S_T is the next token's anchor
+    dev_init = states["memory"] if cfg.retention_target == "init" and chunks else None  # the loop carries S - M_0
+    if dev_init is not None:
+        S = tuple(torch.zeros_like(w) for w in S)
     for c in chunks:
         anchor = S
         o, S, P = _run_chunk(compile_chunks, cfg, memory_chunk, c, S, P)
         outs.append(o)
         if trace:
-            norms.setdefault("memory", []).append(memory_norm(S).detach())
+            norms.setdefault("memory", []).append(memory_norm(S if dev_init is None else
+                                                              _layers_from_deviation(S, dev_init)).detach())
+    if dev_init is not None:
+        S, anchor = _layers_from_deviation(S, dev_init), _layers_from_deviation(anchor, dev_init)
     final.cur["memory"], final.anchor["memory"], final.mom["memory"] = S, anchor, P
     final.pos = T
     o = torch.cat(outs, dim=2)
