@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nl.ops import delta_rule
+from nl.ops import titans as titans_ops
 from nl.ops.delta_rule import ChunkGates, ChunkLayer, _solve_unit_lower, memory_apply
 from nl.ops.titans import RecurrenceConfig, titans_chunked, titans_reference
 
@@ -343,12 +344,14 @@ def test_recomputed_chunks_give_the_same_outputs_and_gradients(memory_type):
 
 @pytest.mark.parametrize("solve", ["inverse", "lapack"])
 def test_chunked_path_compiles_into_one_graph_forward_and_backward(solve, monkeypatch):
-    """Compile-friendly (issue 8): torch.compile(fullgraph=True) traces the chunked path, chunk
-    recompute included, with no graph break, so there is no Python loop over tokens and no
-    data-dependent host read (.item(), tensor-valued if) in forward or backward; AOTAutograd's
-    backward graph gives the eager gradients. backend aot_eager: no C++ compiler needed on CPU.
-    Both solves: the explicit inverse's autograd.Function and LAPACK's."""
+    """Compile-friendly (issues 8 and 14): under torch.compile the chunk loop stays in Python and each
+    chunk body (chunk recompute included) is compiled with fullgraph=True, so a graph break or a
+    data-dependent host read (.item(), tensor-valued if) inside a chunk, forward or backward, is an
+    error; AOTAutograd's backward graph gives the eager gradients. backend aot_eager: no C++
+    compiler needed on CPU. Both solves: the explicit inverse's autograd.Function and LAPACK's."""
     monkeypatch.setattr(delta_rule, "INVERSE_MIN_WORK", 0 if solve == "inverse" else 10 ** 9)
+    monkeypatch.setattr(titans_ops, "CHUNK_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(titans_ops, "_compiled_chunks", {})
     inputs = make_inputs("mlp", HOPE, ("q",), T=9, seed=7)
     cfg = RecurrenceConfig(3, 6, 0.8, True, True, True, recompute=True)
 
@@ -357,7 +360,7 @@ def test_chunked_path_compiles_into_one_graph_forward_and_backward(solve, monkey
         return o, torch.cat([w.flatten() for w in state.cur["memory"]])
 
     torch._dynamo.reset()
-    compiled = torch.compile(run, fullgraph=True, backend="aot_eager", dynamic=False)
+    compiled = torch.compile(run, backend="aot_eager", dynamic=False)
     params = leaves(*inputs)
     results = []
     for fn in (compiled, run):
@@ -365,6 +368,7 @@ def test_chunked_path_compiles_into_one_graph_forward_and_backward(solve, monkey
         grads = torch.autograd.grad(o.pow(2).sum() + final.sum(), params, allow_unused=True)
         results.append((o, final, grads))
     (o_c, s_c, g_c), (o_e, s_e, g_e) = results
+    assert "aot_eager" in titans_ops._compiled_chunks  # the compiled run took the compiled chunk bodies
     assert rel(o_c, o_e) < 1e-12 and rel(s_c, s_e) < 1e-12
     assert all((a is None) == (b is None) for a, b in zip(g_c, g_e))
     assert all(rel(a, b) < 1e-12 for a, b in zip(g_c, g_e) if b is not None)

@@ -280,7 +280,8 @@ def _run_chunk(compiled: bool, cfg: RecurrenceConfig, fn, *args):
         return _maybe_recompute(cfg, fn, *args)
     backend = CHUNK_COMPILE_BACKEND
     if backend not in _compiled_chunks:
-        _compiled_chunks[backend] = torch.compile(_maybe_recompute, backend=backend)
+        # fullgraph: a graph break or host read inside a chunk body is an error, not a silent slowdown
+        _compiled_chunks[backend] = torch.compile(_maybe_recompute, backend=backend, fullgraph=True)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     with torch._dynamo.config.patch(**{limit: CHUNK_RECOMPILE_LIMIT}):
         return _compiled_chunks[backend](cfg, fn, *args)
