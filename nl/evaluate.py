@@ -3,7 +3,9 @@
     python -m nl.evaluate --model EXPORT_DIR --data TOKEN_DIR        # val split of token shards
     python -m nl.evaluate --model EXPORT_DIR --data notes.txt more/  # raw text, model's tokenizer
 
-Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len", "data"}.
+Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len", "document_boundaries",
+"data"}. A model trained with data.document_boundaries=reset is evaluated that way unless
+--document-boundaries says otherwise.
 User mistakes (missing export or data, bad arguments) end in one line `error: ...`.
 """
 
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batches", type=int, default=0, help="0 = all")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--document-boundaries", choices=("none", "reset"), default=None,
+                    help="reset: each EOS-terminated document of a window on its own (memories, conv caches, "
+                         "attention); default: what the model was trained with (the export's config.json)")
     ap.add_argument("--strict-text", action="store_true",
                     help="refuse raw text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
@@ -106,6 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_pretrained(args.model, device=device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
     seq_len = args.seq_len or export_cfg["seq_len"]
+    boundaries = args.document_boundaries or export_cfg.get("document_boundaries", "none")
+    if boundaries == "reset":  # as in training with data.document_boundaries=reset
+        from nl.models.documents import document_reset
+
+        try:
+            document_reset(model, tokenizer.eos_id)
+        except ValueError as e:
+            raise DataError(f"--document-boundaries reset: {e}") from None
 
     first = Path(args.data[0])
     if len(args.data) == 1 and (first / "manifest.json").is_file():
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     loss_sum, count = evaluate_loss(model, batches, device)
     val_loss = (loss_sum / count).item()
     result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": int(count.item()),
-              "windows": int(count.item()) // seq_len, "seq_len": seq_len, "data": args.data}
+              "windows": int(count.item()) // seq_len, "seq_len": seq_len, "document_boundaries": boundaries, "data": args.data}
     print(json.dumps(result))
     return result
 

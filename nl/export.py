@@ -83,6 +83,8 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None,
         "format_version": EXPORT_FORMAT_VERSION,
         "model": OmegaConf.to_container(cfg.model),
         "seq_len": cfg.data.seq_len,
+        # how the run saw its windows: with "reset" each EOS-terminated document alone (nl.evaluate follows it)
+        "document_boundaries": cfg.data.document_boundaries,
         "step": int(ckpt.name.split("_")[-1]),
         "tokenizer_fingerprint": tok.fingerprint,
         "source_checkpoint": str(ckpt.resolve()),

@@ -206,3 +206,33 @@ def test_trainer_trains_on_documents_alone(token_dir, tmp_path):
     want = total / targets.numel()
     assert got == pytest.approx(want, rel=1e-5)
     assert abs(packed - want) > 1e-4
+
+
+def test_export_and_evaluate_keep_the_runs_document_boundaries(token_dir, tmp_path):
+    """A run trained with reset exports the setting, and nl.evaluate then scores each document alone:
+    its val loss equals the trainer's own validation (whole val split); --document-boundaries none
+    scores the packed windows instead (a different number)."""
+    import json
+
+    from conftest import run_script
+    from nl.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    cfg = load_config("configs/hope_tiny.yaml", [
+        "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.init_std=0.2", "model.hope.chunk_size=8",
+        "model.hope.memory_chunk_size=8", f"data.dir={token_dir}", "data.seq_len=64",
+        "data.document_boundaries=reset", "train.steps=1", "train.batch_size=4", "train.micro_batch_size=4",
+        "eval.every=1", "eval.max_batches=0", "checkpoint.every=1", f"run.dir={run}"])
+    from nl.trainer import train
+
+    train(cfg)
+    val = next(r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "val_loss" in r)
+    run_script("-m", "nl.export", "--run", str(run), "--output", str(tmp_path / "export"))
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["document_boundaries"] == "reset"
+    args = ["--model", str(tmp_path / "export"), "--data", str(token_dir), "--batch-size", "4"]
+    reset = evaluate(args)
+    packed = evaluate([*args, "--document-boundaries", "none"])
+    assert reset["document_boundaries"] == "reset" and packed["document_boundaries"] == "none"
+    assert reset["val_loss"] == pytest.approx(val, rel=1e-5)
+    assert abs(packed["val_loss"] - val) > 1e-4
