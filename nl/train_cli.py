@@ -63,7 +63,8 @@ def set_keys(config_paths: list[str] | None, overrides: list[str]) -> dict[str, 
 
 
 _HOPE_MEMORY_KEYS = ("memory_type", "memory_hidden", "chunk_size", "memory_chunk_size", "eta_max", "conv_size",
-                     "dgd", "momentum", "retention", "static_k", "static_v", "adaptive_q", "recompute_chunks")
+                     "dgd", "momentum", "retention", "static_k", "static_v", "adaptive_q", "recompute_chunks",
+                     "retention_target", "normalized_step", "normalize_v", "retention_tau_init", "chunk_read", "kernel")
 
 # (key or section prefix, is it read by this run?, why not). The model keys follow nl/models (which
 # arch or HOPE mixer builds from them); the optimizer keys follow nl/optim.build_optimizer.
@@ -88,6 +89,12 @@ _READ_RULES: list[tuple[str, Callable[[Config], bool], Callable[[Config], str]]]
     ("dist.zero_stage", lambda c: c.dist.strategy == "deepspeed", lambda c: f"dist.strategy={c.dist.strategy}"),
     ("dist.deepspeed_config", lambda c: c.dist.strategy == "deepspeed",
      lambda c: f"dist.strategy={c.dist.strategy}"),
+    *[(f"model.hope.{name}", lambda c: c.model.hope.cms_mode != "outer",
+       lambda c: "model.hope.cms_mode=outer (no in-context CMS updates)")
+      for name in ("cms_context_chunk_sizes", "cms_inner_lr", "cms_retention")],
+    ("train.compile_backend", lambda c: c.train.compile, lambda c: "train.compile=false"),
+    *[(f"eval.{name}", lambda c: bool(c.eval.tasks), lambda c: "eval.tasks=[]")
+      for name in ("task_limit", "task_include_path")],
     ("dist.ac_every_n", lambda c: c.dist.activation_checkpointing == "every_n",
      lambda c: f"dist.activation_checkpointing={c.dist.activation_checkpointing}"),
 ]

@@ -129,6 +129,22 @@ def test_unread_keys_follow_the_mixer_and_optimizer():
                                                                       ["model.rope_theta=500000"])))
 
 
+def test_unread_keys_of_the_new_switches():
+    """Keys read only with another switch on: the in-context CMS's with cms_mode != outer, the compile
+    backend with train.compile, the task options with eval.tasks, the memory-health and kernel keys
+    with a memory mixer."""
+    over = ["model.hope.cms_inner_lr=0.2", "train.compile_backend=aot_eager", "eval.task_limit=5",
+            "model.hope.mixer=attention", "model.hope.kernel=torch", "model.hope.chunk_read=anchor"]
+    text = "\n".join(unread_keys(load_config("configs/hope_tiny.yaml", over), set_keys(["configs/hope_tiny.yaml"], over)))
+    for key, reason in (("model.hope.cms_inner_lr", "cms_mode=outer"), ("train.compile_backend", "train.compile=false"),
+                        ("eval.task_limit", "eval.tasks=[]"), ("model.hope.kernel", "mixer=attention"),
+                        ("model.hope.chunk_read", "mixer=attention")):
+        assert key in text and reason in text, (key, text)
+    on = ["model.hope.cms_mode=in_context", "model.hope.cms_inner_lr=0.2", "train.compile=true",
+          "train.compile_backend=aot_eager", "model.hope.kernel=torch"]
+    assert unread_keys(load_config("configs/hope_tiny.yaml", on), set_keys(["configs/hope_tiny.yaml"], on)) == []
+
+
 def test_default_threads_are_the_cpus_per_local_rank(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert default_threads({}) == 8
