@@ -147,6 +147,7 @@ def test_deepspeed_refuses_rules_that_need_whole_matrices(name, token_dir, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # ~2 min: a 500-step run; the DMGD update itself is checked against float64 below (test_dmgd_matches_float64_autograd_reference)
 def test_dmgd_trains_500_steps_stably_and_its_memory_learns(token_dir, tmp_path):
     """500 steps of a small HOPE with DMGD + CMS: no NaN, the loss falls, the memory's weights moved
     away from their initial values (EMA momentum) without collapsing onto a copy of its P u input
