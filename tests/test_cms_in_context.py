@@ -316,3 +316,92 @@ def test_mixing_flops_count_the_in_context_gradient_sums():
     extra = counts["in_context"][0] - counts["outer"][0]
     assert extra == 2 * 2 * (2 * 16 * 32) * 12 * 2  # blocks x levels x (2 d hidden) x T x B
     assert (counts["in_context"][1] - counts["outer"][1]) * 12 * 2 == extra
+
+
+# ------------------------------------------------- backward memory (segments recomputed) ---------
+
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+
+from nl.ops.cms import chunk_loop  # noqa: E402
+
+
+def saved_bytes(run, exclude) -> int:
+    """Bytes of the unique storages autograd saves for the backward during run() (saved_tensors_hooks),
+    still alive at its end; those of `exclude` (inputs, parameters) not counted."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = (StorageWeakRef(s), s.nbytes())
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(n for ref, n in seen.values() if not ref.expired()), out
+
+
+def test_backward_keeps_sublinearly_many_fast_weight_copies():
+    """C = 1: a backward that keeps one W [B, d, hidden] per chunk saves >= T B d hidden 8 bytes (float64).
+    The level must save under a quarter of that at T = 256, and 4x the tokens must cost ~2x (sqrt), not 4x."""
+    B, d, hidden = 2, 8, 16
+    saved = {}
+    for T in (256, 1024):
+        h, v, W0 = _inputs(B=B, T=T, d=d, hidden=hidden)
+        saved[T], _ = saved_bytes(lambda: cms_chunked(h, v, initial_state(W0), ContextConfig(1, 0.5, 0.9))[0],
+                                  [h, v, W0])
+        assert saved[T] < T * B * d * hidden * 8 / 4, (T, saved[T])
+    assert saved[1024] < 2.5 * saved[256], saved
+
+
+@pytest.mark.parametrize("C, T, start", [(1, 37, 0), (3, 40, 2), (5, 64, 7), (4, 19, 0)])
+def test_segmented_backward_equals_the_stored_loop(C, T, start):
+    """cms_chunked (segments recomputed) == chunk_loop (every chunk stored): outputs, final state and every
+    outer gradient (keys, targets, W_0, and the incoming state's W and partial sums), float64 within 1e-12;
+    from a state `start` tokens in (mid-chunk for C = 3, 5), T not a multiple of C."""
+    cfg = ContextConfig(chunk_size=C, lr=0.7, retention=0.9)
+    h, v, W0 = _inputs(T=start + T)
+    results = []
+    for run in (cms_chunked, chunk_loop):
+        _, state = cms_chunked(h[:, :start], v[:, :start], initial_state(W0), cfg) if start else (None, initial_state(W0))
+        y, final = run(h[:, start:], v[:, start:], state, cfg)
+        probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        loss = (y * probe).sum() + (final.cur ** 2).sum() + sum((a ** 2).sum() for a in final.acc or ())
+        results.append((y, final, torch.autograd.grad(loss, [h, v, W0])))
+    (y, final, grads), (y_ref, final_ref, grads_ref) = results
+    assert rel(y, y_ref) < 1e-12 and final.pos == final_ref.pos == start + T
+    assert rel(final.cur, final_ref.cur) < 1e-12
+    assert (final.acc is None) == (final_ref.acc is None) == ((start + T) % C == 0)
+    for a, b in zip(final.acc or (), final_ref.acc or ()):
+        assert rel(a, b) < 1e-12
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel(g, g_ref) < 1e-12
+
+
+@pytest.mark.parametrize("ac, bf16", [(True, False), (False, True), (True, True)])
+def test_model_gradients_unchanged_under_block_checkpointing_and_autocast(monkeypatch, ac, bf16):
+    """The segment checkpoints nest inside the blocks' activation checkpointing (nl.distributed) and run
+    under bf16 autocast: every parameter gradient equals the model with the stored chunk loop (float64;
+    fp32 weights under autocast, where both paths take the same bf16 matmuls outside the recurrence)."""
+    import contextlib
+
+    import nl.models.hope as hope
+    from nl.distributed import apply_activation_checkpointing
+
+    dtype = torch.float32 if bf16 else torch.float64
+    ids = torch.randint(0, 64, (2, 25), generator=torch.Generator().manual_seed(8))
+    grads = []
+    for loop, checkpointed in ((chunk_loop, False), (cms_chunked, ac)):
+        monkeypatch.setattr(hope, "cms_chunked", loop)
+        torch.manual_seed(0)  # _model draws the target gains from the global generator
+        model = _model(dtype=dtype)
+        if checkpointed:
+            apply_activation_checkpointing(model, "full", 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append([(n.replace("_checkpoint_wrapped_module.", ""), p.grad) for n, p in model.named_parameters()])
+    tol = 1e-6 if bf16 else 1e-12
+    for (n, g), (n_ref, g_ref) in zip(grads[1], grads[0], strict=True):
+        assert n == n_ref and rel(g, g_ref) < tol, n

@@ -27,14 +27,18 @@ evolves by a factor alpha - eta lambda in [alpha - eta, alpha] along each direct
 `cms_reference` runs this token by token from the equations; `cms_chunked` applies the level to a
 whole chunk as one batched matmul with that chunk's weights and updates at the boundary (a loop over
 chunks, none over tokens). Both start from, and return, a `CMSState` (fast weights and the partial
-sums of the current chunk): prefill + one-token steps equal the full forward.
+sums of the current chunk): prefill + one-token steps equal the full forward. For the backward,
+`cms_chunked` keeps ~sqrt(T / C) copies of W per sequence (segments recomputed under
+torch.utils.checkpoint), `chunk_loop` and `cms_reference` one or two per chunk or token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 EPS = 1e-12  # floor of the normaliser sum ||h||^2 (a chunk of all-zero keys takes no step)
 
@@ -73,12 +77,10 @@ def _update(W: torch.Tensor, W0: torch.Tensor, acc, cfg: ContextConfig) -> torch
     return W0 + cfg.retention * (W - W0) - cfg.lr * G / n.clamp_min(EPS)[:, None, None]
 
 
-def cms_chunked(h: torch.Tensor, v: torch.Tensor, state: CMSState,
-                cfg: ContextConfig) -> tuple[torch.Tensor, CMSState]:
-    """Chunk-parallel form. h: [B, T, hidden] keys; v: [B, T, d] targets; state: from `initial_state(W_0)`
-    or a previous call (any position: a partial chunk is completed first).
-
-    Returns (y [B, T, d], y_t = W_j h_t with each token's chunk weights; the state after token T)."""
+def chunk_loop(h: torch.Tensor, v: torch.Tensor, state: CMSState,
+               cfg: ContextConfig) -> tuple[torch.Tensor, CMSState]:
+    """The chunk loop of `cms_chunked` (same arguments and results), its whole graph kept for the backward:
+    per chunk the weights W_j and the step lr * G ([B, d, hidden] each), so 2 T / C copies of W per sequence."""
     C, T = cfg.chunk_size, h.shape[1]
     W, acc, pos = state.cur, state.acc, state.pos
     outs, t = [], 0
@@ -92,6 +94,44 @@ def cms_chunked(h: torch.Tensor, v: torch.Tensor, state: CMSState,
         if pos % C == 0:
             W, acc = _update(W, state.init, acc, cfg), None
     return torch.cat(outs, dim=1), CMSState(pos, W, acc, state.init)
+
+
+def _segment(h, v, cur, G, N, init, pos: int, cfg: ContextConfig):
+    """`chunk_loop` on flat tensor arguments: torch.utils.checkpoint saves top-level tensors through the
+    saved-tensor hooks, so an enclosing activation checkpoint (the block's) drops them as well."""
+    y, st = chunk_loop(h, v, CMSState(pos, cur, None if G is None else (G, N), init), cfg)
+    return (y, st.cur, *(st.acc or (None, None)))
+
+
+def cms_chunked(h: torch.Tensor, v: torch.Tensor, state: CMSState,
+                cfg: ContextConfig) -> tuple[torch.Tensor, CMSState]:
+    """Chunk-parallel form. h: [B, T, hidden] keys; v: [B, T, d] targets; state: from `initial_state(W_0)`
+    or a previous call (any position: a partial chunk is completed first).
+
+    Returns (y [B, T, d], y_t = W_j h_t with each token's chunk weights; the state after token T).
+
+    With autograd recording, the n chunks run in segments of K = ceil(sqrt(n)) chunks, each under
+    torch.utils.checkpoint (non-reentrant): the backward keeps the fast weights at segment starts, ~sqrt(n)
+    copies of W per sequence instead of `chunk_loop`'s 2 n, and recomputes one segment at a time (one more
+    forward of the loop; its 2 K copies live only during that segment's backward). The same operations on
+    the same values: outputs, states and gradients are those of `chunk_loop`."""
+    C, T = cfg.chunk_size, h.shape[1]
+    first = min(C - state.pos % C, T)  # tokens up to the first boundary
+    n = 1 + -(-(T - first) // C)  # chunks touched
+    K = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, v, state.cur, state.init))
+    if not grad or n <= K:
+        return chunk_loop(h, v, state, cfg)
+    outs, t, end = [], 0, first + (K - 1) * C  # segments end on chunk boundaries: K chunks each
+    G, N = state.acc or (None, None)
+    W, pos = state.cur, state.pos
+    while t < T:
+        end = min(end, T)
+        y, W, G, N = torch.utils.checkpoint.checkpoint(_segment, h[:, t:end], v[:, t:end], W, G, N, state.init,
+                                                       pos, cfg, use_reentrant=False)
+        outs.append(y)
+        pos, t, end = pos + end - t, end, end + K * C
+    return torch.cat(outs, dim=1), CMSState(pos, W, None if G is None else (G, N), state.init)
 
 
 def cms_reference(h: torch.Tensor, v: torch.Tensor, state: CMSState,
