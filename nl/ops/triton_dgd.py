@@ -33,6 +33,38 @@ import triton.language as tl
 from nl.ops.delta_rule import ChunkGates
 
 
+@triton.jit
+def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISION: tl.constexpr):
+    """The gates' decay factors of one chunk, shared by the forward and backward kernels.
+
+    la, lmu: [BC] log_alpha, log_mu (zero on padded tokens); mc: [BC] token mask. With lg = cumsum(la),
+    lm = cumsum(lmu): lg_prev = log gamma_{t-1}, lg_end = log gamma_C; Dp[t, j] = gamma_{t-1} / gamma_j
+    (j < t), D_end[j] = gamma_C / gamma_j; with momentum Mu[t, j] = mu_t..mu_{j+1} (j <= t), m = exp(lm),
+    Ep = Dp Mu, cp = Dp m, E_end = D_end Mu, c_end = D_end . m, Mu_end[j] = exp(lm_C - lm_j); without it
+    Ep = Dp, E_end = D_end, and the momentum outputs are unused stand-ins (a Triton function returns one
+    fixed tuple). Returns (lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end)."""
+    rc = tl.arange(0, BC)
+    row, col = rc[:, None], rc[None, :]
+    lg = tl.sum(tl.where(col <= row, la[None, :], 0.), 1)          # log gamma_t (cumulative sum)
+    lg_prev = lg - la                                                # log gamma_{t-1}
+    lg_end = tl.sum(la, 0)
+    Dp = tl.where(col < row, tl.exp(tl.where(col < row, lg_prev[:, None] - lg[None, :], 0.)), 0.)
+    D_end = tl.where(mc, tl.exp(lg_end - lg), 0.)                # padded tokens: no share of the end state
+    if MOMENTUM:
+        lm = tl.sum(tl.where(col <= row, lmu[None, :], 0.), 1)
+        lm_end = tl.sum(lmu, 0)
+        Mu = tl.where(col <= row, tl.exp(tl.where(col <= row, lm[:, None] - lm[None, :], 0.)), 0.)
+        m = tl.exp(lm)
+        Ep = tl.dot(Dp, Mu, input_precision=PRECISION)
+        cp = tl.sum(Dp * m[None, :], 1)
+        E_end = tl.sum(D_end[:, None] * Mu, 0)
+        c_end = tl.sum(D_end * m, 0)
+        Mu_end = tl.exp(lm_end - lm)
+    else:
+        Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = Dp, D_end, Dp, D_end, D_end, lg_end, D_end, lg_end
+    return lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end
+
+
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
 def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
@@ -48,28 +80,16 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
     la = tl.load(LA + n * C + rc, mask=mc, other=0.)
     eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
 
+    lmu = la  # read only with MOMENTUM
+    if MOMENTUM:
+        lmu = tl.load(LM + n * C + rc, mask=mc, other=0.)
+    lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
+        la, lmu, mc, BC, MOMENTUM, PRECISION)
     row, col = rc[:, None], rc[None, :]
-    lg = tl.sum(tl.where(col <= row, la[None, :], 0.), 1)          # log gamma_t (cumulative sum)
-    lg_prev = lg - la                                                # log gamma_{t-1}
-    lg_end = tl.sum(la, 0)
     gamma_prev = tl.exp(lg_prev)
-    Dp = tl.where(col < row, tl.exp(tl.where(col < row, lg_prev[:, None] - lg[None, :], 0.)), 0.)
-    D_end = tl.where(mc, tl.exp(lg_end - lg), 0.)                # padded tokens: no share of the end state
     w = -eta[:, None] * g                                            # w_t = -eta_t g_t
     if MOMENTUM:
-        lm = tl.sum(tl.where(col <= row, tl.load(LM + n * C + rc, mask=mc, other=0.)[None, :], 0.), 1)
-        lm_end = tl.sum(tl.load(LM + n * C + rc, mask=mc, other=0.), 0)
-        Mu = tl.where(col <= row, tl.exp(tl.where(col <= row, lm[:, None] - lm[None, :], 0.)), 0.)
-        m = tl.exp(lm)
-        Ep = tl.dot(Dp, Mu, input_precision=PRECISION)
-        cp = tl.sum(Dp * m[None, :], 1)
-        E_end = tl.sum(D_end[:, None] * Mu, 0)
-        c_end = tl.sum(D_end * m, 0)
-        Mu_end = tl.exp(lm_end - lm)
         p0 = tl.load(P0 + n * O * I + ro[:, None] * I + ri[None, :], mask=mo[:, None] & mi[None, :], other=0.)
-    else:
-        Ep = Dp
-        E_end = D_end
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
@@ -131,30 +151,17 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
     row, col = rc[:, None], rc[None, :]
     # ---- forward, recomputed (as _dgd_chunk_kernel)
-    lg = tl.sum(tl.where(col <= row, la[None, :], 0.), 1)
-    lg_prev = lg - la
-    lg_end = tl.sum(la, 0)
-    gp = tl.exp(lg_prev)
-    ge = tl.exp(lg_end)
-    Dp = tl.where(col < row, tl.exp(tl.where(col < row, lg_prev[:, None] - lg[None, :], 0.)), 0.)
-    D_end = tl.where(mc, tl.exp(lg_end - lg), 0.)
-    w = -eta[:, None] * g
+    lmu = la  # read only with MOMENTUM
     if MOMENTUM:
         lmu = tl.load(LM + n * C + rc, mask=mc, other=0.)
-        lm = tl.sum(tl.where(col <= row, lmu[None, :], 0.), 1)
-        lm_end = tl.sum(lmu, 0)
-        Mu = tl.where(col <= row, tl.exp(tl.where(col <= row, lm[:, None] - lm[None, :], 0.)), 0.)
-        m = tl.exp(lm)
-        Ep = tl.dot(Dp, Mu, input_precision=PRECISION)
-        cp = tl.sum(Dp * m[None, :], 1)
-        E_end = tl.sum(D_end[:, None] * Mu, 0)
-        c_end = tl.sum(D_end * m, 0)
-        Mu_end = tl.exp(lm_end - lm)
+    lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
+        la, lmu, mc, BC, MOMENTUM, PRECISION)
+    gp = tl.exp(lg_prev)
+    ge = tl.exp(lg_end)
+    w = -eta[:, None] * g
+    if MOMENTUM:
         m_end = tl.exp(lm_end)
         p0 = tl.load(P0 + n * O * I + p_oi, mask=m_oi, other=0.)
-    else:
-        Ep = Dp
-        E_end = D_end
     coef = E_end[:, None] * w
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
