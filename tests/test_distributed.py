@@ -30,10 +30,31 @@ def overrides(token_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             "dist.timeout_s=60", f"run.dir={run_dir}", *extra]
 
 
+def train_argv(token_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """train.py's arguments for the test model of `overrides`."""
+    return ["--config", "configs/tiny.yaml", *overrides(token_dir, run_dir, *extra)]
+
+
 def command(nproc: int, token_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """`python train.py ...`, or launch/torchrun.sh for several processes (as README says)."""
     launcher = ["bash", "launch/torchrun.sh", str(nproc)] if nproc > 1 else [sys.executable, "train.py"]
-    return launcher + ["--config", "configs/tiny.yaml", *overrides(token_dir, run_dir, *extra)]
+    return launcher + train_argv(token_dir, run_dir, *extra)
+
+
+def train_runs(nproc: int, token_dir: Path, root: Path, runs: dict[str, tuple[str, ...]],
+               export: bool = False) -> dict[str, Path]:
+    """Each name: overrides of `runs` trained in root/name (resumed if it holds a checkpoint), all in
+    ONE launch of `nproc` processes (tests/train_runs.py): a launch costs more than one of these
+    runs. Every run is still train.py's main(argv). With `export`, root/<name>-export then holds
+    nl.export's model directory of each run's final checkpoint. Returns name -> run directory."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0"]
+    spec = json.dumps([{"argv": train_argv(token_dir, root / name, *extra),
+                        "export": str(root / f"{name}-export") if export else None} for name, extra in runs.items()])
+    proc = subprocess.run([*launcher, "tests/train_runs.py", spec], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=550)  # under pytest's 600 s, to keep this message
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return {name: root / name for name in runs}
 
 
 def env(**extra: str) -> dict:
@@ -70,46 +91,77 @@ def metrics(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def single_run(token_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("single") / "run"
-    launch(1, token_dir, run)
-    return run
+def hope(cms_mode: str) -> tuple[str, ...]:
+    """A 4-step HOPE run; cms_mode "both": in-context CMS levels and the outer schedule."""
+    return ("model.arch=hope", "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8", "train.steps=4",
+            "eval.every=0", "checkpoint.every=0", f"model.hope.cms_mode={cms_mode}",
+            "model.hope.cms_context_chunk_sizes=[1,4,16]")
+
+
+HOPE_MODES = ["outer", "both"]
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(token_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    launch(2, token_dir, run, "dist.strategy=fsdp")
-    return run
+def one_process_runs(token_dir, tmp_path_factory) -> dict[str, Path]:
+    """"single" (the test model of `overrides`) and the HOPE runs "hope-outer", "hope-both"."""
+    runs = {"single": (), **{f"hope-{mode}": hope(mode) for mode in HOPE_MODES}}
+    return train_runs(1, token_dir, tmp_path_factory.mktemp("one_process"), runs)
 
 
-def test_ddp_and_fsdp_on_two_ranks_equal_single_process(token_dir, tmp_path, single_run, fsdp_run):
+@pytest.fixture(scope="module")
+def two_rank_runs(token_dir, tmp_path_factory) -> dict[str, Path]:
+    """On 2 ranks: "fsdp", "ddp" (also another micro-batch split), "hope-outer", "hope-both" (fsdp)."""
+    runs = {"fsdp": ("dist.strategy=fsdp",), "ddp": ("dist.strategy=ddp", "train.micro_batch_size=4"),
+            **{f"hope-{mode}": ("dist.strategy=fsdp", *hope(mode)) for mode in HOPE_MODES}}
+    return train_runs(2, token_dir, tmp_path_factory.mktemp("two_ranks"), runs)
+
+
+@pytest.fixture(scope="module")
+def single_run(one_process_runs) -> Path:
+    return one_process_runs["single"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(two_rank_runs) -> Path:
+    return two_rank_runs["fsdp"]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(token_dir, tmp_path_factory, single_run, fsdp_run) -> dict[str, Path]:
+    """Runs crashed after step 5 and resumed (one launch per world size): "fsdp" at the same world
+    size, "two_to_one" (the fsdp run in one process), "one_to_two" (the single run on 2 fsdp ranks)."""
+    root = tmp_path_factory.mktemp("resumed")
+    crashed_after_step_5(fsdp_run, root / "fsdp")
+    crashed_after_step_5(fsdp_run, root / "two_to_one")
+    crashed_after_step_5(single_run, root / "one_to_two")
+    fsdp = ("dist.strategy=fsdp",)
+    return {**train_runs(2, token_dir, root, {"fsdp": fsdp, "one_to_two": fsdp}),
+            **train_runs(1, token_dir, root, {"two_to_one": ()})}
+
+
+def test_ddp_and_fsdp_on_two_ranks_equal_single_process(single_run, fsdp_run, two_rank_runs):
     single, single_val = metrics(single_run)
     assert len(single) == STEPS
     fsdp, fsdp_val = metrics(fsdp_run)
     np.testing.assert_allclose(fsdp, single, rtol=1e-5)
     np.testing.assert_allclose(fsdp_val, single_val, rtol=1e-5)
-    ddp, _ = launch(2, token_dir, tmp_path / "ddp", "dist.strategy=ddp", "train.micro_batch_size=4")
+    ddp, _ = metrics(two_rank_runs["ddp"])
     np.testing.assert_allclose(ddp, single, rtol=1e-5)  # also a different micro-batch split
 
 
-def test_fsdp_resume_at_same_world_size_is_bit_exact(token_dir, tmp_path, fsdp_run):
+def test_fsdp_resume_at_same_world_size_is_bit_exact(fsdp_run, resumed_runs):
     full, _ = metrics(fsdp_run)
-    run = crashed_after_step_5(fsdp_run, tmp_path / "run")
-    resumed, _ = launch(2, token_dir, run, "dist.strategy=fsdp")
+    resumed, _ = metrics(resumed_runs["fsdp"])
     assert resumed == full[5:]
 
 
-def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(token_dir, tmp_path, single_run, fsdp_run):
+def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(single_run, fsdp_run, resumed_runs):
     full_fsdp, _ = metrics(fsdp_run)
-    run = crashed_after_step_5(fsdp_run, tmp_path / "two_to_one")
-    resumed, _ = launch(1, token_dir, run)  # same data stream, now in one process
+    resumed, _ = metrics(resumed_runs["two_to_one"])  # same data stream, now in one process
     np.testing.assert_allclose(resumed, full_fsdp[5:], rtol=1e-5)
 
     full_single, _ = metrics(single_run)
-    run = crashed_after_step_5(single_run, tmp_path / "one_to_two")
-    resumed, _ = launch(2, token_dir, run, "dist.strategy=fsdp")
+    resumed, _ = metrics(resumed_runs["one_to_two"])
     np.testing.assert_allclose(resumed, full_single[5:], rtol=1e-5)
 
 
@@ -298,11 +350,8 @@ def test_slurm_script_finds_the_repo_from_nl_root_or_submit_dir_and_sources_nl_s
     assert wrong.returncode != 0 and f"NL_ROOT={tmp_path} holds no train.py" in wrong.stderr
 
 
-@pytest.mark.parametrize("cms_mode", ["outer", "both"])  # both: in-context CMS levels and the outer schedule
-def test_hope_fsdp_on_two_ranks_equals_single_process(token_dir, tmp_path, cms_mode):
-    hope = ("model.arch=hope", "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8",
-            "train.steps=4", "eval.every=0", "checkpoint.every=0", f"model.hope.cms_mode={cms_mode}",
-            "model.hope.cms_context_chunk_sizes=[1,4,16]")
-    single, _ = launch(1, token_dir, tmp_path / "single", *hope)
-    fsdp, _ = launch(2, token_dir, tmp_path / "fsdp", "dist.strategy=fsdp", *hope)
+@pytest.mark.parametrize("cms_mode", HOPE_MODES)  # both: in-context CMS levels and the outer schedule
+def test_hope_fsdp_on_two_ranks_equals_single_process(one_process_runs, two_rank_runs, cms_mode):
+    single, _ = metrics(one_process_runs[f"hope-{cms_mode}"])
+    fsdp, _ = metrics(two_rank_runs[f"hope-{cms_mode}"])
     np.testing.assert_allclose(fsdp, single, rtol=1e-5)

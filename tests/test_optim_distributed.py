@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from test_distributed import command, crashed_after_step_5, env, metrics
+from test_distributed import command, crashed_after_step_5, env, metrics, train_runs
 
 HOPE = ("model.arch=hope", "model.hope.chunk_size=8", "model.hope.memory_chunk_size=8",
         "model.hope.cms_chunk_sizes=[1,2,4]", "model.hope.cms_hidden=32", "eval.every=0")
@@ -39,12 +37,20 @@ def train(nproc: int, token_dir: Path, run_dir: Path, *extra: str, check: bool =
     return proc
 
 
-def weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    """The final weights of a run, through `python -m nl.export` (consolidates ZeRO shards)."""
-    proc = subprocess.run([sys.executable, "-m", "nl.export", "--run", str(run_dir), "--output", str(out)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    """The weights of an nl.export model directory."""
     return load_file(str(out / "model.safetensors"))
+
+
+def train_and_export(nproc: int, token_dir: Path, root: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, tuple[Path, dict]]:
+    """Each run of `runs` (name -> overrides after HOPE) trained in ONE launch of `nproc` processes and
+    exported (nl.export, which consolidates ZeRO shards) -> name: (run dir, final weights)."""
+    dirs = train_runs(nproc, token_dir, root, {name: (*HOPE, *extra) for name, extra in runs.items()}, export=True)
+    return {name: (dirs[name], exported(root / f"{name}-export")) for name in runs}
+
+
+def optimizer(name: str) -> tuple[str, ...]:
+    return (f"optim.name={name}", *OPTIMIZERS[name])
 
 
 def dmgd_memories(obj) -> list[torch.Tensor]:
@@ -73,38 +79,55 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 
 @pytest.fixture(scope="module")
-def initial(token_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """Weights at step 0: one step at lr 0 without weight decay changes nothing."""
-    root = tmp_path_factory.mktemp("init")
-    train(1, token_dir, root / "run", "train.steps=1", "train.lr=0", "optim.weight_decay=0", "optim.cms.enabled=false")
-    return weights(root / "run", root / "export")
+def single_runs(token_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Single-process runs of every optimizer, and "initial": one step at lr 0 without weight decay,
+    which changes nothing (the weights at step 0)."""
+    runs = {"initial": ("train.steps=1", "train.lr=0", "optim.weight_decay=0", "optim.cms.enabled=false"),
+            **{name: optimizer(name) for name in OPTIMIZERS}}
+    return train_and_export(1, token_dir, tmp_path_factory.mktemp("single"), runs)
 
 
 @pytest.fixture(scope="module")
-def single(token_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    root = tmp_path_factory.mktemp("single")
-    runs = {}
-    for name, extra in OPTIMIZERS.items():
-        train(1, token_dir, root / name, f"optim.name={name}", *extra)
-        runs[name] = (root / name, weights(root / name, root / f"{name}-export"))
-    return runs
+def initial(single_runs) -> dict[str, torch.Tensor]:
+    return single_runs["initial"][1]
+
+
+@pytest.fixture(scope="module")
+def single(single_runs) -> dict[str, tuple[Path, dict]]:
+    return {name: single_runs[name] for name in OPTIMIZERS}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(token_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Every optimizer with dist.strategy=fsdp on 2 ranks."""
+    runs = {name: ("dist.strategy=fsdp", *optimizer(name)) for name in OPTIMIZERS}
+    return train_and_export(2, token_dir, tmp_path_factory.mktemp("fsdp"), runs)
+
+
+ZERO = [("dmgd", 1), ("dmgd", 2), ("dmgd", 3), ("adamw", 2)]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(token_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """DeepSpeed ZeRO on 2 ranks, one run per (optimizer, stage) of ZERO, named "name-stage"."""
+    pytest.importorskip("deepspeed")
+    runs = {f"{name}-{stage}": ("dist.strategy=deepspeed", f"dist.zero_stage={stage}", f"optim.name={name}")
+            for name, stage in ZERO}
+    return train_and_export(2, token_dir, tmp_path_factory.mktemp("zero"), runs)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_fsdp_equals_single_process(name, token_dir, tmp_path, single, initial):
-    run = tmp_path / "fsdp"
-    train(2, token_dir, run, "dist.strategy=fsdp", f"optim.name={name}", *OPTIMIZERS[name])
-    assert_same_weights(weights(run, tmp_path / "export"), single[name][1], initial)
+def test_fsdp_equals_single_process(name, single, initial, fsdp_runs):
+    run, final = fsdp_runs[name]
+    assert_same_weights(final, single[name][1], initial)
     losses = metrics(run)[0]
     assert losses == pytest.approx(metrics(single[name][0])[0], rel=1e-4)
 
 
-@pytest.mark.parametrize("name,stage", [("dmgd", 1), ("dmgd", 2), ("dmgd", 3), ("adamw", 2)])
-def test_zero_equals_single_process(name, stage, token_dir, tmp_path, single, initial):
-    pytest.importorskip("deepspeed")
-    run = tmp_path / "zero"
-    train(2, token_dir, run, "dist.strategy=deepspeed", f"dist.zero_stage={stage}", f"optim.name={name}")
-    assert_same_weights(weights(run, tmp_path / "export"), single[name][1], initial)
+@pytest.mark.parametrize("name,stage", ZERO)
+def test_zero_equals_single_process(name, stage, tmp_path, single, initial, zero_runs):
+    run, final = zero_runs[f"{name}-{stage}"]
+    assert_same_weights(final, single[name][1], initial)
     if name == "dmgd":  # each rank saved its own optimizer state: the memories are identical
         ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
         files = sorted(ckpt.rglob("*optim_states.pt"))
@@ -124,17 +147,15 @@ def test_zero_equals_single_process(name, stage, token_dir, tmp_path, single, in
 
 
 @pytest.mark.parametrize("nproc,strategy", [(1, "single"), (2, "fsdp")])
-def test_resume_mid_cms_window_is_exact(nproc, strategy, token_dir, tmp_path):
-    """Checkpoint at step 5: level 1 (every 2) and level 2 (every 4) are mid-window there."""
-    full = tmp_path / "full"
-    extra = (f"dist.strategy={strategy}", "optim.name=dmgd")
-    train(nproc, token_dir, full, *extra)
+def test_resume_mid_cms_window_is_exact(nproc, strategy, token_dir, tmp_path, request):
+    """Checkpoint at step 5: level 1 (every 2) and level 2 (every 4) are mid-window there. The full
+    runs are those of test_*_equals_single_process (DMGD, same overrides), trained once."""
+    full, a = request.getfixturevalue("single" if strategy == "single" else "fsdp_runs")["dmgd"]
+    extra = ("dist.strategy=fsdp",) if strategy == "fsdp" else ()  # single: the default, as in `single`
     losses = metrics(full)[0]
     run = crashed_after_step_5(full, tmp_path / "resumed")
-    train(nproc, token_dir, run, *extra)
+    b = train_and_export(nproc, token_dir, tmp_path, {"resumed": (*extra, *optimizer("dmgd"))})["resumed"][1]
     assert metrics(run)[0] == losses[5:]
-    a = weights(full, tmp_path / "a")
-    b = weights(run, tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
