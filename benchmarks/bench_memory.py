@@ -3,7 +3,7 @@ preset they imply on an 80 GB and a 141 GB card for each activation-checkpointin
 
     python benchmarks/bench_memory.py [--presets configs/hope_340m.yaml ...] [--variants hope titans ...]
         [--seq-lens 128 256 512] [--precision preset|fp32|bf16] [--fake] [--cards 80 141] [--margin 0.1]
-        [--world-size 1] [--shard] [--set model.hope.chunk_size=32 ...]
+        [--world-size 1] [--shard] [--set model.hope.chunk_size=32 ...] [--no-in-context]
 
 MEASUREMENT (exact). One block at the preset's width runs forward with autograd on, under the
 preset's precision (bf16: torch.autocast, as the trainer does), on CPU. Every storage created inside
@@ -37,6 +37,14 @@ ESTIMATE (not a measurement) of the peak per rank at micro-batch b and the prese
                recomputed activations under AC, gradients of activations otherwise)
     head    = H(b) + b * T * V * 8   (H: measured; the fp32 gradients of log-probs and of the logits)
     peak    = static + layers + head + 1 GiB (CUDA context, cuBLAS/NCCL workspaces)
+
+IN-CONTEXT CMS (per hope_* preset; --no-in-context skips it, --variants with no value prints only it):
+each CMS level of one block at the preset's T, B = 2, with model.hope.cms_mode=in_context and
+cms_chunk_sizes reused as in-context chunk sizes, kept bytes per token (measured as above, always on
+FakeTensorMode) for the model's path (nl.ops.cms.cms_chunked: segments of K = ceil(sqrt(T / C)) chunks
+recomputed in backward), for the stored chunk loop it replaced (nl.ops.cms.chunk_loop: every chunk's
+weights kept) and for the outer level. Not linear in T (sqrt), so outside the fit and the estimate.
+
 A configuration fits a card of G GB (1e9 bytes) when peak <= (1 - margin) * G. The caching allocator's
 fragmentation, NCCL buffers and compile workspaces are in the margin, not in the formula.
 Prints markdown tables with the command, machine and date.
@@ -50,6 +58,7 @@ import datetime
 import math
 import platform
 import sys
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -66,9 +75,11 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from nl.config import ModelConfig, load_config  # noqa: E402
 from nl.models import build_model, count_parameters  # noqa: E402
+import nl.models.hope as hope_model  # noqa: E402
 from nl.models.hope import HopeBlock, cms_level_of  # noqa: E402
 from nl.models.layers import RMSNorm, precompute_rope  # noqa: E402
 from nl.models.transformer import TransformerBlock  # noqa: E402
+from nl.ops.cms import chunk_loop  # noqa: E402
 
 DEFAULT_PRESETS = [f"configs/{a}_{s}.yaml" for a in ("hope", "transformer") for s in ("340m", "760m", "1.3b")]
 # Variants measured at a hope_* preset's shape (overrides of model.hope); transformer_* presets are themselves.
@@ -192,6 +203,58 @@ def head_bytes(cfg: ModelConfig, B: int, T: int, bf16: bool) -> int:
     return sum(kept_bytes(run, [*norm.parameters(), *output.parameters(), h0, targets]).values())
 
 
+def cms_level_bytes(cfg: ModelConfig, level: int, B: int, T: int, bf16: bool, stored: bool = False) -> int:
+    """Kept bytes of CMS level `level` of one cfg block at [B, T, dim] (autocast as `block_bytes`). An
+    in-context level runs the model's path (segments recomputed in backward), or with `stored`
+    nl.ops.cms.chunk_loop (every chunk's weights kept: the path before segmentation)."""
+    torch.manual_seed(0)
+    block, _ = _make_block(cfg)
+    lvl = block.cms.levels[level]
+    x0 = torch.randn(B, T, cfg.dim, requires_grad=True)
+
+    def run() -> torch.Tensor:
+        with _autocast(bf16):
+            return lvl(x0 * 1.0)
+
+    loop = mock.patch.object(hope_model, "cms_chunked", chunk_loop) if stored else contextlib.nullcontext()
+    with loop:
+        return sum(kept_bytes(run, [*lvl.parameters(), x0]).values())
+
+
+def _report_in_context(preset: str, args) -> None:
+    """Per-layer kept bytes of the CMS at the preset's shape and T with cms_mode=in_context (cms_chunk_sizes
+    reused as in-context chunk sizes), stored vs segmented, against the outer mode; FakeTensorMode (the
+    stored path at T = 4096 would need tens of GB per sequence)."""
+    cfg = load_config(preset, args.set)
+    ctx = load_config(preset, [*args.set, "model.hope.cms_mode=in_context", "model.hope.cms_context_chunk_sizes=[]"])
+    bf16 = args.precision == "bf16" or (args.precision == "preset" and cfg.train.precision == "bf16")
+    T, B, sizes = cfg.data.seq_len, FIT_BATCHES[0], list(cfg.model.hope.cms_chunk_sizes)
+    print(f"\n### {Path(preset).stem} / CMS in context: chunk sizes {sizes}, T={T}, "
+          f"{'bf16 autocast' if bf16 else 'fp32'} (recurrence fp32), B={B}, FakeTensorMode\n")
+    print("| level | C | segments of K chunks | outer KB/token | in context, stored KB/token | "
+          "in context, segments KB/token | stored / segments |")
+    print("|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0, 0.0]
+    with _fake_mode():
+        for l, C in enumerate(sizes):
+            n = -(-T // C)
+            row = [cms_level_bytes(c.model, l, B, T, bf16, stored) / (B * T)
+                   for c, stored in ((cfg, False), (ctx, True), (ctx, False))]
+            totals = [a + b for a, b in zip(totals, row)]
+            print(f"| {l} | {C} | {math.isqrt(n - 1) + 1} | " + " | ".join(f"{r / 1e3:.1f}" for r in row)
+                  + f" | {row[1] / row[2]:.1f}x |")
+    mb = [t * T / 1e6 for t in totals]
+    with torch.device("meta"):
+        w_numel = HopeBlock(ctx.model).cms.levels[0].mlp.w2.weight.numel()  # d x hidden
+    # While one segment runs its backward it holds its K chunks' W_j and step (2 K copies of W, fp32) per
+    # sequence: not kept across layers, so outside the table; the largest over the levels.
+    working = max(2 * (math.isqrt(-(-T // C) - 1) + 1) for C in sizes) * w_numel * 4 / 1e6
+    print(f"| all | | | {totals[0] / 1e3:.1f} | {totals[1] / 1e3:.1f} | {totals[2] / 1e3:.1f} | "
+          f"{totals[1] / totals[2]:.1f}x |\n\nPer sequence per layer at T={T}: outer {mb[0]:.1f} MB, in context "
+          f"stored {mb[1]:.1f} MB, segments {mb[2]:.1f} MB kept, + {working:.1f} MB (estimate: 2 K copies of W) "
+          f"while one segment's backward runs.")
+
+
 @dataclass
 class Fit:
     """bytes(B, T) = fixed + per_position * T + B * (per_seq + per_token * T), exact through the measured points."""
@@ -301,8 +364,8 @@ def preset_peak(preset: str, overrides: list[str] = (), seq_lens: list[int] = (1
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                    help="variants measured at each hope_* preset's shape")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="variants measured at each hope_* preset's shape (none: only the in-context CMS table)")
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 256, 512],
                     help="T of the measured blocks (>= 2 values, increasing)")
     ap.add_argument("--precision", default="preset", choices=["preset", "fp32", "bf16"])
@@ -314,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
                     "over --world-size ranks (dist.strategy=fsdp, or deepspeed ZeRO-3)")
     ap.add_argument("--micro-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every preset")
+    ap.add_argument("--in-context", action=argparse.BooleanOptionalAction, default=True,
+                    help="per hope_* preset, also the CMS table with cms_mode=in_context (FakeTensorMode)")
     args = ap.parse_args(argv)
     seq_lens = sorted(set(args.seq_lens))
     if len(seq_lens) < 2:
@@ -330,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         for variant in variants:
             overrides = [*args.set, *VARIANTS.get(variant, [])]
             _report(preset, variant, overrides, args, seq_lens)
+        if args.in_context and base.model.arch == "hope":
+            _report_in_context(preset, args)
 
 
 def _report(preset: str, variant: str, overrides: list[str], args, seq_lens: list[int]) -> None:

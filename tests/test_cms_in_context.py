@@ -364,7 +364,9 @@ def test_segmented_backward_equals_the_stored_loop(C, T, start):
     h, v, W0 = _inputs(T=start + T)
     results = []
     for run in (cms_chunked, chunk_loop):
-        _, state = cms_chunked(h[:, :start], v[:, :start], initial_state(W0), cfg) if start else (None, initial_state(W0))
+        state = initial_state(W0)
+        if start:  # the incoming state carries the graph of its first tokens
+            _, state = cms_chunked(h[:, :start], v[:, :start], state, cfg)
         y, final = run(h[:, start:], v[:, start:], state, cfg)
         probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
         loss = (y * probe).sum() + (final.cur ** 2).sum() + sum((a ** 2).sum() for a in final.acc or ())
@@ -405,3 +407,28 @@ def test_model_gradients_unchanged_under_block_checkpointing_and_autocast(monkey
     tol = 1e-6 if bf16 else 1e-12
     for (n, g), (n_ref, g_ref) in zip(grads[1], grads[0], strict=True):
         assert n == n_ref and rel(g, g_ref) < tol, n
+
+
+def test_bench_memory_measures_the_in_context_level_on_fake_tensors_as_on_real_ones(monkeypatch):
+    """benchmarks/bench_memory.py's in-context table (FakeTensorMode at preset T): the same kept bytes as
+    real tensors for the model's path and the stored loop, and the stored loop keeps >= 2 W per chunk."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench_memory = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_memory", bench_memory)  # its dataclasses look their module up
+    spec.loader.exec_module(bench_memory)
+    cfg = small(cms_context_chunk_sizes=[], cms_chunk_sizes=[1, 4])
+    T, B, W = 24, 2, 16 * 32 * 4  # W: one fp32 [d, hidden] copy
+    for level, C in enumerate((1, 4)):
+        got = {}
+        for stored in (False, True):
+            real = bench_memory.cms_level_bytes(cfg, level, B, T, False, stored)
+            with bench_memory._fake_mode():
+                fake = bench_memory.cms_level_bytes(cfg, level, B, T, False, stored)
+            assert fake == real
+            got[stored] = real
+        assert got[True] >= 2 * B * W * (T // C - 1) and got[False] < got[True]
