@@ -22,7 +22,8 @@ import torch
 pytest.importorskip("deepspeed", reason="dist.strategy=deepspeed needs the optional deepspeed package")
 
 from conftest import REPO  # noqa: E402
-from test_distributed import command, crashed_after_step_5, env, metrics  # noqa: E402
+from test_distributed import command, crashed_after_step_5, env, metrics, train_runs  # noqa: E402
+from test_optim_distributed import HOPE  # noqa: E402
 
 from nl.checkpoint import DEEPSPEED_MARKER, CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
 
@@ -41,25 +42,65 @@ def ds(stage: int) -> tuple[str, ...]:
     return "dist.strategy=deepspeed", f"dist.zero_stage={stage}"
 
 
-@pytest.fixture(scope="module")
-def single_run(token_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    run(1, token_dir, run_dir)
-    return run_dir
+DMGD = (*HOPE, "optim.name=dmgd")  # DMGD (its memory MLP is not partitioned) and CMS levels every 1, 2, 4 steps
+BF16 = ("train.precision=bf16",)
 
 
 @pytest.fixture(scope="module")
-def zero_runs(token_dir, tmp_path_factory) -> dict[int, Path]:
-    """One 2-rank run per ZeRO stage; stage 1 also carries a user ds_config JSON."""
+def one_rank_runs(token_dir, tmp_path_factory) -> dict[str, Path]:
+    """The runs of 1 process, in ONE launch (a launch costs more than one of these runs): "single"
+    (no DeepSpeed), and "dmgd1", "dmgd3": DMGD + CMS at ZeRO-1 and ZeRO-3."""
+    runs = {"single": (), "dmgd1": (*ds(1), *DMGD), "dmgd3": (*ds(3), *DMGD)}
+    return train_runs(1, token_dir, tmp_path_factory.mktemp("one_rank"), runs)
+
+
+@pytest.fixture(scope="module")
+def single_run(one_rank_runs) -> Path:
+    return one_rank_runs["single"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(token_dir, tmp_path_factory) -> dict[int | str, Path]:
+    """The runs of 2 ranks, in ONE launch: one per ZeRO stage (1, 2, 3; stage 1 also carries a user
+    ds_config JSON) and "bf16" (ZeRO-3 in bf16). ZeRO-2 and ZeRO-3 are exported (nl.export, which
+    consolidates their shards) into zero2-export, zero3-export beside them."""
     root = tmp_path_factory.mktemp("zero")
     user_json = root / "ds_user.json"
     user_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": BUCKET}}))
-    runs = {}
-    for stage in (1, 2, 3):
-        runs[stage] = root / f"zero{stage}"
-        extra = (f"dist.deepspeed_config={user_json}",) if stage == 1 else ()
-        run(2, token_dir, runs[stage], *ds(stage), *extra)
-    return runs
+    runs = train_runs(2, token_dir, root, {"zero1": (*ds(1), f"dist.deepspeed_config={user_json}"), "zero2": ds(2),
+                                           "zero3": ds(3), "bf16": (*ds(3), *BF16)}, export=("zero2", "zero3"))
+    return {1: runs["zero1"], 2: runs["zero2"], 3: runs["zero3"], "bf16": runs["bf16"]}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(two_rank_runs) -> dict[int, Path]:
+    """One 2-rank run per ZeRO stage; stage 1 also carries a user ds_config JSON."""
+    return {stage: two_rank_runs[stage] for stage in (1, 2, 3)}
+
+
+def resumed(nproc: int, token_dir: Path, root: Path, runs: dict[str, tuple[Path, tuple[str, ...]]]) -> dict[str, Path]:
+    """Each name: (finished run, its overrides) crashed after its step-5 checkpoint and resumed on
+    `nproc` ranks in root/name, all in one launch."""
+    for name, (full, _) in runs.items():
+        crashed_after_step_5(full, root / name)
+    return train_runs(nproc, token_dir, root, {name: extra for name, (_, extra) in runs.items()})
+
+
+@pytest.fixture(scope="module")
+def resumed_on_two(token_dir, tmp_path_factory, one_rank_runs, two_rank_runs) -> dict[str, Path]:
+    """Resumed by 2 ranks: "zero3" (the 2-rank ZeRO-3 run: same world size), "dmgd1", "dmgd3" (1 -> 2)."""
+    return resumed(2, token_dir, tmp_path_factory.mktemp("resumed_on_two"), {
+        "zero3": (two_rank_runs[3], ds(3)),
+        "dmgd1": (one_rank_runs["dmgd1"], (*ds(1), *DMGD)),
+        "dmgd3": (one_rank_runs["dmgd3"], (*ds(3), *DMGD))})
+
+
+@pytest.fixture(scope="module")
+def resumed_on_one(token_dir, tmp_path_factory, two_rank_runs) -> dict[str, Path]:
+    """The 2-rank runs resumed by 1 process (2 -> 1): "zero2", "zero3", "bf16" (ZeRO-3 in bf16)."""
+    return resumed(1, token_dir, tmp_path_factory.mktemp("resumed_on_one"), {
+        "zero2": (two_rank_runs[2], ds(2)), "zero3": (two_rank_runs[3], ds(3)),
+        "bf16": (two_rank_runs["bf16"], (*ds(3), *BF16))})
 
 
 def test_build_ds_config_from_ours_and_user_json(tmp_path):
@@ -104,11 +145,9 @@ def test_user_ds_config_reaches_the_engine(zero_runs):
     assert saved["ds_config"]["zero_optimization"]["reduce_bucket_size"] == BUCKET  # as the engine saw it
 
 
-def test_zero3_resume_at_same_world_size_is_bit_exact(token_dir, tmp_path, zero_runs):
+def test_zero3_resume_at_same_world_size_is_bit_exact(zero_runs, resumed_on_two):
     full, _ = metrics(zero_runs[3])
-    run_dir = crashed_after_step_5(zero_runs[3], tmp_path / "run")
-    run(2, token_dir, run_dir, *ds(3))
-    assert metrics(run_dir)[0] == full[5:]
+    assert metrics(resumed_on_two["zero3"])[0] == full[5:]
 
 
 def test_export_of_zero_checkpoints_equals_single_process_model(tmp_path, single_run, zero_runs):
@@ -118,49 +157,36 @@ def test_export_of_zero_checkpoints_equals_single_process_model(tmp_path, single
     x = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(x)
-    for stage in (2, 3):
-        out = tmp_path / f"zero{stage}"
-        proc = subprocess.run([sys.executable, "-m", "nl.export", "--run", str(zero_runs[stage]), "--output", str(out)],
-                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in (2, 3):  # exported in the launch that trained them (two_rank_runs)
         with torch.no_grad():
-            logits = load_pretrained(out)(x)
+            logits = load_pretrained(zero_runs[stage].parent / f"zero{stage}-export")(x)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def assert_resumes_on(world: int, token_dir: Path, full_dir: Path, tmp_path: Path, extra: tuple[str, ...],
-                      rtol: float = 1e-5) -> None:
-    """The run in full_dir, crashed after step 5 and resumed on `world` ranks, gives its losses."""
+def assert_continues(full_dir: Path, resumed_dir: Path, rtol: float = 1e-5) -> None:
+    """The run in full_dir, crashed after step 5 and resumed in resumed_dir, gave its losses."""
     full, _ = metrics(full_dir)
-    run_dir = crashed_after_step_5(full_dir, tmp_path / "resumed")
-    run(world, token_dir, run_dir, *extra)
-    np.testing.assert_allclose(metrics(run_dir)[0], full[5:], rtol=rtol)
+    np.testing.assert_allclose(metrics(resumed_dir)[0], full[5:], rtol=rtol)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_checkpoint_reshards_2_to_1(token_dir, tmp_path, zero_runs, stage):
+def test_checkpoint_reshards_2_to_1(zero_runs, resumed_on_one, stage):
     """A checkpoint of 2 ranks resumed by 1 process continues the same run (AdamW). ZeRO-2 cuts
     flat partitions; ZeRO-3 partitions each parameter on its own."""
-    assert_resumes_on(1, token_dir, zero_runs[stage], tmp_path, ds(stage))
+    assert_continues(zero_runs[stage], resumed_on_one[f"zero{stage}"])
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_dmgd_cms_checkpoint_reshards_1_to_2(token_dir, tmp_path, stage):
+def test_dmgd_cms_checkpoint_reshards_1_to_2(one_rank_runs, resumed_on_two, stage):
     """1 -> 2 ranks with DMGD (its memory MLP is not partitioned) and CMS levels stepping every 2
     and 4 steps, resumed at step 5: mid-window, so the accumulators must be re-partitioned too."""
-    from test_optim_distributed import HOPE
-
-    extra = (*ds(stage), *HOPE, "optim.name=dmgd")
-    run(1, token_dir, tmp_path / "one_rank", *extra)
-    assert_resumes_on(2, token_dir, tmp_path / "one_rank", tmp_path, extra)
+    assert_continues(one_rank_runs[f"dmgd{stage}"], resumed_on_two[f"dmgd{stage}"])
 
 
-def test_zero3_bf16_checkpoint_reshards_2_to_1(token_dir, tmp_path):
+def test_zero3_bf16_checkpoint_reshards_2_to_1(two_rank_runs, resumed_on_one):
     """bf16, the default on GPUs: DeepSpeed names the optimizer files bf16_*, and the bf16 working
     weights must follow the loaded fp32 master. Within 1e-4: bf16 gradients sum in another order."""
-    extra = (*ds(3), "train.precision=bf16")
-    run(2, token_dir, tmp_path / "two_ranks", *extra)
-    assert_resumes_on(1, token_dir, tmp_path / "two_ranks", tmp_path, extra, rtol=1e-4)
+    assert_continues(two_rank_runs["bf16"], resumed_on_one["bf16"], rtol=1e-4)
 
 
 def test_other_strategy_or_world_size_is_refused(token_dir, tmp_path, single_run, zero_runs):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +43,15 @@ def command(nproc: int, token_dir: Path, run_dir: Path, *extra: str) -> list[str
 
 
 def train_runs(nproc: int, token_dir: Path, root: Path, runs: dict[str, tuple[str, ...]],
-               export: bool = False) -> dict[str, Path]:
+               export: Collection[str] = ()) -> dict[str, Path]:
     """Each name: overrides of `runs` trained in root/name (resumed if it holds a checkpoint), all in
     ONE launch of `nproc` processes (tests/train_runs.py): a launch costs more than one of these
-    runs. Every run is still train.py's main(argv). With `export`, root/<name>-export then holds
-    nl.export's model directory of each run's final checkpoint. Returns name -> run directory."""
+    runs. Every run is still train.py's main(argv). For each name in `export`, root/<name>-export then
+    holds nl.export's model directory of that run's final checkpoint. Returns name -> run directory."""
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0"]
     spec = json.dumps([{"argv": train_argv(token_dir, root / name, *extra),
-                        "export": str(root / f"{name}-export") if export else None} for name, extra in runs.items()])
+                        "export": str(root / f"{name}-export") if name in export else None} for name, extra in runs.items()])
     proc = subprocess.run([*launcher, "tests/train_runs.py", spec], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=550)  # under pytest's 600 s, to keep this message
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -45,7 +45,7 @@ def exported(out: Path) -> dict[str, torch.Tensor]:
 def train_and_export(nproc: int, token_dir: Path, root: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, tuple[Path, dict]]:
     """Each run of `runs` (name -> overrides after HOPE) trained in ONE launch of `nproc` processes and
     exported (nl.export, which consolidates ZeRO shards) -> name: (run dir, final weights)."""
-    dirs = train_runs(nproc, token_dir, root, {name: (*HOPE, *extra) for name, extra in runs.items()}, export=True)
+    dirs = train_runs(nproc, token_dir, root, {name: (*HOPE, *extra) for name, extra in runs.items()}, export=runs)
     return {name: (dirs[name], exported(root / f"{name}-export")) for name in runs}
 
 
