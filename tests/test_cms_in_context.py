@@ -320,37 +320,34 @@ def test_mixing_flops_count_the_in_context_gradient_sums():
 
 # ------------------------------------------------- backward memory (segments recomputed) ---------
 
-from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from nl.ops.cms import chunk_loop  # noqa: E402
 
 
-def saved_bytes(run, exclude) -> int:
-    """Bytes of the unique storages autograd saves for the backward during run() (saved_tensors_hooks),
-    still alive at its end; those of `exclude` (inputs, parameters) not counted."""
-    skip = {t.untyped_storage()._cdata for t in exclude}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s._cdata not in skip:
-            seen[s._cdata] = (StorageWeakRef(s), s.nbytes())
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(n for ref, n in seen.values() if not ref.expired()), out
+@pytest.fixture
+def bench_memory(monkeypatch):
+    """benchmarks/bench_memory.py, whose byte counts (saved-tensor hooks over unique storages; every
+    storage still alive) these tests use."""
+    spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_memory", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_backward_keeps_sublinearly_many_fast_weight_copies():
+def test_backward_keeps_sublinearly_many_fast_weight_copies(bench_memory):
     """C = 1: a backward that keeps one W [B, d, hidden] per chunk saves >= T B d hidden 8 bytes (float64).
     The level must save under a quarter of that at T = 256, and 4x the tokens must cost ~2x (sqrt), not 4x."""
     B, d, hidden = 2, 8, 16
     saved = {}
     for T in (256, 1024):
         h, v, W0 = _inputs(B=B, T=T, d=d, hidden=hidden)
-        saved[T], _ = saved_bytes(lambda: cms_chunked(h, v, initial_state(W0), ContextConfig(1, 0.5, 0.9))[0],
-                                  [h, v, W0])
+        cfg = ContextConfig(1, 0.5, 0.9)
+        saved[T] = bench_memory.saved_tensor_bytes(lambda: cms_chunked(h, v, initial_state(W0), cfg)[0], [h, v, W0])
         assert saved[T] < T * B * d * hidden * 8 / 4, (T, saved[T])
     assert saved[1024] < 2.5 * saved[256], saved
 
@@ -409,18 +406,9 @@ def test_model_gradients_unchanged_under_block_checkpointing_and_autocast(monkey
         assert n == n_ref and rel(g, g_ref) < tol, n
 
 
-def test_bench_memory_measures_the_in_context_level_on_fake_tensors_as_on_real_ones(monkeypatch):
+def test_bench_memory_measures_the_in_context_level_on_fake_tensors_as_on_real_ones(bench_memory):
     """benchmarks/bench_memory.py's in-context table (FakeTensorMode at preset T): the same kept bytes as
     real tensors for the model's path and the stored loop, and the stored loop keeps >= 2 W per chunk."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
-    bench_memory = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_memory", bench_memory)  # its dataclasses look their module up
-    spec.loader.exec_module(bench_memory)
     cfg = small(cms_context_chunk_sizes=[], cms_chunk_sizes=[1, 4])
     T, B, W = 24, 2, 16 * 32 * 4  # W: one fp32 [d, hidden] copy
     for level, C in enumerate((1, 4)):
