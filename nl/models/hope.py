@@ -48,9 +48,10 @@ Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -73,21 +74,72 @@ _CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
 # Initial gates (decided here; HOPE_SPEC.md is silent): eta_t = 0.1 (ETA_INIT), mu_t = 0.5, and
 # alpha_t from model.hope.retention_tau_init (`alpha_bias_init`).
 ETA_INIT = 0.1
+# momentum_max=auto for the gradient-step form at chunk size > 1 (dgd=false, e.g. mixer=titans): a cap the bound
+# needs (mu -> 1 leaves no contractive eta); 0.5 is Titans-like momentum (mu starts at 0.25) with eta_max 0.0699 at chunk 16.
+AUTO_MOMENTUM_MAX = 0.5
+
+
+def _gradient_step_chunk(rcfg: RecurrenceConfig) -> int:
+    """The chunk size whose gradients share one anchor: the memory's for the Titans baseline (no generators),
+    else the larger of the generators' and the memory's."""
+    return rcfg.memory_chunk_size if rcfg.target == "value" else max(rcfg.chunk_size, rcfg.memory_chunk_size)
+
+
+@functools.lru_cache(maxsize=None)
+def chunk_step_limit(C: int, retention: bool, momentum_max: float) -> float:
+    """The largest h = eta * c for which the gradient-step form's chunk map is stable (spectral radius <= 1)
+    for every alpha in [0, 1] (retention; else alpha = 1) and mu in [0, momentum_max] (0: no momentum).
+
+    One direction u of unit curvature (C keys equal to u, the worst case), error e = M u - target and
+    momentum S along u. Every gradient of the chunk is taken at the anchor e_A, so per token
+    S_t = mu S_{t-1} - h e_A, e_t = alpha e_{t-1} + S_t; the chunk maps (e_A, S_0) -> (e_C, S_C) linearly.
+    Without momentum at alpha = 1 this is e_C = (1 - C h) e_A: h <= 2 / C. As mu -> 1 the limit goes to 0
+    (the accumulated momentum re-applies the same stale gradient). Bisection in float64 over a grid of
+    132 alphas x 41 mus, on the CPU whatever the default device (models are built on meta)."""
+    f64 = dict(dtype=torch.float64, device="cpu")
+    # alpha: an even grid plus 1 - 10^-4 .. 1 - 10^-1, where the limit without momentum has its minimum (just below 1)
+    alpha = (torch.cat([torch.linspace(0, 1, 101, **f64), 1 - torch.logspace(-4, -1, 31, **f64)]) if retention
+             else torch.ones(1, **f64))
+    mu = torch.linspace(0, momentum_max, 41, **f64) if momentum_max > 0 else torch.zeros(1, **f64)
+    alpha, mu = (g.reshape(-1, 1) for g in torch.meshgrid(alpha, mu, indexing="ij"))
+
+    def stable(h: float) -> bool:
+        e_A = torch.tensor([1.0, 0.0], **f64)  # columns: the images of e_A = 1 and of S_0 = 1
+        e, S = e_A.expand(len(alpha), 2), torch.tensor([0.0, 1.0], **f64).expand(len(alpha), 2)
+        for _ in range(C):
+            S = mu * S - h * e_A
+            e = alpha * e + S
+        radius = torch.linalg.eigvals(torch.stack([e, S], dim=1)).abs().max()
+        return bool(radius <= 1 + 1e-9)
+
+    lo, hi = 0.0, 2.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if stable(mid) else (lo, mid)
+    return lo if lo > 1e-9 else 0.0
 
 
 def contractive_eta_max(rcfg: RecurrenceConfig) -> float | None:
-    """The largest eta_max for which one token's inner step is contractive, or None where no bound holds.
+    """The largest eta_max for which the inner step is contractive, or None where no bound holds.
 
     With unit inputs (normalised k, normalised v or a value target, normalised step), one token's
     step multiplies the memory's deviation along k by alpha - eta c, with c = 1 for DGD's decay
     (dgd) plus, for the gradient term, 1 - k . v in [0, 2] for a self-generated target M(v), or 1 for
     a value target (Titans). |alpha - eta c| <= 1 for every alpha in (0, 1] (retention) or alpha = 1
     needs eta <= (1 + alpha_min) / c_max. With an unnormalised v (normalize_v=false, the paper's
-    literal form) k . v is unbounded and so is the step: no bound (None)."""
+    literal form) k . v is unbounded and so is the step: no bound (None).
+    The gradient-step form (dgd=false) at a chunk size C > 1 takes all C gradients of a chunk at its
+    anchor (Titans' mini-batch step, arXiv 2501.00663 Sec. 3.3): C aligned keys add C steps, and momentum
+    re-applies them, so the bound is `chunk_step_limit`(C, retention, momentum_max) / c_max (0 when
+    momentum_max = 1: no eta is contractive). With DGD the decay acts token by token (exact in the chunk
+    form); its bound stays the one-token bound."""
     if rcfg.target == "self" and not rcfg.normalize_v:
         return None
     c_max = (1 if rcfg.dgd else 0) + (2 if rcfg.target == "self" else 1)
-    return (1.0 + (0.0 if rcfg.retention else 1.0)) / c_max
+    C = _gradient_step_chunk(rcfg)
+    if rcfg.dgd or C == 1:
+        return (1.0 + (0.0 if rcfg.retention else 1.0)) / c_max
+    return chunk_step_limit(C, rcfg.retention, rcfg.momentum_max if rcfg.momentum else 0.0) / c_max
 
 
 def alpha_bias_init(n_heads: int, tau_min: float, tau_max: float) -> torch.Tensor:
@@ -109,11 +161,18 @@ def recurrence_config(cfg: ModelConfig) -> RecurrenceConfig:
     titans = hc.mixer == "titans"
     target = hc.retention_target if hc.retention_target != "auto" else ("zero" if titans else "init")
     check_kernel(str(hc.kernel))
-    return RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max), bool(hc.dgd),
+    rcfg = RecurrenceConfig(int(hc.chunk_size), int(hc.memory_chunk_size), float(hc.eta_max) or 1 / 3, bool(hc.dgd),
                             bool(hc.momentum), bool(hc.retention), bool(hc.recompute_chunks),
                             retention_target=target, normalized_step=bool(hc.normalized_step) and not titans,
                             normalize_v=bool(hc.normalize_v), target="value" if titans else "self",
                             chunk_read=str(hc.chunk_read), kernel=str(hc.kernel))
+    # auto (0): cap mu where the gradient-step chunk form needs it, then eta_max = min(1/3, the bound)
+    capped = rcfg.momentum and not rcfg.dgd and _gradient_step_chunk(rcfg) > 1
+    rcfg = replace(rcfg, momentum_max=float(hc.momentum_max) or (AUTO_MOMENTUM_MAX if capped else 1.0))
+    if not hc.eta_max:
+        bound = contractive_eta_max(rcfg)
+        rcfg = replace(rcfg, eta_max=1 / 3 if bound is None else min(1 / 3, bound))
+    return rcfg
 
 
 def cms_level_of(param_name: str) -> int | None:
@@ -505,17 +564,27 @@ def _validate_hope(cfg: ModelConfig) -> None:
     for key in ("chunk_size", "memory_chunk_size", "conv_size"):
         if getattr(hc, key) < 1:
             raise ConfigError(f"model.hope.{key} must be >= 1, got {getattr(hc, key)}")
-    if hc.eta_max <= 0:
-        raise ConfigError(f"model.hope.eta_max must be positive, got {hc.eta_max}")
+    if hc.eta_max < 0:
+        raise ConfigError(f"model.hope.eta_max must be positive (or 0 = auto), got {hc.eta_max}")
+    if not 0 <= hc.momentum_max <= 1:
+        raise ConfigError(f"model.hope.momentum_max must be in (0, 1] (or 0 = auto), got {hc.momentum_max}")
     if len(hc.retention_tau_init) != 2 or not 1 < hc.retention_tau_init[0] <= hc.retention_tau_init[1]:
         raise ConfigError(f"model.hope.retention_tau_init={list(hc.retention_tau_init)} must be [min, max] "
                           f"time constants in tokens with 1 < min <= max, e.g. [32, 4096]")
     if hc.mixer != "attention":
-        bound = contractive_eta_max(recurrence_config(cfg))
-        if bound is not None and hc.eta_max > bound + 1e-12:
+        rcfg = recurrence_config(cfg)
+        bound = contractive_eta_max(rcfg)
+        if bound == 0:
+            raise ConfigError(f"model.hope.momentum_max={rcfg.momentum_max} leaves no contractive eta_max for the "
+                              f"gradient-step form (dgd=false) at chunk size {_gradient_step_chunk(rcfg)}: its gradients "
+                              f"share the chunk's anchor and mu -> 1 re-applies them; set model.hope.momentum_max < 1 "
+                              f"(0 = auto: {AUTO_MOMENTUM_MAX}), or chunk sizes 1 (docs/HOPE.md)")
+        if bound is not None and rcfg.eta_max > bound + 1e-12:
+            chunk = "" if rcfg.dgd else f", gradient step at chunk size {_gradient_step_chunk(rcfg)}"
+            rule = "the chunk map's spectral radius <= 1" if chunk and _gradient_step_chunk(rcfg) > 1 else "|alpha - eta c| <= 1"
             raise ConfigError(f"model.hope.eta_max={hc.eta_max} makes the inner step non-contractive for these "
-                              f"switches: it must be <= {bound:.4g} (|alpha - eta c| <= 1, docs/HOPE.md); lower "
-                              f"it, or set model.hope.normalize_v=false for the paper's unbounded literal form")
+                              f"switches{chunk}: it must be <= {bound:.4g} ({rule}, docs/HOPE.md); lower "
+                              f"it (0 = auto), or set model.hope.normalize_v=false for the paper's unbounded literal form")
 
 
 @register_model("hope")

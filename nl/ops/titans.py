@@ -9,7 +9,7 @@ chunk size `chunk_size` for the generators, `memory_chunk_size` for `memory`):
     v_t = A_v(z_t) or static v_t
     eta_t   = eta_max * sigmoid(w_eta . A_eta(z_t) + b_eta)          (or a static logit)
     alpha_t = sigmoid(w_alpha . A_alpha(z_t) + b_alpha)              (1 without retention)
-    mu_t    = sigmoid(w_mu . A_eta(z_t) + b_mu)                      (momentum only)
+    mu_t    = momentum_max * sigmoid(w_mu . A_eta(z_t) + b_mu)       (momentum only)
     o_t     = M_{memory, t-1}(q_t)                                   (read before write)
     for every memory c:  vhat_c = A_c(v_t);  L_c = 1/2 ||M_c(k_t) - vhat_c||^2 with its gradient
         at A_c; every layer of M_c takes one `delta_rule` step (DGD, decays token by token).
@@ -28,6 +28,7 @@ a RecurrentState: that is the decoding path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -79,12 +80,17 @@ class RecurrenceConfig:
     # The chunk step of each memory layer: torch (`delta_rule.ChunkLayer`) | triton (one fused kernel per layer
     # and chunk, nl/ops/triton_dgd.py) | auto (triton on CUDA tensors when Triton imports).
     kernel: str = "torch"
+    # mu_t = momentum_max * sigmoid(.): a cap < 1 keeps the gradient-step form (dgd=False) contractive at chunk
+    # sizes > 1, where every gradient of a chunk is taken at its anchor (`contractive_eta_max`, docs/HOPE.md).
+    momentum_max: float = 1.0
 
     def __post_init__(self) -> None:
         for key, allowed in (("retention_target", RETENTION_TARGETS), ("chunk_read", CHUNK_READS),
                              ("target", TARGETS), ("kernel", KERNELS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
+        if not 0 < self.momentum_max <= 1:
+            raise ValueError(f"momentum_max={self.momentum_max}: expected a value in (0, 1]")
 
 
 @dataclass
@@ -134,6 +140,8 @@ def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], reado
     eta = cfg.eta_max * torch.sigmoid(logit("eta", "eta"))
     log_alpha = F.logsigmoid(logit("alpha", "alpha")) if cfg.retention else torch.zeros_like(eta)
     log_mu = F.logsigmoid(logit("mu", "eta")) if cfg.momentum else None
+    if log_mu is not None and cfg.momentum_max != 1.0:
+        log_mu = log_mu + math.log(cfg.momentum_max)
     return q, k, v, eta, log_alpha, log_mu
 
 
