@@ -63,7 +63,8 @@ def set_keys(config_paths: list[str] | None, overrides: list[str]) -> dict[str, 
 
 
 _HOPE_MEMORY_KEYS = ("memory_type", "memory_hidden", "chunk_size", "memory_chunk_size", "eta_max", "conv_size",
-                     "dgd", "momentum", "retention", "static_k", "static_v", "adaptive_q", "recompute_chunks",
+                     "dgd", "momentum", "momentum_max", "retention", "static_k", "static_v", "adaptive_q",
+                     "recompute_chunks",
                      "retention_target", "normalized_step", "normalize_v", "retention_tau_init", "chunk_read", "kernel")
 
 # (key or section prefix, is it read by this run?, why not). The model keys follow nl/models (which

@@ -77,7 +77,8 @@ _CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
 # alpha_t from model.hope.retention_tau_init (`alpha_bias_init`).
 ETA_INIT = 0.1
 # momentum_max=auto for the gradient-step form at chunk size > 1 (dgd=false, e.g. mixer=titans): a cap the bound
-# needs (mu -> 1 leaves no contractive eta); 0.5 is Titans-like momentum (mu starts at 0.25) with eta_max 0.0699 at chunk 16.
+# needs (mu -> 1 leaves no contractive eta); 0.5 is Titans-like momentum (mu starts at 0.25), with eta_max 0.0699
+# at chunk 16.
 AUTO_MOMENTUM_MAX = 0.5
 
 
