@@ -56,6 +56,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,22 +99,19 @@ def chunk_step_limit(C: int, retention: bool, momentum_max: float) -> float:
     S_t = mu S_{t-1} - h e_A, e_t = alpha e_{t-1} + S_t; the chunk maps (e_A, S_0) -> (e_C, S_C) linearly.
     Without momentum at alpha = 1 this is e_C = (1 - C h) e_A: h <= 2 / C. As mu -> 1 the limit goes to 0
     (the accumulated momentum re-applies the same stale gradient). Bisection in float64 over a grid of
-    132 alphas x 41 mus, on the CPU whatever the default device (models are built on meta)."""
-    f64 = dict(dtype=torch.float64, device="cpu")
+    132 alphas x 41 mus, in numpy: config checks also run under meta-device and fake-tensor modes."""
     # alpha: an even grid plus 1 - 10^-4 .. 1 - 10^-1, where the limit without momentum has its minimum (just below 1)
-    alpha = (torch.cat([torch.linspace(0, 1, 101, **f64), 1 - torch.logspace(-4, -1, 31, **f64)]) if retention
-             else torch.ones(1, **f64))
-    mu = torch.linspace(0, momentum_max, 41, **f64) if momentum_max > 0 else torch.zeros(1, **f64)
-    alpha, mu = (g.reshape(-1, 1) for g in torch.meshgrid(alpha, mu, indexing="ij"))
+    alpha = np.concatenate([np.linspace(0, 1, 101), 1 - np.logspace(-4, -1, 31)]) if retention else np.ones(1)
+    mu = np.linspace(0, momentum_max, 41) if momentum_max > 0 else np.zeros(1)
+    alpha, mu = (g.reshape(-1, 1) for g in np.meshgrid(alpha, mu, indexing="ij"))
 
     def stable(h: float) -> bool:
-        e_A = torch.tensor([1.0, 0.0], **f64)  # columns: the images of e_A = 1 and of S_0 = 1
-        e, S = e_A.expand(len(alpha), 2), torch.tensor([0.0, 1.0], **f64).expand(len(alpha), 2)
+        e_A = np.array([1.0, 0.0])  # columns: the images of e_A = 1 and of S_0 = 1
+        e, S = np.broadcast_to(e_A, (len(alpha), 2)), np.broadcast_to(np.array([0.0, 1.0]), (len(alpha), 2))
         for _ in range(C):
             S = mu * S - h * e_A
             e = alpha * e + S
-        radius = torch.linalg.eigvals(torch.stack([e, S], dim=1)).abs().max()
-        return bool(radius <= 1 + 1e-9)
+        return bool(np.abs(np.linalg.eigvals(np.stack([e, S], axis=1))).max() <= 1 + 1e-9)
 
     lo, hi = 0.0, 2.0
     for _ in range(50):
