@@ -12,7 +12,8 @@ parameters (within 1%). Batch is reduced at long T so that batch * T <= 8192. Ti
 best of --steps steps after one warm-up step. Peak memory is the process's max RSS; with
 --trim-heap glibc returns freed blocks (mallopt), so max RSS tracks live tensors (the chunk
 loop frees many small buffers that glibc otherwise keeps), at some cost in speed.
-Prints a markdown table with the command, machine and date.
+Prints a markdown table with the command, machine and date. Against an older tree of the code (issue 11's
+5% budget: HOPE / Transformer++ now over the same ratio then), see benchmarks/bench_budget.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # nl, bench_budget
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -37,6 +38,7 @@ import nl.models.hope  # noqa: E402,F401
 from nl.config import HopeConfig, ModelConfig  # noqa: E402
 from nl.models import build_model, count_parameters  # noqa: E402
 from nl.models.hope import SelfModifyingTitans  # noqa: E402
+from bench_budget import timed_step  # noqa: E402
 
 
 def _release_freed_memory() -> None:
@@ -98,13 +100,9 @@ def alternating_step_seconds(cfgs: dict[str, ModelConfig], T: int, batch: int,
     times = {name: [] for name in cfgs}
     for r in range(rounds + 1):
         for name, (model, opt) in runs.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            t = timed_step(model, opt, ids)
             if r:  # round 0 is warm-up
-                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+                times[name].append(t)
     return times
 
 

@@ -416,3 +416,53 @@ def test_memory_health_form_costs_one_deviation_product_per_layer_and_chunk():
     extra_weight_sized = per_chunk["health"][1] - per_chunk["literal"][1]
     assert extra_mm <= 4, per_chunk
     assert extra_weight_sized <= 2 * 2, per_chunk  # 2 layers in each of the 2 loops (generators, memory)
+
+
+def test_times_silu_grad_is_a_times_the_silu_derivative_with_its_gradients():
+    """The fused a * silu'(p) of the MLP memory's gradient factor (one kernel forward, closed-form backward)
+    against silu' and silu'' taken by autograd from F.silu, float64, values and both input gradients; a and p
+    of different broadcastable shapes."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 1, 5, 7, generator=g, dtype=DT).requires_grad_()
+    p = (3 * torch.randn(2, 4, 5, 7, generator=g, dtype=DT)).requires_grad_()
+    w = torch.randn(2, 4, 5, 7, generator=g, dtype=DT)
+    d_silu = torch.autograd.grad(F.silu(p).sum(), p, create_graph=True)[0]  # silu'(p), differentiable again
+    ref = a * d_silu
+    ours = delta_rule.times_silu_grad(a, p)
+    assert rel(ours, ref) < 1e-14
+    g_ref = torch.autograd.grad((ref * w).sum(), (a, p))
+    g_ours = torch.autograd.grad((ours * w).sum(), (a, p))
+    assert all(rel(x, y) < 1e-13 for x, y in zip(g_ours, g_ref))
+
+
+def _chunk_elementwise_ops(cfg: RecurrenceConfig, T: int) -> int:
+    """Forward and backward of titans_chunked (MLP memories, generators k v eta alpha): the elementwise
+    ops (aten add, sub, mul, div, neg, addcmul, sigmoid, silu and their backward kernels) it runs on
+    hidden-layer-sized tensors (HID in the output's last two dims: where the cost is)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    elementwise = {"add", "sub", "mul", "div", "neg", "rsub", "addcmul", "sigmoid", "silu", "silu_backward",
+                   "sigmoid_backward"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.n += func.overloadpacket.__name__ in elementwise and HID in tuple(out.shape[-2:])
+            return out
+
+    z, static, states, readout = make_inputs("mlp", ("k", "v", "eta", "alpha"), ("q",), T=T)
+    with Count():
+        o, _ = titans_chunked(z, static, states, readout, cfg)
+        torch.autograd.grad(o.pow(2).sum(), leaves(z, static, states, readout), allow_unused=True)
+    return Count.n
+
+
+def test_chunk_form_elementwise_op_budget():
+    """Speed of the default form (issue 11's 5% budget, docs/BENCHMARKS.md "Memory-health form"): per chunk of
+    both loops, forward and backward, the chunk form runs at most 138 elementwise ops on hidden-layer-sized
+    tensors (154 before: the silu derivative of the gradient factor is one fused kernel with a closed-form
+    backward, the scaled adds of the chunk step are addcmul)."""
+    cfg = RecurrenceConfig(3, 3, 0.3, True, False, True)
+    per_chunk = (_chunk_elementwise_ops(cfg, 12) - _chunk_elementwise_ops(cfg, 6)) / 2
+    assert per_chunk <= 138, per_chunk
