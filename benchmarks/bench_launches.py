@@ -216,7 +216,8 @@ class CompiledLaunchCounter(TorchDispatchMode):
             counter._wrap_call(module)
             return module
 
-        to_module, run_chunk_orig, loop_orig = GraphLowering.compile_to_module, titans._run_chunk, titans._chunk_loop_in_python
+        to_module = GraphLowering.compile_to_module
+        run_chunk_orig, loop_orig = titans._run_chunk, titans._chunk_loop_in_python
         saved = [(AsyncCompile, "cpp_pybinding"), (AsyncCompile, "cpp"), (GraphLowering, "compile_to_module"),
                  (titans, "_run_chunk"), (titans, "_chunk_loop_in_python")]
         originals = [getattr(o, n) for o, n in saved]
@@ -302,8 +303,8 @@ def main() -> None:
           f"{' --set ' + ' '.join(args.set) if args.set else ''}` ({platform.node()}, torch "
           f"{torch.__version__}, {datetime.date.today()}; {how})\n")
     if args.compile:
-        print("| kernel | part | codegen | graphs | fwd fused | fwd mm/bmm | fwd other | fwd eager | bwd fused | bwd mm/bmm | "
-              "bwd other | bwd eager | total | per chunk | in chunk bodies, per chunk |")
+        print("| kernel | part | codegen | graphs | fwd fused | fwd mm/bmm | fwd other | fwd eager | bwd fused | "
+              "bwd mm/bmm | bwd other | bwd eager | total | per chunk | in chunk bodies, per chunk |")
         print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
         print("| kernel | part | fwd aten | fwd triton | bwd aten | bwd triton | total | per chunk |")
