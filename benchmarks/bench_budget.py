@@ -12,14 +12,15 @@ After a warm-up step of each model, the driver asks the workers in turn (which g
 round by round; the idle one waits on its pipe) for one training step of HOPE and one of the
 Transformer++. Per round and tree: r = Transformer++ time / HOPE time in process CPU time (one thread:
 the steadier clock where other jobs share the cores) and in wall time; the budget is this tree's r over
-the base's, reported as the median over rounds with the range. >= 0.95 meets the issue's 5%. Each worker
-returns freed memory to the system (bench_hope's --trim-heap), so the idle one holds only its models.
+the base's, reported as the median over rounds with the range. >= 0.95 meets the issue's 5%. After each
+(timed) step a worker returns its freed heap to the system (malloc_trim), so the idle one holds only its models.
 --hope overrides apply to this tree's HOPE only (the base tree may not know the keys).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -50,14 +51,11 @@ def worker(tree: str, T: int, batch: int, flush_denormal: bool, hope: list[str])
     sys.path[:0] = [tree, str(Path(tree) / "benchmarks")]
     import torch
     import yaml
-    from bench_hope import _release_freed_memory, hope_cfg, matched_transformer  # the tree's own shape and defaults
+    from bench_hope import hope_cfg, matched_transformer  # the tree's own shape and defaults
     from nl.models import build_model, count_parameters
     assert Path(sys.modules["nl"].__file__).resolve().is_relative_to(Path(tree).resolve()), "imported the wrong nl"
 
     torch.set_flush_denormal(flush_denormal)
-    # glibc returns freed blocks to the system: the worker that waits holds its models, not the ~6 GB its last
-    # step freed (two workers at T=2048, batch 4 were killed for memory on our 24 GB VM); same cost in both trees
-    _release_freed_memory()
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in hope)}
     cfg = hope_cfg(**overrides)
     runs = {}
@@ -67,7 +65,12 @@ def worker(tree: str, T: int, batch: int, flush_denormal: bool, hope: list[str])
     ids = torch.randint(0, 4096, (batch, T + 1), generator=torch.Generator().manual_seed(0))
 
     def step() -> dict[str, tuple[float, float]]:
-        return {name: timed_step(model, opt, ids) for name, (model, opt) in runs.items()}
+        times = {name: timed_step(model, opt, ids) for name, (model, opt) in runs.items()}
+        # Untimed: hand the step's freed heap back to the system, so the worker that waits holds its models and
+        # not the ~6 GB glibc keeps after a step at T=2048, batch 4 (two such workers were killed for memory on
+        # our 24 GB VM). Trimming during the step instead (bench_hope --trim-heap) slowed it by ~40%.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return times
 
     step()  # warm-up
     print(json.dumps({"ready": True, "hope_cfg": str(cfg.hope)}), flush=True)
