@@ -12,7 +12,7 @@ fingerprint), so a resume is exact and may change the world size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,20 @@ def _to_batch(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T+1] token windows -> (inputs [B, T], targets [B, T]) as contiguous int64 tensors."""
     w = torch.from_numpy(windows.astype(np.int64))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def take_from_periods(first: int, count: int, period: int, table: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Items [first, first + count) of the stream table(0) ++ table(1) ++ ..., where table(i) is an
+    integer array of length `period` (>= 1): [count] int64. table(i) is called once per period touched,
+    in increasing i, so a table that caches its latest period regenerates each one once."""
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    while filled < count:
+        i, offset = divmod(first + filled, period)
+        take = min(count - filled, period - offset)
+        out[filled:filled + take] = table(i)[offset:offset + take]
+        filled += take
+    return out
 
 
 class EpochPermutations:
@@ -48,14 +62,7 @@ class EpochPermutations:
 
     def indices(self, first_sample: int, count: int) -> np.ndarray:
         """Window index of each sample in [first_sample, first_sample + count): [count] int64."""
-        out = np.empty(count, dtype=np.int64)
-        filled, n = 0, self.num_windows
-        while filled < count:
-            epoch, offset = divmod(first_sample + filled, n)
-            take = min(count - filled, n - offset)
-            out[filled:filled + take] = self._permutation(epoch)[offset:offset + take]
-            filled += take
-        return out
+        return take_from_periods(first_sample, count, self.num_windows, self._permutation)
 
 
 def check_loader_args(global_batch_size: int, rank: int, world_size: int, seed: int) -> None:
@@ -87,7 +94,22 @@ def check_loader_state(state: dict, fingerprint: str, seq_len: int, seed: int, d
                         f"resume with train.seed={state['seed']} or start a new run")
 
 
-class TokenLoader:
+class ResumableLoader:
+    """The checkpoint state of a training loader (TokenLoader, MixtureLoader): a subclass sets `seed`,
+    `samples_seen`, `seq_len` (ints) and `fingerprint` (str, its data) and resumes with check_loader_state."""
+
+    seed: int
+    samples_seen: int
+    seq_len: int
+    fingerprint: str
+
+    def state_dict(self) -> dict:
+        """{"seed", "samples_seen", "seq_len", "fingerprint"}: plain ints and a str."""
+        return {"seed": self.seed, "samples_seen": self.samples_seen, "seq_len": self.seq_len,
+                "fingerprint": self.fingerprint}
+
+
+class TokenLoader(ResumableLoader):
     """Shuffled training batches of one rank; `next_batch()` -> (inputs, targets), each [B_local, seq_len]."""
 
     def __init__(self, shards: TokenShards, seq_len: int, global_batch_size: int, rank: int = 0,
@@ -118,11 +140,6 @@ class TokenLoader:
         windows = self.shards.windows(idx * self.seq_len, self.seq_len + 1)
         self.samples_seen += self.global_batch_size
         return _to_batch(windows)
-
-    def state_dict(self) -> dict:
-        """{"seed", "samples_seen", "seq_len", "fingerprint"}: plain ints and a str."""
-        return {"seed": self.seed, "samples_seen": self.samples_seen, "seq_len": self.seq_len,
-                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (any world size / rank); errors if it belongs to other data or settings."""

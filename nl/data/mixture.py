@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nl.data.loader import EpochPermutations, _to_batch, check_loader_args, check_loader_state
+from nl.data.loader import (EpochPermutations, ResumableLoader, _to_batch, check_loader_args,
+                            check_loader_state, take_from_periods)
 from nl.data.shards import DataError, TokenShards
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def open_splits(sources: list[Source], split: str, verify_checksums: bool = True
     return splits
 
 
-class MixtureLoader:
+class MixtureLoader(ResumableLoader):
     """Training batches of one rank drawn from several token directories by weight (module docstring).
 
     `next_batch()` -> (inputs, targets), int64 [B_local, seq_len]; the same interface and state
@@ -142,14 +143,7 @@ class MixtureLoader:
 
     def source_ids(self, first_sample: int, count: int) -> np.ndarray:
         """Source index k(s) of each global sample s in [first_sample, first_sample + count): [count] int64."""
-        out = np.empty(count, dtype=np.int64)
-        filled = 0
-        while filled < count:
-            block, offset = divmod(first_sample + filled, BLOCK)
-            take = min(count - filled, BLOCK - offset)
-            out[filled:filled + take] = self._sources_of_block(block)[offset:offset + take]
-            filled += take
-        return out
+        return take_from_periods(first_sample, count, BLOCK, self._sources_of_block)
 
     def counts_before(self, samples: int) -> np.ndarray:
         """Samples each source supplied among global samples [0, samples): [num_sources] int64."""
@@ -175,11 +169,6 @@ class MixtureLoader:
         self.windows_seen += np.bincount(ids, minlength=len(self.sources))
         self.samples_seen += self.global_batch_size
         return _to_batch(windows)
-
-    def state_dict(self) -> dict:
-        """{"seed", "samples_seen", "seq_len", "fingerprint"} (sources and weights): plain ints and a str."""
-        return {"seed": self.seed, "samples_seen": self.samples_seen, "seq_len": self.seq_len,
-                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (any world size / rank); errors if it belongs to other data, weights or settings."""
