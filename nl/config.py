@@ -36,8 +36,8 @@ class HopeConfig:
     memory_chunk_size: int = 64  # in-context chunk of the read-out memory M_memory
     # eta_t = eta_max * sigmoid(.), starting at min(0.1, eta_max / 2). At most the contractive bound for the
     # switches (nl.models.hope.contractive_eta_max; larger values are refused). 0 = auto: min(1/3, the bound):
-    # 1/3 for HOPE; for the gradient-step form (dgd=false) at chunk size C > 1, whose C gradients per chunk are
-    # all taken at the anchor, the bound for C (mixer=titans at chunk 16: 0.0699; docs/HOPE.md).
+    # 1/3 at chunk size 1; at C > 1, whose C gradients per chunk are all taken at the anchor, the chunk map's
+    # bound (HOPE 0.0664 at chunk 16, 0.0170 at 64; mixer=titans 0.0699 at 16; docs/HOPE.md).
     eta_max: float = 0.0
     conv_size: int = 4  # short causal depthwise convolutions after the static projections; 1 = none
     dgd: bool = True  # False: plain gradient step (no x x^T decay term)
@@ -45,8 +45,8 @@ class HopeConfig:
     # on the tiny HOPE (demo corpus, 2 seeds) it changed val loss by 0.001 nats at +31% step time
     # (docs/BENCHMARKS.md). The 340m-1.3b presets turn it on (the paper's ablation at scale).
     momentum: bool = False
-    # mu_t = momentum_max * sigmoid(.), in (0, 1]. 0 = auto: 0.5 for the gradient-step form (dgd=false) at chunk
-    # size > 1 (there no eta keeps the chunk step contractive as mu -> 1), else 1 (no cap).
+    # mu_t = momentum_max * sigmoid(.), in (0, 1]. 0 = auto: 0.5 at chunk size > 1 (there no eta keeps the
+    # chunk step contractive as mu -> 1), else 1 (no cap).
     momentum_max: float = 0.0
     retention: bool = True  # False: alpha_t = 1 (no weight decay / forgetting gate)
     static_k: bool = False  # k from a static projection instead of the memory M_k

@@ -76,9 +76,14 @@ def test_titans_auto_gates_sit_at_the_chunk_bound():
     # chunk 1 is the exact recurrence (Titans Eqs. 11-12 token by token): no cap, the one-token bound min(1/3, 1)
     exact = recurrence_config(titans_cfg("model.hope.memory_chunk_size=1").model)
     assert exact.momentum_max == 1.0 and exact.eta_max == pytest.approx(1 / 3)
-    # HOPE (DGD) keeps its defaults
+    # HOPE (DGD, self target) at chunk 16: its chunk bound, alpha = 1 worst, e_C = (3 (1 - eta)^16 - 2) e_A;
+    # no momentum, no cap. With momentum the cap applies with DGD too: mu -> 1 leaves no contractive eta.
     hope = recurrence_config(load_config(REPO / "configs/hope_tiny.yaml", ["model.vocab_size=64"]).model)
-    assert hope.eta_max == pytest.approx(1 / 3) and hope.momentum_max == 1.0
+    assert hope.eta_max == pytest.approx(1 - 3 ** (-1 / 16), rel=1e-6) and hope.momentum_max == 1.0
+    hope_mom = recurrence_config(load_config(REPO / "configs/hope_tiny.yaml", ["model.vocab_size=64",
+                                                                               "model.hope.momentum=true"]).model)
+    assert hope_mom.momentum_max == 0.5 and hope_mom.eta_max < hope.eta_max
+    assert chunk_step_limit(16, True, 1.0, 1.0, 2.0) == 0.0
 
 
 def test_non_contractive_titans_configs_are_refused():

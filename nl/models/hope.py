@@ -77,9 +77,9 @@ _CMS_LEVEL = re.compile(r"(?:^|\.)cms\.levels\.(\d+)\.")
 # Initial gates (decided here; HOPE_SPEC.md is silent): eta_t = 0.1 (ETA_INIT), mu_t = 0.5, and
 # alpha_t from model.hope.retention_tau_init (`alpha_bias_init`).
 ETA_INIT = 0.1
-# momentum_max=auto for the gradient-step form at chunk size > 1 (dgd=false, e.g. mixer=titans): a cap the bound
-# needs (mu -> 1 leaves no contractive eta); 0.5 is Titans-like momentum (mu starts at 0.25), with eta_max 0.0699
-# at chunk 16.
+# momentum_max=auto with inner momentum at chunk size > 1: a cap the chunk bound needs (mu -> 1 leaves no
+# contractive eta); 0.5 is Titans-like momentum (mu starts at 0.25): eta_max 0.0699 for mixer=titans at chunk 16,
+# 0.0350 for HOPE at chunk 16 and 0.0082 at chunk 64 (`chunk_step_limit`).
 AUTO_MOMENTUM_MAX = 0.5
 
 
@@ -90,27 +90,32 @@ def _gradient_step_chunk(rcfg: RecurrenceConfig) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def chunk_step_limit(C: int, retention: bool, momentum_max: float) -> float:
-    """The largest h = eta * c for which the gradient-step form's chunk map is stable (spectral radius <= 1)
-    for every alpha in [0, 1] (retention; else alpha = 1) and mu in [0, momentum_max] (0: no momentum).
+def chunk_step_limit(C: int, retention: bool, momentum_max: float, c_decay: float = 0.0, c_grad: float = 1.0) -> float:
+    """The largest eta for which the chunk map of one inner step is stable (spectral radius <= 1) for every alpha
+    in [0, 1] (retention; else alpha = 1) and mu in [0, momentum_max] (0: no momentum).
 
-    One direction u of unit curvature (C keys equal to u, the worst case), error e = M u - target and
-    momentum S along u. Every gradient of the chunk is taken at the anchor e_A, so per token
-    S_t = mu S_{t-1} - h e_A, e_t = alpha e_{t-1} + S_t; the chunk maps (e_A, S_0) -> (e_C, S_C) linearly.
-    Without momentum at alpha = 1 this is e_C = (1 - C h) e_A: h <= 2 / C. As mu -> 1 the limit goes to 0
-    (the accumulated momentum re-applies the same stale gradient). Bisection in float64 over a grid of
-    132 alphas x 41 mus, in numpy: config checks also run under meta-device and fake-tensor modes."""
+    One direction u of unit curvature (C keys equal to u, the worst case), the memory's deviation e along u and
+    the momentum S along u. Every gradient of the chunk is taken at the anchor e_A (the gradient term's
+    coefficient on e_A is c_grad: 1 for a value target, up to 2 for a self-generated one, 1 - k . v), while
+    DGD's decay (c_decay = 1 with DGD, 0 for the plain gradient step) acts token by token on the current e:
+        S_t = mu S_{t-1} - eta c_grad e_A,    e_t = (alpha - eta c_decay) e_{t-1} + S_t.
+    The chunk maps (e_A, S_0) -> (e_C, S_C) linearly. Without DGD or momentum at alpha = 1 this is
+    e_C = (1 - C eta c_grad) e_A: eta <= 2 / (C c_grad). With DGD and a self target (c_grad 2) at alpha = 1,
+    e_C = (3 (1 - eta)^C - 2) e_A: the chunk's stale gradients pull e toward -2 e_A, so eta <= 1 - 3^(-1/C)
+    (0.066 at C = 16). As mu -> 1 the limit goes to 0 at C > 2 (the accumulated momentum re-applies the stale
+    gradient). Bisection in float64 over a grid of 132 alphas x 41 mus, in numpy: config checks also run under
+    meta-device and fake-tensor modes."""
     # alpha: an even grid plus 1 - 10^-4 .. 1 - 10^-1, where the limit without momentum has its minimum (just below 1)
     alpha = np.concatenate([np.linspace(0, 1, 101), 1 - np.logspace(-4, -1, 31)]) if retention else np.ones(1)
     mu = np.linspace(0, momentum_max, 41) if momentum_max > 0 else np.zeros(1)
     alpha, mu = (g.reshape(-1, 1) for g in np.meshgrid(alpha, mu, indexing="ij"))
 
-    def stable(h: float) -> bool:
+    def stable(eta: float) -> bool:
         e_A = np.array([1.0, 0.0])  # columns: the images of e_A = 1 and of S_0 = 1
         e, S = np.broadcast_to(e_A, (len(alpha), 2)), np.broadcast_to(np.array([0.0, 1.0]), (len(alpha), 2))
         for _ in range(C):
-            S = mu * S - h * e_A
-            e = alpha * e + S
+            S = mu * S - eta * c_grad * e_A
+            e = (alpha - eta * c_decay) * e + S
         return bool(np.abs(np.linalg.eigvals(np.stack([e, S], axis=1))).max() <= 1 + 1e-9)
 
     lo, hi = 0.0, 2.0
@@ -129,18 +134,17 @@ def contractive_eta_max(rcfg: RecurrenceConfig) -> float | None:
     a value target (Titans). |alpha - eta c| <= 1 for every alpha in (0, 1] (retention) or alpha = 1
     needs eta <= (1 + alpha_min) / c_max. With an unnormalised v (normalize_v=false, the paper's
     literal form) k . v is unbounded and so is the step: no bound (None).
-    The gradient-step form (dgd=false) at a chunk size C > 1 takes all C gradients of a chunk at its
-    anchor (Titans' mini-batch step, arXiv 2501.00663 Sec. 3.3): C aligned keys add C steps, and momentum
-    re-applies them, so the bound is `chunk_step_limit`(C, retention, momentum_max) / c_max (0 when
-    momentum_max = 1: no eta is contractive). With DGD the decay acts token by token (exact in the chunk
-    form); its bound stays the one-token bound."""
+    At a chunk size C > 1 every gradient of a chunk is taken at its anchor (Titans' mini-batch step, arXiv
+    2501.00663 Sec. 3.3; HOPE's Eq. 90): C aligned keys add C stale gradient steps, which DGD's exact per-token
+    decay corrects only in part, and momentum re-applies them, so the bound is `chunk_step_limit` for C (0 when
+    momentum_max = 1: no eta is contractive)."""
     if rcfg.target == "self" and not rcfg.normalize_v:
         return None
-    c_max = (1 if rcfg.dgd else 0) + (2 if rcfg.target == "self" else 1)
+    c_decay, c_grad = (1 if rcfg.dgd else 0), (2 if rcfg.target == "self" else 1)
     C = _gradient_step_chunk(rcfg)
-    if rcfg.dgd or C == 1:
-        return (1.0 + (0.0 if rcfg.retention else 1.0)) / c_max
-    return chunk_step_limit(C, rcfg.retention, rcfg.momentum_max if rcfg.momentum else 0.0) / c_max
+    if C == 1:
+        return (1.0 + (0.0 if rcfg.retention else 1.0)) / (c_decay + c_grad)
+    return chunk_step_limit(C, rcfg.retention, rcfg.momentum_max if rcfg.momentum else 0.0, c_decay, c_grad)
 
 
 def alpha_bias_init(n_heads: int, tau_min: float, tau_max: float) -> torch.Tensor:
@@ -168,7 +172,7 @@ def recurrence_config(cfg: ModelConfig) -> RecurrenceConfig:
                             normalize_v=bool(hc.normalize_v), target="value" if titans else "self",
                             chunk_read=str(hc.chunk_read), kernel=str(hc.kernel))
     # auto (0): cap mu where the gradient-step chunk form needs it, then eta_max = min(1/3, the bound)
-    capped = rcfg.momentum and not rcfg.dgd and _gradient_step_chunk(rcfg) > 1
+    capped = rcfg.momentum and _gradient_step_chunk(rcfg) > 1
     rcfg = replace(rcfg, momentum_max=float(hc.momentum_max) or (AUTO_MOMENTUM_MAX if capped else 1.0))
     if not hc.eta_max:
         bound = contractive_eta_max(rcfg)
@@ -313,7 +317,8 @@ class SelfModifyingTitans(nn.Module):
         c = self.rcfg
         mm, solve = chunked_matmul_flops(seq_len, self.head_dim, self.memory_hidden, self.memory_type,
                                          len(self.generators), c.chunk_size, c.memory_chunk_size, c.dgd, c.momentum,
-                                         c.retention_target == "init", c.chunk_read == "anchor", c.target == "self")
+                                         c.retention_target == "init", c.chunk_read == "anchor", c.target == "self",
+                                         c.normalized_step)
         return self.n_heads * (mm + solve) / seq_len
 
     def _layer_shapes(self) -> list[tuple[int, int]]:
@@ -576,13 +581,13 @@ def _validate_hope(cfg: ModelConfig) -> None:
         rcfg = recurrence_config(cfg)
         bound = contractive_eta_max(rcfg)
         if bound == 0:
-            raise ConfigError(f"model.hope.momentum_max={rcfg.momentum_max} leaves no contractive eta_max for the "
-                              f"gradient-step form (dgd=false) at chunk size {_gradient_step_chunk(rcfg)}: its gradients "
-                              f"share the chunk's anchor and mu -> 1 re-applies them; set model.hope.momentum_max < 1 "
-                              f"(0 = auto: {AUTO_MOMENTUM_MAX}), or chunk sizes 1 (docs/HOPE.md)")
+            raise ConfigError(f"model.hope.momentum_max={rcfg.momentum_max} leaves no contractive eta_max at chunk "
+                              f"size {_gradient_step_chunk(rcfg)}: the chunk's gradients share its anchor and mu -> 1 "
+                              f"re-applies them; set model.hope.momentum_max < 1 (0 = auto: {AUTO_MOMENTUM_MAX}), or "
+                              f"chunk sizes 1 (docs/HOPE.md)")
         if bound is not None and rcfg.eta_max > bound + 1e-12:
-            chunk = "" if rcfg.dgd else f", gradient step at chunk size {_gradient_step_chunk(rcfg)}"
-            rule = "the chunk map's spectral radius <= 1" if chunk and _gradient_step_chunk(rcfg) > 1 else "|alpha - eta c| <= 1"
+            C = _gradient_step_chunk(rcfg)
+            chunk, rule = (f", chunk size {C}", "the chunk map's spectral radius <= 1") if C > 1 else ("", "|alpha - eta c| <= 1")
             raise ConfigError(f"model.hope.eta_max={hc.eta_max} makes the inner step non-contractive for these "
                               f"switches{chunk}: it must be <= {bound:.4g} ({rule}, docs/HOPE.md); lower "
                               f"it (0 = auto), or set model.hope.normalize_v=false for the paper's unbounded literal form")

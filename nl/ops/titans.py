@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, memory_apply, memory_grad_factors,
-                              input_norm)
+from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, input_norm, memory_apply,
+                              memory_grad_factors, times_silu_grad)
 from nl.ops.fla_dispatch import titans_memory_fla, use_fla
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
@@ -159,6 +159,23 @@ def _target(A: Memory, v: torch.Tensor, cfg: RecurrenceConfig) -> torch.Tensor:
     return memory_apply(A, v) if cfg.target == "self" else v
 
 
+def _grad_factors(A: Memory, k: torch.Tensor, v: torch.Tensor, cfg: RecurrenceConfig):
+    """`memory_grad_factors` of memory A at k against its target; with normalized_step, an MLP's gradient factors
+    are divided by 1 + ||J||_F^2, J = W1 diag(silu'(W2 k)) [..., N, d, hidden] the output's Jacobian in the
+    hidden pre-activation (normalised LMS over the whole memory, docs/HOPE.md): the hidden layer's normalised
+    step moves M(k) by -eta e and W2's step by -eta J J^T e, so together they move it by at most eta ||e||,
+    the unit gain the contractive bound assumes however large W1 has grown. The divisor is a step-size
+    normaliser: no outer gradient flows through it (one fused kernel and one product forward, none backward)."""
+    factors = memory_grad_factors(A, k, _target(A, v, cfg))
+    if not (cfg.normalized_step and len(A) == 2):
+        return factors
+    with torch.no_grad():
+        pre = factors[1][2]  # W2 k, [..., N, hidden]
+        jac_sq = times_silu_grad(pre.new_ones(()), pre).square_() @ A[0].square().sum(-2)[..., None]
+        scale = jac_sq.add_(1).reciprocal_()  # [..., N, 1]
+    return [(x, g * scale, xs) for x, g, xs in factors]
+
+
 def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str, torch.Tensor],
                 readout: dict[str, torch.Tensor], cfg: RecurrenceConfig) -> tuple[torch.Tensor, RecurrentState]:
     """One token, straight from the equations. z: [B, H, 1, d]; static values [B, H, 1, ...].
@@ -176,7 +193,7 @@ def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str,
         A = anchor[name]
         init = state.init[name] if cfg.retention_target == "init" else (None,) * len(layers)
         stepped = []
-        for i, (S, (x, g, _)) in enumerate(zip(layers, memory_grad_factors(A, k, _target(A, v, cfg)))):
+        for i, (S, (x, g, _)) in enumerate(zip(layers, _grad_factors(A, k, v, cfg))):
             x, g = x[..., 0, :], g[..., 0, :]
             if cfg.normalized_step and _reads_hidden(i, layers):
                 n = input_norm(x)
@@ -231,7 +248,7 @@ class _ChunkMemory:
                  v: torch.Tensor, gates: ChunkGates, cfg: RecurrenceConfig, k_init: torch.Tensor | None = None) -> None:
         self.init = init if cfg.retention_target == "init" else None
         self.layers = []
-        for i, (x, g, xs) in enumerate(memory_grad_factors(S, k, _target(S, v, cfg))):
+        for i, (x, g, xs) in enumerate(_grad_factors(S, k, v, cfg)):
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             if cfg.normalized_step and _reads_hidden(i, S):
@@ -412,7 +429,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
 
 def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_generators: int, chunk_size: int,
                          memory_chunk_size: int, dgd: bool, momentum: bool, init_retention: bool = False,
-                         anchor_read: bool = False, self_target: bool = True) -> tuple[int, int]:
+                         anchor_read: bool = False, self_target: bool = True,
+                         normalized_step: bool = False) -> tuple[int, int]:
     """Forward FLOPs of `titans_chunked` for ONE sequence of T tokens and ONE head, as written.
 
     Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
@@ -433,11 +451,13 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
       init_retention (retention_target=init): with DGD per layer X (S_0 - M_0)^T (2 c I O; without it the
           anchor's own output on X comes free), and in the read Q M_0^T;
       anchor_read: the read is one memory application A on q instead of the in-chunk read;
-      self_target False (Titans' target v_t): the memory's A on v is not computed."""
+      self_target False (Titans' target v_t): the memory's A on v is not computed;
+      normalized_step with an MLP: ||J||_F^2 per token for the whole-MLP step (2 c hidden per memory)."""
     mlp = memory_type == "mlp"
     layers = [(hidden, d), (d, hidden)] if mlp else [(d, d)]
     apply = (lambda c: 4 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
-    factors = (lambda c: 6 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
+    factors = (lambda c: 6 * c * d * hidden + (2 * c * hidden if normalized_step else 0)) if mlp else \
+        (lambda c: 2 * c * d * d)
 
     def update(c: int) -> tuple[int, int]:  # without the X X^T of the layer that reads k (k_gram)
         mm = solve = 0
