@@ -24,10 +24,10 @@ Decisions where HOPE_SPEC.md is silent (defaults; each is a switch or a value in
   further SiLU); q_t and k_t are L2-normalised (eps 1e-6) inside the recurrence.
 - Gates per head and token: eta = eta_max * sigmoid(w_eta . M_eta(z) + b_eta),
   alpha = sigmoid(w_alpha . M_alpha(z) + b_alpha), momentum mu = sigmoid(w_mu . M_eta(z) + b_mu)
-  (M_eta generates both optimizer hyper-parameters). Biases start at eta = 0.1, mu = 0.5 and
-  alpha = 1 - 1/tau per head, tau log-spaced over retention_tau_init. Without retention M_alpha
-  does not exist. eta_max above the contractive bound is refused (`contractive_eta_max`); for the
-  gradient-step form (dgd=false) at chunk size > 1 the bound is the chunk's (`chunk_step_limit`) and
+  (M_eta generates both optimizer hyper-parameters). Biases start at eta = min(0.1, eta_max / 2),
+  mu = 0.5 and alpha = 1 - 1/tau per head, tau log-spaced over retention_tau_init. Without retention
+  M_alpha does not exist. eta_max above the contractive bound is refused (`contractive_eta_max`); at
+  chunk size > 1 the bound is the chunk's (`chunk_step_limit`) and with momentum
   mu = momentum_max * sigmoid(.) is capped (auto 0.5); eta_max and momentum_max 0 = auto.
 - Memory health (docs/HOPE.md "Memories that live"): retention and DGD's decay pull a memory
   toward its initial state M_0, each layer's step is normalised by its input, v is L2-normalised
