@@ -87,8 +87,9 @@ def test_titans_auto_gates_sit_at_the_chunk_bound():
 
 
 def test_non_contractive_titans_configs_are_refused():
-    with pytest.raises(ConfigError, match=r"eta_max=0.2 .*chunk size 16.*<= 0.0698"):
+    with pytest.raises(ConfigError, match=r"eta_max=0.2 .*chunk size 16.*<= 0.0698.*smaller chunk sizes") as e:
         build_model(titans_cfg("model.hope.eta_max=0.2").model)
+    assert "normalize_v" not in str(e.value)  # Titans' target is v_t: normalize_v would not lift its bound
     with pytest.raises(ConfigError, match=r"momentum_max=1.0 leaves no contractive eta_max.*momentum_max < 1"):
         build_model(titans_cfg("model.hope.momentum_max=1.0").model)
     with pytest.raises(ConfigError, match=r"eta_max=0.1 .*chunk size 16.*<= 0.0623"):  # HOPE w/o DGD: c_max = 2

@@ -590,7 +590,9 @@ def _validate_hope(cfg: ModelConfig) -> None:
             chunk, rule = (f", chunk size {C}", "the chunk map's spectral radius <= 1") if C > 1 else ("", "|alpha - eta c| <= 1")
             raise ConfigError(f"model.hope.eta_max={hc.eta_max} makes the inner step non-contractive for these "
                               f"switches{chunk}: it must be <= {bound:.4g} ({rule}, docs/HOPE.md); lower "
-                              f"it (0 = auto), or set model.hope.normalize_v=false for the paper's unbounded literal form")
+                              f"it (0 = auto){', use smaller chunk sizes' if C > 1 else ''}"
+                              + (", or set model.hope.normalize_v=false for the paper's unbounded literal form"
+                                 if rcfg.target == "self" else ""))
 
 
 @register_model("hope")
