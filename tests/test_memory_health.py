@@ -210,16 +210,6 @@ def test_diagnostics_are_logged_under_memory(token_dir, tmp_path, capsys):
     assert "memory_norm=" in console and "memory_share=" in console and "memory/block0" not in console
 
 
-def aligned_keys_against_v(T: int, d: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """One head, the worst case of a chunk step with a self-generated target: every key the same unit vector
-    (plus 1e-3 noise), v = -k (so the target M_A(v) pulls M(k) toward -M_A(k)), gate logits at +30 so that
-    eta = eta_max, alpha = 1 and mu = momentum_max on every token."""
-    g = torch.Generator().manual_seed(0)
-    k = torch.ones(1, 1, T, d, dtype=dtype) + 1e-3 * torch.randn(1, 1, T, d, generator=g, dtype=dtype)
-    return {"q": torch.randn(1, 1, T, d, generator=g, dtype=dtype), "k": k, "v": -k,
-            **{n: torch.full((1, 1, T), 30.0, dtype=dtype) for n in ("eta", "alpha", "mu")}}
-
-
 @pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("memory_type", ["linear", "mlp"])
 def test_chunk_step_stays_bounded_when_keys_align_against_v(memory_type, momentum):
@@ -232,9 +222,11 @@ def test_chunk_step_stays_bounded_when_keys_align_against_v(memory_type, momentu
     from dataclasses import replace
 
     from nl.ops.titans import memory_norm, titans_chunked
+    from test_titans_baseline import adversarial_inputs  # aligned keys, gates at eta_max, alpha = 1, mu_max
 
     d, T = 8, 4096
-    static = aligned_keys_against_v(T, d)
+    static = adversarial_inputs(T, d)
+    static["v"] = -static["k"]  # the target M_A(v) pulls M(k) toward -M_A(k): the self target's worst case
     g = torch.Generator().manual_seed(1)
     states = {"memory": (torch.eye(d, dtype=torch.float64)[None],) if memory_type == "linear" else
               (torch.randn(1, d, 2 * d, generator=g, dtype=torch.float64) / math.sqrt(2 * d),
