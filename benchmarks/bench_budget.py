@@ -3,7 +3,7 @@ at T=2048, same-process ratio to the Transformer++"): this tree's HOPE / Transfo
 tree's, each ratio measured within one process.
 
     python benchmarks/bench_budget.py --base /tmp/pre11 [--seq-len 2048] [--batch 4] [--rounds 6]
-                                      [--flush-denormal] [--hope KEY=VALUE ...]
+                                      [--flush-denormal] [--hope KEY=VALUE ...] [--mixer]
 
 Make the base tree with `git worktree add --detach /tmp/pre11 4c0ec5e^` (the code before issue 11).
 Two worker processes, one per tree, each importing its own tree's `nl` and building the bench_hope shape
@@ -15,6 +15,13 @@ the steadier clock where other jobs share the cores) and in wall time; the budge
 the base's, reported as the median over rounds with the range. >= 0.95 meets the issue's 5%. After each
 (timed) step a worker returns its freed heap to the system (malloc_trim), so the idle one holds only its models.
 --hope overrides apply to this tree's HOPE only (the base tree may not know the keys).
+
+--mixer: the budget where it is spent, and steadier: one process imports each tree's `nl` in turn (the
+modules of one are dropped before the other is imported; each model keeps its own tree's code), takes the
+first HOPE mixer (SelfModifyingTitans) of each tree's bench_hope model, and times forward + backward of
+the same input [batch, T, dim] alternately, --rounds times each, in process CPU time. Reports now / base
+as the ratio of the minima (the least disturbed runs) and of the medians. The Transformer++ is not
+needed there: both mixers run in one process under the same load.
 """
 
 from __future__ import annotations
@@ -79,6 +86,48 @@ def worker(tree: str, T: int, batch: int, flush_denormal: bool, hope: list[str])
             print(json.dumps(step()), flush=True)
 
 
+def _load_tree(tree: str):
+    """Import `tree`'s nl and bench_hope (dropping any other tree's first): (bench_hope, nl.models, nl.models.hope)."""
+    import importlib
+    for name in [m for m in sys.modules if m in ("nl", "bench_hope") or m.startswith("nl.")]:
+        del sys.modules[name]
+    sys.path[:0] = [tree, str(Path(tree) / "benchmarks")]
+    try:
+        modules = [importlib.import_module(m) for m in ("bench_hope", "nl.models", "nl.models.hope")]
+    finally:
+        del sys.path[:2]
+    assert Path(modules[1].__file__).resolve().is_relative_to(Path(tree).resolve()), "imported the wrong nl"
+    return modules
+
+
+def mixer_ratio(trees: dict[str, str], T: int, batch: int, rounds: int, hope: list[str]) -> dict[str, list[float]]:
+    """--mixer: per tree name, the CPU seconds of `rounds` forward + backward passes of its first HOPE mixer."""
+    import torch
+    import yaml
+    torch.set_num_threads(1)
+    mixers = {}
+    for name, tree in trees.items():
+        bench_hope, models, hope_mod = _load_tree(tree)
+        overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in hope)} if name == "now" else {}
+        cfg = bench_hope.hope_cfg(**overrides)
+        model = models.build_model(cfg, seed=0)
+        mixers[name] = next(m for m in model.modules() if isinstance(m, hope_mod.SelfModifyingTitans))
+    x = torch.randn(batch, T, cfg.dim, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+    def run(mixer) -> float:
+        c0 = time.process_time()
+        mixer(x).square().mean().backward()
+        return time.process_time() - c0
+
+    times = {name: [] for name in mixers}
+    for m in mixers.values():
+        run(m)  # warm-up
+    for r in range(rounds):
+        for name in (list(mixers) if r % 2 == 0 else list(reversed(mixers))):
+            times[name].append(run(mixers[name]))
+    return times
+
+
 def _spawn(tree: str, args: argparse.Namespace, hope: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, str(HERE), "--worker", tree, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
            *(["--flush-denormal"] if args.flush_denormal else []), "--hope", *hope]
@@ -105,6 +154,7 @@ def main() -> None:
     ap.add_argument("--flush-denormal", action="store_true",
                     help="both trees flush subnormal floats (measures the arithmetic, not x86's subnormal penalty)")
     ap.add_argument("--hope", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of this tree's HOPE")
+    ap.add_argument("--mixer", action="store_true", help="in one process, HOPE mixer forward + backward only")
     ap.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -117,6 +167,17 @@ def main() -> None:
           f"{os.environ.get('OMP_NUM_THREADS', '1')}; date: {datetime.datetime.now().isoformat(timespec='minutes')}; "
           f"load average at start: {os.getloadavg()[0]:.1f}")
     trees = {"now": str(HERE.parents[1]), "base": str(Path(args.base).resolve())}
+    if args.mixer:
+        import torch
+        torch.set_flush_denormal(args.flush_denormal)
+        times = mixer_ratio(trees, args.seq_len, args.batch, args.rounds, args.hope)
+        print("\n| T | batch | rounds | now min / median (s) | base min / median (s) | now / base (min) | now / base (median) |")
+        print("|---|---|---|---|---|---|---|")
+        now, base = times["now"], times["base"]
+        print(f"| {args.seq_len} | {args.batch} | {args.rounds} | {min(now):.3f} / {statistics.median(now):.3f} | "
+              f"{min(base):.3f} / {statistics.median(base):.3f} | {min(now) / min(base):.3f} | "
+              f"{statistics.median(now) / statistics.median(base):.3f} |")
+        return
     workers = {}
     for name, tree in trees.items():  # one at a time: the warm-ups do not overlap
         workers[name] = _spawn(tree, args, args.hope if name == "now" else [])

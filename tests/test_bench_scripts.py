@@ -187,3 +187,18 @@ def test_bench_gpu_row_of_a_failing_configuration(capsys, monkeypatch):
     assert [r["error"] for r in rows] == [None, "RuntimeError: expected m1 and m2 to have the same dtype"]
     assert rows[0]["tokens_per_s"] > 0
     assert "| full | off | torch | failed: RuntimeError: expected m1 and m2" in capsys.readouterr().out
+
+
+def test_bench_budget_mixer_mode_times_both_trees_in_one_process():
+    """bench_budget --mixer imports each tree's nl in turn in one process (here this tree twice, as now and as
+    base) and prints the min and median ratio row; run as a subprocess so its module swapping stays out of
+    this test process."""
+    import subprocess
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_budget.py"), "--base", str(ROOT), "--mixer",
+                          "--seq-len", "16", "--batch", "1", "--rounds", "2"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = out.stdout.strip().splitlines()[-1].split("|")
+    assert [c.strip() for c in row[1:4]] == ["16", "1", "2"], out.stdout
+    now_over_base = float(row[6])
+    assert 0 < now_over_base < 10, out.stdout

@@ -83,7 +83,7 @@ ETA_INIT = 0.1
 AUTO_MOMENTUM_MAX = 0.5
 
 
-def _gradient_step_chunk(rcfg: RecurrenceConfig) -> int:
+def _anchor_chunk_size(rcfg: RecurrenceConfig) -> int:
     """The chunk size whose gradients share one anchor: the memory's for the Titans baseline (no generators),
     else the larger of the generators' and the memory's."""
     return rcfg.memory_chunk_size if rcfg.target == "value" else max(rcfg.chunk_size, rcfg.memory_chunk_size)
@@ -141,7 +141,7 @@ def contractive_eta_max(rcfg: RecurrenceConfig) -> float | None:
     if rcfg.target == "self" and not rcfg.normalize_v:
         return None
     c_decay, c_grad = (1 if rcfg.dgd else 0), (2 if rcfg.target == "self" else 1)
-    C = _gradient_step_chunk(rcfg)
+    C = _anchor_chunk_size(rcfg)
     if C == 1:
         return (1.0 + (0.0 if rcfg.retention else 1.0)) / (c_decay + c_grad)
     return chunk_step_limit(C, rcfg.retention, rcfg.momentum_max if rcfg.momentum else 0.0, c_decay, c_grad)
@@ -172,7 +172,7 @@ def recurrence_config(cfg: ModelConfig) -> RecurrenceConfig:
                             normalize_v=bool(hc.normalize_v), target="value" if titans else "self",
                             chunk_read=str(hc.chunk_read), kernel=str(hc.kernel))
     # auto (0): cap mu where the gradient-step chunk form needs it, then eta_max = min(1/3, the bound)
-    capped = rcfg.momentum and _gradient_step_chunk(rcfg) > 1
+    capped = rcfg.momentum and _anchor_chunk_size(rcfg) > 1
     rcfg = replace(rcfg, momentum_max=float(hc.momentum_max) or (AUTO_MOMENTUM_MAX if capped else 1.0))
     if not hc.eta_max:
         bound = contractive_eta_max(rcfg)
@@ -581,11 +581,11 @@ def _validate_hope(cfg: ModelConfig) -> None:
         bound = contractive_eta_max(rcfg)
         if bound == 0:
             raise ConfigError(f"model.hope.momentum_max={rcfg.momentum_max} leaves no contractive eta_max at chunk "
-                              f"size {_gradient_step_chunk(rcfg)}: the chunk's gradients share its anchor and mu -> 1 "
+                              f"size {_anchor_chunk_size(rcfg)}: the chunk's gradients share its anchor and mu -> 1 "
                               f"re-applies them; set model.hope.momentum_max < 1 (0 = auto: {AUTO_MOMENTUM_MAX}), or "
                               f"chunk sizes 1 (docs/HOPE.md)")
         if bound is not None and rcfg.eta_max > bound + 1e-12:
-            C = _gradient_step_chunk(rcfg)
+            C = _anchor_chunk_size(rcfg)
             chunk, rule = (f", chunk size {C}", "the chunk map's spectral radius <= 1") if C > 1 else ("", "|alpha - eta c| <= 1")
             raise ConfigError(f"model.hope.eta_max={hc.eta_max} makes the inner step non-contractive for these "
                               f"switches{chunk}: it must be <= {bound:.4g} ({rule}, docs/HOPE.md); lower "

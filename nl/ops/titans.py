@@ -165,7 +165,7 @@ def _grad_factors(A: Memory, k: torch.Tensor, v: torch.Tensor, cfg: RecurrenceCo
     hidden pre-activation (normalised LMS over the whole memory, docs/HOPE.md): the hidden layer's normalised
     step moves M(k) by -eta e and W2's step by -eta J J^T e, so together they move it by at most eta ||e||,
     the unit gain the contractive bound assumes however large W1 has grown. The divisor is a step-size
-    normaliser: no outer gradient flows through it (one fused kernel and one product forward, none backward).
+    normaliser: no outer gradient flows through it (one fused kernel and one norm forward, none backward).
     Returns (factors, scale): the factors before the division and 1 / (1 + ||J||_F^2) [..., N, 1] (None where
     there is none), which the chunk form folds into eta's product with g (`ChunkLayer` g_scale)."""
     factors = memory_grad_factors(A, k, _target(A, v, cfg))
