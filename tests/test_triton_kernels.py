@@ -202,6 +202,29 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_kernel_path_forms_no_gate_matrices(monkeypatch):
+    """kernel=triton forms the chunk's decay matrices on chip, so titans_chunked builds none of ChunkGates'
+    [C, C] matrices and cumulative sums around it (launches for nothing on a GPU); the torch path does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(test_hope_ops, "B", 1)
+    monkeypatch.setattr(test_hope_ops, "H", 1)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    inputs = make_inputs("mlp", HOPE, ("q",), T=8, seed=1)
+    for kernel, cumsums in (("torch", True), ("triton", False)):
+        with Ops() as ops:
+            titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.3, momentum=True, kernel=kernel))
+        assert ("cumsum" in ops.names) == cumsums, kernel  # ChunkGates' gamma = exp(cumsum log alpha) and mu's
+
+
 def test_launch_counter_counts_the_fused_calls():
     """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes one Triton launch per memory layer and
     chunk in the forward (2 generator layers + 2 memory layers, 2 chunks) and fewer aten launches than torch."""

@@ -116,12 +116,17 @@ class ChunkGates:
 
     log_alpha, eta, log_mu: [..., C] (log_mu None = no momentum). Attributes (all [..., C] or
     [..., C, C]): gamma_prev[t] = gamma_{t-1}; Dp[t, j] = D[t-1, j] (j < t); Ep, cp the same
-    shift of E and c; and the end-of-chunk rows D_end, E_end, gamma_end, c_end, Mu_end, m_end."""
+    shift of E and c; and the end-of-chunk rows D_end, E_end, gamma_end, c_end, Mu_end, m_end.
+    matrices=False keeps the raw gates only: the fused kernel (kernel=triton) forms the rest on chip, so the
+    ~15 ops that build them (and their backward) would be launches for nothing."""
 
-    def __init__(self, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None) -> None:
+    def __init__(self, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
+                 matrices: bool = True) -> None:
         self.eta = eta
         self.log_alpha, self.log_mu = log_alpha, log_mu  # the raw gates, for the fused kernel (kernel=triton)
         self.momentum = log_mu is not None
+        if not matrices:
+            return
         lg = log_alpha.cumsum(-1)
         lg_prev = lg - log_alpha
         self.gamma_prev = lg_prev.exp()
@@ -225,8 +230,7 @@ def chunk_layer(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: t
     """The one dispatch point of the chunk step: `ChunkLayer` (kernel="torch"), or the fused Triton kernel
     (kernel="triton": `nl.ops.triton_dgd.FusedChunkLayer`, same interface); "auto" picks triton for CUDA
     tensors when Triton imports, torch otherwise. Arguments as `ChunkLayer`."""
-    if kernel == "auto":
-        kernel = "triton" if X.is_cuda and triton_available() else "torch"
+    kernel = resolve_kernel(kernel, X)
     if kernel == "triton":
         from nl.ops.triton_dgd import FusedChunkLayer
         return FusedChunkLayer(S0, P0, X if x_scale is None else X * x_scale[..., None],
@@ -234,6 +238,14 @@ def chunk_layer(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: t
     if kernel != "torch":
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     return ChunkLayer(S0, P0, X, G, gates, dgd, XS, g_scale, x_scale)
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """The chunk step that runs for `kernel` on x's device: "auto" is triton for CUDA tensors when Triton
+    imports, torch otherwise; "torch" and "triton" stand."""
+    if kernel == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    return kernel
 
 
 def triton_available() -> bool:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, input_norm, memory_apply,
-                              memory_grad_factors, times_silu_grad)
+                              memory_grad_factors, resolve_kernel, times_silu_grad)
 from nl.ops.fla_dispatch import titans_memory_fla, use_fla
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
@@ -365,7 +365,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
             out = memory_apply(A, zc[:, None])
             gen = {n: out[:, i] for i, n in enumerate(gen_names)}
             q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
-            gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None])
+            gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None],
+                               matrices=resolve_kernel(cfg.kernel, eta) == "torch")
             S, P = _ChunkMemory(A, S, P, S_init, k[:, None], v[:, None], gates, cfg).ends(cfg.momentum)
             return (q, k, v, eta, log_alpha, log_mu), S, P
 
@@ -390,7 +391,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
 
     S, P = states["memory"], final.mom["memory"]
     def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
-        gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"))
+        gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"), matrices=resolve_kernel(cfg.kernel, c["eta"]) == "torch")
         A = S if dev_init is None else _layers_from_deviation(S, dev_init)
         mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
         o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else memory_apply(A, c["q"])
