@@ -155,46 +155,28 @@ class ChunkLayer:
     S0, P0: [..., O, I] anchor and momentum at the chunk start (P0 None without momentum);
     X: [..., C, I] layer inputs x_t; G: [..., C, O] gradient factors g_t (grad_S L_t = g_t x_t^T,
     computed at the anchor); gates: ChunkGates broadcastable to [..., C]; XS: X @ S0^T [..., C, O]
-    when the caller already has it (the anchor's own output on X; computed here otherwise);
-    g_scale: a per-token factor [..., C] on the gradient term alone (g_t -> g_scale_t g_t, e.g. a
-    normalised step's 1 / ||x||^2): folded into eta_t's product with G, it costs no pass over G.
-    x_scale: a per-token factor r_t [..., C] on the inputs, x_t -> r_t x_t (a normalised step's 1 / ||x||),
-    applied to the products of X ([..., C, C] and [..., C, O]) rather than to X [..., C, I]; a given XS must
-    already carry it. g_scale and x_scale are the same as scaling G and X first, in fewer passes over them."""
+    when the caller already has it (the anchor's own output on X; computed here otherwise)."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
-                 gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None,
-                 g_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> None:
-        self.S0, self.P0, self.X, self.g, self.r = S0, P0, X, gates, x_scale
+                 gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None) -> None:
+        self.S0, self.P0, self.X, self.g = S0, P0, X, gates
         eta = gates.eta[..., None]
-        self.W = -(eta if g_scale is None else eta * g_scale[..., None]) * G  # w_t = -eta_t g_t
+        self.W = -eta * G                                    # w_t = -eta_t g_t
         self.delta = None
         if dgd:
             XX = X @ X.mT                                    # [..., C, C]
-            if x_scale is not None:
-                XX = XX * (x_scale[..., :, None] * x_scale[..., None, :])
-            XS = self._scaled_rows(X @ S0.mT) if XS is None else XS
+            XS = X @ S0.mT if XS is None else XS
             # addcmul: the scaled add in one pass (also below)
             base = torch.addcmul((gates.Ep * XX) @ self.W, gates.gamma_prev[..., None], XS)
             if P0 is not None:
-                base = base + gates.cp[..., None] * self._scaled_rows(X @ P0.mT)
+                base = base + gates.cp[..., None] * (X @ P0.mT)
             A = gates.eta_Dp * XX                            # eta_t D[t-1, j]: strictly lower triangular
             self.delta = _solve_unit_lower(A, -eta * base)
-
-    def _scaled_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """t [..., C, n] with row t scaled by x_scale (a product with X as the left factor)."""
-        return t if self.r is None else t * self.r[..., None]
-
-    def _by_r(self, coef: torch.Tensor) -> torch.Tensor:
-        """A per-token coefficient [..., C] times x_scale."""
-        return coef if self.r is None else coef * self.r
 
     def read(self, Q: torch.Tensor) -> torch.Tensor:
         """S_{t-1} q_t for every token of the chunk (read before write). Q: [..., C, I] -> [..., C, O]."""
         g = self.g
         QX, QS = Q @ self.X.mT, Q @ self.S0.mT
-        if self.r is not None:
-            QX = QX * self.r[..., None, :]
         if self.delta is not None and self.P0 is None and not g.momentum:
             return torch.addcmul((g.Dp * QX) @ (self.W + self.delta), g.gamma_prev[..., None], QS)
         out = g.gamma_prev[..., None] * QS
@@ -210,14 +192,14 @@ class ChunkLayer:
     def end_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(S_C, P_C): the layer and its momentum after the chunk's last token."""
         g = self.g
-        coef = self._by_r(g.E_end)[..., None] * self.W
+        coef = g.E_end[..., None] * self.W
         if self.delta is not None:
-            coef = torch.addcmul(coef, self._by_r(g.D_end)[..., None], self.delta)
+            coef = torch.addcmul(coef, g.D_end[..., None], self.delta)
         S = torch.addcmul(coef.mT @ self.X, g.gamma_end[..., None, None], self.S0)
         if self.P0 is None:
             return S, None
         S = S + g.c_end[..., None, None] * self.P0
-        P = g.m_end[..., None, None] * self.P0 + (self._by_r(g.Mu_end)[..., None] * self.W).mT @ self.X
+        P = g.m_end[..., None, None] * self.P0 + (g.Mu_end[..., None] * self.W).mT @ self.X
         return S, P
 
 
@@ -225,19 +207,17 @@ KERNELS = ("auto", "torch", "triton")
 
 
 def chunk_layer(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, gates: ChunkGates,
-                dgd: bool, XS: torch.Tensor | None = None, kernel: str = "torch", g_scale: torch.Tensor | None = None,
-                x_scale: torch.Tensor | None = None):
+                dgd: bool, XS: torch.Tensor | None = None, kernel: str = "torch"):
     """The one dispatch point of the chunk step: `ChunkLayer` (kernel="torch"), or the fused Triton kernel
     (kernel="triton": `nl.ops.triton_dgd.FusedChunkLayer`, same interface); "auto" picks triton for CUDA
     tensors when Triton imports, torch otherwise. Arguments as `ChunkLayer`."""
     kernel = resolve_kernel(kernel, X)
     if kernel == "triton":
         from nl.ops.triton_dgd import FusedChunkLayer
-        return FusedChunkLayer(S0, P0, X if x_scale is None else X * x_scale[..., None],
-                               G if g_scale is None else G * g_scale[..., None], gates, dgd, XS)
+        return FusedChunkLayer(S0, P0, X, G, gates, dgd, XS)
     if kernel != "torch":
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    return ChunkLayer(S0, P0, X, G, gates, dgd, XS, g_scale, x_scale)
+    return ChunkLayer(S0, P0, X, G, gates, dgd, XS)
 
 
 def resolve_kernel(kernel: str, x: torch.Tensor) -> str:

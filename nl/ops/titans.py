@@ -165,16 +165,15 @@ def _grad_factors(A: Memory, k: torch.Tensor, v: torch.Tensor, cfg: RecurrenceCo
     hidden pre-activation (normalised LMS over the whole memory, docs/HOPE.md): the hidden layer's normalised
     step moves M(k) by -eta e and W2's step by -eta J J^T e, so together they move it by at most eta ||e||,
     the unit gain the contractive bound assumes however large W1 has grown. The divisor is a step-size
-    normaliser: no outer gradient flows through it (one fused kernel and one norm forward, none backward).
-    Returns (factors, scale): the factors before the division and 1 / (1 + ||J||_F^2) [..., N, 1] (None where
-    there is none), which the chunk form folds into eta's product with g (`ChunkLayer` g_scale)."""
+    normaliser: no outer gradient flows through it (one fused kernel and one product forward, none backward)."""
     factors = memory_grad_factors(A, k, _target(A, v, cfg))
     if not (cfg.normalized_step and len(A) == 2):
-        return factors, None
-    with torch.no_grad():  # ||J||_F^2 = sum_j (||W1[:, j]|| silu'(pre_j))^2: one pass writes, one reads
+        return factors
+    with torch.no_grad():
         pre = factors[1][2]  # W2 k, [..., N, hidden]
-        jac = times_silu_grad(torch.linalg.vector_norm(A[0], dim=-2)[..., None, :], pre)
-        return factors, torch.linalg.vector_norm(jac, dim=-1, keepdim=True).square_().add_(1).reciprocal_()
+        jac_sq = times_silu_grad(pre.new_ones(()), pre).square_() @ A[0].square().sum(-2)[..., None]
+        scale = jac_sq.add_(1).reciprocal_()  # [..., N, 1]
+    return [(x, g * scale, xs) for x, g, xs in factors]
 
 
 def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str, torch.Tensor],
@@ -194,9 +193,8 @@ def titans_step(state: RecurrentState, z: torch.Tensor | None, static: dict[str,
         A = anchor[name]
         init = state.init[name] if cfg.retention_target == "init" else (None,) * len(layers)
         stepped = []
-        factors, scale = _grad_factors(A, k, v, cfg)
-        for i, (S, (x, g, _)) in enumerate(zip(layers, factors)):
-            x, g = x[..., 0, :], g[..., 0, :] * (1 if scale is None else scale[..., 0, :])
+        for i, (S, (x, g, _)) in enumerate(zip(layers, _grad_factors(A, k, v, cfg))):
+            x, g = x[..., 0, :], g[..., 0, :]
             if cfg.normalized_step and _reads_hidden(i, layers):
                 n = input_norm(x)
                 x, g = x / n, g / n
@@ -250,19 +248,14 @@ class _ChunkMemory:
                  v: torch.Tensor, gates: ChunkGates, cfg: RecurrenceConfig, k_init: torch.Tensor | None = None) -> None:
         self.init = init if cfg.retention_target == "init" else None
         self.layers = []
-        factors, scale = _grad_factors(S, k, v, cfg)
-        for i, (x, g, xs) in enumerate(factors):
+        for i, (x, g, xs) in enumerate(_grad_factors(S, k, v, cfg)):
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
-            # Per-token factors on g and x go to ChunkLayer, which folds them into products of [C] or [C, C]
-            # (w_t = -eta_t g_t, X X^T, ...) rather than scaling g and x themselves ([C, hidden] passes)
-            g_scale, r = scale, None
             if cfg.normalized_step and _reads_hidden(i, S):
-                r = 1 / input_norm(x)  # x / ||x|| and g / ||x||
-                xs, g_scale = None if xs is None else xs * r, r if scale is None else r * scale
+                r = 1 / input_norm(x)  # one division, then products
+                x, g, xs = x * r, g * r, None if xs is None else xs * r
             self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs,
-                                           cfg.kernel, None if g_scale is None else g_scale[..., 0],
-                                           None if r is None else r[..., 0]))
+                                           cfg.kernel))
 
     def read_layer(self, i: int, Q: torch.Tensor, Q_init: torch.Tensor | None = None) -> torch.Tensor:
         """Layer i's S_{t-1} Q_t [..., C, O]; Q_init: Q M_0^T when the caller has it."""
@@ -437,7 +430,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
 
 def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_generators: int, chunk_size: int,
                          memory_chunk_size: int, dgd: bool, momentum: bool, init_retention: bool = False,
-                         anchor_read: bool = False, self_target: bool = True) -> tuple[int, int]:
+                         anchor_read: bool = False, self_target: bool = True,
+                         normalized_step: bool = False) -> tuple[int, int]:
     """Forward FLOPs of `titans_chunked` for ONE sequence of T tokens and ONE head, as written.
 
     Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
@@ -458,12 +452,13 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
       init_retention (retention_target=init): with DGD per layer X (S_0 - M_0)^T (2 c I O; without it the
           anchor's own output on X comes free), and in the read Q M_0^T;
       anchor_read: the read is one memory application A on q instead of the in-chunk read;
-      self_target False (Titans' target v_t): the memory's A on v is not computed.
-    The normalised step's per-token norms (||h||, ||J||_F^2) are elementwise work, not counted."""
+      self_target False (Titans' target v_t): the memory's A on v is not computed;
+      normalized_step with an MLP: ||J||_F^2 per token for the whole-MLP step (2 c hidden per memory)."""
     mlp = memory_type == "mlp"
     layers = [(hidden, d), (d, hidden)] if mlp else [(d, d)]
     apply = (lambda c: 4 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
-    factors = (lambda c: 6 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
+    factors = (lambda c: 6 * c * d * hidden + (2 * c * hidden if normalized_step else 0)) if mlp else \
+        (lambda c: 2 * c * d * d)
 
     def update(c: int) -> tuple[int, int]:  # without the X X^T of the layer that reads k (k_gram)
         mm = solve = 0
