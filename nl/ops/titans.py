@@ -384,7 +384,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
 
     S, P = states["memory"], final.mom["memory"]
     def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
-        gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"), matrices=resolve_kernel(cfg.kernel, c["eta"]) == "torch")
+        gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"),
+                           matrices=resolve_kernel(cfg.kernel, c["eta"]) == "torch")
         A = S if dev_init is None else _layers_from_deviation(S, dev_init)
         mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
         o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else memory_apply(A, c["q"])
