@@ -61,9 +61,14 @@ NO_LAUNCH = {torch.ops.aten.detach.default, torch.ops.aten.empty.memory_format, 
              torch.ops.aten._unsafe_view.default}
 
 
+# aten ops that compute a dtype from dtypes on the host: no tensor, no launch.
+NO_LAUNCH_NAMES = {"aten::promote_types", "aten::result_type"}
+
+
 def launches(func) -> bool:
     """Whether an aten op launches a kernel on a GPU (prim::device etc. are metadata queries)."""
-    return func._schema.name.startswith("aten::") and not (func.is_view or func in NO_LAUNCH)
+    name = func._schema.name
+    return name.startswith("aten::") and not (func.is_view or func in NO_LAUNCH or name in NO_LAUNCH_NAMES)
 
 
 class LaunchCounter(TorchDispatchMode):

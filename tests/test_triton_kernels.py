@@ -112,6 +112,62 @@ def test_chunk_kernel_end_state_without_read():
     assert rel(S.cpu(), S_ref) < 1e-12 and rel(P.cpu(), P_ref) < 1e-12
 
 
+def test_chunk_kernel_reads_broadcast_inputs_in_place():
+    """Inputs shared along a batch dim (the initial state by the sequences, k and the gates by the generators,
+    an unbatched anchor) go to the kernel as they are, through stride-0 dims: values and gradients equal the
+    float64 per-token reference run on the expanded inputs, each gradient summed back to its input's shape; no
+    input is copied (no clone/copy_ on the way to the kernel, where expanding made one per shared input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nl.ops.delta_rule import ChunkGates
+    from nl.ops.triton_dgd import FusedChunkLayer
+    C, I, O = 5, 8, 6  # noqa: E741
+    batch = (2, 3, 2)  # (sequence, generator, head)
+    shapes = dict(S0=(1, 3, 2, O, I), P0=(2, 3, 2, O, I), X=(2, 1, 2, C, I), G=(2, 3, 2, C, O), Q=(3, 1, C, I),
+                  log_alpha=(2, 1, 2, C), eta=(2, 1, 2, C), log_mu=(2, 1, 1, C))
+    g = torch.Generator().manual_seed(11)
+    inputs = {k: torch.randn(*s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    inputs["X"] = torch.nn.functional.normalize(inputs["X"], dim=-1)
+    inputs["S0"], inputs["P0"] = 0.5 * inputs["S0"], 0.2 * inputs["P0"]
+    inputs["log_alpha"], inputs["eta"] = -0.2 * inputs["log_alpha"].sigmoid(), 0.8 * inputs["eta"].sigmoid()
+    inputs["log_mu"] = torch.nn.functional.logsigmoid(inputs["log_mu"])
+    leaves = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ in ("clone", "copy_", "contiguous")
+            return func(*args, **(kwargs or {}))
+
+    gates = ChunkGates(leaves["log_alpha"], leaves["eta"], leaves["log_mu"], matrices=False)
+    layer = FusedChunkLayer(leaves["S0"], leaves["P0"], leaves["X"], leaves["G"], gates, dgd=True)
+    with Copies() as copies:
+        out = layer.read(leaves["Q"])
+    S, P = layer.end_state()
+    assert copies.n == 0
+    assert out.shape == (*batch, C, O) and S.shape == P.shape == (*batch, O, I)
+    w = torch.Generator().manual_seed(3)
+    weights = [torch.randn(t.shape, generator=w, dtype=torch.float64).to(t) for t in (out, S, P)]
+    loss = sum((t * wt).sum() for t, wt in zip((out, S, P), weights))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    flat = lambda t, k: t.expand(*batch, *t.shape[-k:]).reshape(-1, *t.shape[-k:])  # noqa: E731
+    r_out, r_S, r_P = token_by_token(flat(ref["S0"], 2), flat(ref["P0"], 2), flat(ref["X"], 2), flat(ref["G"], 2),
+                                     flat(ref["Q"], 2), flat(ref["log_alpha"], 1), flat(ref["eta"], 1),
+                                     flat(ref["log_mu"], 1), True)
+    r_loss = sum((t.reshape(wt.shape) * wt.cpu()).sum() for t, wt in zip((r_out, r_S, r_P), weights))
+    r_grads = torch.autograd.grad(r_loss, list(ref.values()))
+    for a, b in zip((out, S, P), (r_out, r_S, r_P)):
+        assert rel(a.detach().cpu().reshape(b.shape), b.detach()) < 1e-10
+    for k, a, b in zip(leaves, grads, r_grads):
+        assert a.shape == b.shape == shapes[k], k
+        assert b.abs().sum() > 0 and rel(a.cpu(), b) < 1e-10, (k, rel(a.cpu(), b))
+
+
 @pytest.mark.parametrize("memory_type,momentum,chunk", [
     ("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1), ("mlp", True, 1), ("linear", False, 1)])
 def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, monkeypatch):

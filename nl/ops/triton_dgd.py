@@ -1,9 +1,9 @@
 """One DGD chunk step of one memory layer as a single fused Triton kernel (`delta_rule.ChunkLayer`'s math).
 
-Per batch element (one program each) and one chunk of C tokens, from the anchor S0 [O, I] (and the
-momentum P0 [O, I]), the layer inputs X [C, I], gradient factors G [C, O], an optional query Q [C, I]
-and the gates log_alpha, eta (and log_mu) [C], the kernel forms in registers, with no round trip
-through memory:
+Per batch element (one program each; every input read through its own batch strides, so a broadcast
+one is read in place) and one chunk of C tokens, from the anchor S0 [O, I] (and the momentum P0 [O, I]),
+the layer inputs X [C, I], gradient factors G [C, O], an optional query Q [C, I] and the gates
+log_alpha, eta (and log_mu) [C], the kernel forms in registers, with no round trip through memory:
 
     decays     gamma, D[t-1, j], D_end (and with momentum Mu, E = D Mu, c = D m)   (cumulative sums)
     Gram       X X^T                     right-hand side  -eta (gamma_{t-1} X S0^T + (E o XX) W + c X P0^T)
@@ -11,7 +11,8 @@ through memory:
     read       S_{t-1} q_t for every t  (read before write)       end state S_C (and P_C)
 
 with W = -eta G; the equations are those of `delta_rule` (module docstring there). Returns
-(out [N, C, O] or an empty tensor without Q, S_C [N, O, I], P_C [N, O, I] or an empty tensor).
+(out [*b, C, O] or an empty tensor without Q, S_C [*b, O, I], P_C [*b, O, I] or an empty tensor), [*b] the
+inputs' broadcast batch shape.
 
 Backward (`dgd_chunk_backward`): a second fused kernel, one program per batch element, that recomputes
 the forward's intermediates on chip from the op's inputs (nothing else is saved: recomputation instead
@@ -67,33 +68,44 @@ def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISI
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O,
+def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O, N1, N2,
+                      s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
+                      s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0, s_ETA_1, s_ETA_2,
+                      s_LM_0, s_LM_1, s_LM_2,
                       BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
                       MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
+    # Batch index (n0, n1, n2) of this program; each input is read through its own batch strides (0 where
+    # it is broadcast: k and the gates shared by the generators, the initial state shared by the sequences).
+    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     # Tiles, zero-padded: padded tokens have eta = 0 and log_alpha = log_mu = 0, so they change nothing.
-    x = tl.load(X + n * C * I + rc[:, None] * I + ri[None, :], mask=mc[:, None] & mi[None, :], other=0.)
-    g = tl.load(G + n * C * O + rc[:, None] * O + ro[None, :], mask=mc[:, None] & mo[None, :], other=0.)
-    s0 = tl.load(S0 + n * O * I + ro[:, None] * I + ri[None, :], mask=mo[:, None] & mi[None, :], other=0.)
-    la = tl.load(LA + n * C + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
+    x = tl.load(X + n0 * s_X_0 + n1 * s_X_1 + n2 * s_X_2 + rc[:, None] * I + ri[None, :],
+                mask=mc[:, None] & mi[None, :], other=0.)
+    g = tl.load(G + n0 * s_G_0 + n1 * s_G_1 + n2 * s_G_2 + rc[:, None] * O + ro[None, :],
+                mask=mc[:, None] & mo[None, :], other=0.)
+    s0 = tl.load(S0 + n0 * s_S0_0 + n1 * s_S0_1 + n2 * s_S0_2 + ro[:, None] * I + ri[None, :],
+                 mask=mo[:, None] & mi[None, :], other=0.)
+    la = tl.load(LA + n0 * s_LA_0 + n1 * s_LA_1 + n2 * s_LA_2 + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
 
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + n * C + rc, mask=mc, other=0.)
+        lmu = tl.load(LM + n0 * s_LM_0 + n1 * s_LM_1 + n2 * s_LM_2 + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     row, col = rc[:, None], rc[None, :]
     gamma_prev = tl.exp(lg_prev)
     w = -eta[:, None] * g                                            # w_t = -eta_t g_t
     if MOMENTUM:
-        p0 = tl.load(P0 + n * O * I + ro[:, None] * I + ri[None, :], mask=mo[:, None] & mi[None, :], other=0.)
+        p0 = tl.load(P0 + n0 * s_P0_0 + n1 * s_P0_1 + n2 * s_P0_2 + ro[:, None] * I + ri[None, :],
+                     mask=mo[:, None] & mi[None, :], other=0.)
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
-            xs = tl.load(XS + n * C * O + rc[:, None] * O + ro[None, :], mask=mc[:, None] & mo[None, :], other=0.)
+            xs = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + rc[:, None] * O + ro[None, :],
+                         mask=mc[:, None] & mo[None, :], other=0.)
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
         base = gamma_prev[:, None] * xs
@@ -109,7 +121,8 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
             inv = tl.where(row == t, inv - new[None, :], inv)
         delta = tl.dot(inv, -eta[:, None] * base, input_precision=PRECISION)
     if HAS_Q:
-        q = tl.load(Q + n * C * I + rc[:, None] * I + ri[None, :], mask=mc[:, None] & mi[None, :], other=0.)
+        q = tl.load(Q + n0 * s_Q_0 + n1 * s_Q_1 + n2 * s_Q_2 + rc[:, None] * I + ri[None, :],
+                    mask=mc[:, None] & mi[None, :], other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         out = gamma_prev[:, None] * tl.dot(q, tl.trans(s0), input_precision=PRECISION)
         out += tl.dot(Ep * QX, w, input_precision=PRECISION)
@@ -133,27 +146,33 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
 def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA, dETA,
-                          dLM, C, I, O, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
+                          dLM, C, I, O, N1, N2,
+                          s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
+                          s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2,
+                          s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
                           MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
                           PRECISION: tl.constexpr):
     """Gradients of one chunk step: the forward's intermediates are recomputed on chip (nothing was saved
-    but the inputs), then every product of the forward is transposed in reverse order."""
+    but the inputs), then every product of the forward is transposed in reverse order. Inputs are read through
+    their batch strides (as the forward); the output gradients and gradients are contiguous over the whole batch
+    (the caller sums those of broadcast inputs)."""
     n = tl.program_id(0)
+    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     m_ci, m_co, m_oi = mc[:, None] & mi[None, :], mc[:, None] & mo[None, :], mo[:, None] & mi[None, :]
     p_ci, p_co, p_oi = rc[:, None] * I + ri[None, :], rc[:, None] * O + ro[None, :], ro[:, None] * I + ri[None, :]
-    x = tl.load(X + n * C * I + p_ci, mask=m_ci, other=0.)
-    g = tl.load(G + n * C * O + p_co, mask=m_co, other=0.)
-    s0 = tl.load(S0 + n * O * I + p_oi, mask=m_oi, other=0.)
+    x = tl.load(X + n0 * s_X_0 + n1 * s_X_1 + n2 * s_X_2 + p_ci, mask=m_ci, other=0.)
+    g = tl.load(G + n0 * s_G_0 + n1 * s_G_1 + n2 * s_G_2 + p_co, mask=m_co, other=0.)
+    s0 = tl.load(S0 + n0 * s_S0_0 + n1 * s_S0_1 + n2 * s_S0_2 + p_oi, mask=m_oi, other=0.)
     ds = tl.load(DS + n * O * I + p_oi, mask=m_oi, other=0.)
-    la = tl.load(LA + n * C + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + n * C + rc, mask=mc, other=0.)
+    la = tl.load(LA + n0 * s_LA_0 + n1 * s_LA_1 + n2 * s_LA_2 + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
     row, col = rc[:, None], rc[None, :]
     # ---- forward, recomputed (as _dgd_chunk_kernel)
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + n * C + rc, mask=mc, other=0.)
+        lmu = tl.load(LM + n0 * s_LM_0 + n1 * s_LM_1 + n2 * s_LM_2 + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     gp = tl.exp(lg_prev)
@@ -161,12 +180,12 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     w = -eta[:, None] * g
     if MOMENTUM:
         m_end = tl.exp(lm_end)
-        p0 = tl.load(P0 + n * O * I + p_oi, mask=m_oi, other=0.)
+        p0 = tl.load(P0 + n0 * s_P0_0 + n1 * s_P0_1 + n2 * s_P0_2 + p_oi, mask=m_oi, other=0.)
     coef = E_end[:, None] * w
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:
-            xs = tl.load(XS + n * C * O + p_co, mask=m_co, other=0.)
+            xs = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + p_co, mask=m_co, other=0.)
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
         base = gp[:, None] * xs + tl.dot(Ep * XX, w, input_precision=PRECISION)
@@ -209,7 +228,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         dx += tl.dot(mw, dp, input_precision=PRECISION)
     # Read: out = gp (Q S0^T) + cp (Q P0^T) + (Ep o QX) w + (Dp o QX) delta.
     if HAS_Q:
-        q = tl.load(Q + n * C * I + p_ci, mask=m_ci, other=0.)
+        q = tl.load(Q + n0 * s_Q_0 + n1 * s_Q_1 + n2 * s_Q_2 + p_ci, mask=m_ci, other=0.)
         do = tl.load(DOUT + n * C * O + p_co, mask=m_co, other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         doW = tl.dot(do, tl.trans(w), input_precision=PRECISION)           # [C, C]
@@ -290,46 +309,100 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
 
 
-def _check(S0: torch.Tensor, X: torch.Tensor, G: torch.Tensor) -> None:
+INPUTS = ("S0", "P0", "X", "G", "XS", "Q", "log_alpha", "eta", "log_mu")
+_MATRIX = {"S0", "P0", "X", "G", "XS", "Q"}  # [..., rows, cols]; the gates are [..., C]
+
+
+def _batch(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
+    """The broadcast batch shape of the op's inputs (everything but their last 2 dims, or 1 for the gates)."""
+    return torch.broadcast_shapes(*[t.shape[:-2] if k in _MATRIX else t.shape[:-1]
+                                    for k, t in tensors.items() if t is not None])
+
+
+def _check(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
+    S0, X, G = tensors["S0"], tensors["X"], tensors["G"]
     if S0.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"kernel=triton runs the recurrence in float32 or float64, got {S0.dtype}: cast the "
                         "chunk inputs to float32 (the recurrence's own autocast-disabled region does)")
     if S0.device.type == "cpu" and not triton.knobs.runtime.interpret:
         raise RuntimeError("kernel=triton on CPU tensors needs TRITON_INTERPRET=1 set before import "
                            "(or use model.hope.kernel=torch)")
-    if X.dim() != 3 or G.shape[:2] != X.shape[:2] or S0.shape != (X.shape[0], G.shape[2], X.shape[2]):
-        raise ValueError(f"dgd_chunk: expected X [N, C, I], G [N, C, O], S0 [N, O, I], got "
+    if min(X.dim(), G.dim(), S0.dim()) < 2 or G.shape[-2] != X.shape[-2] or S0.shape[-2:] != (G.shape[-1], X.shape[-1]):
+        raise ValueError(f"dgd_chunk: expected X [..., C, I], G [..., C, O], S0 [..., O, I], got "
                          f"{tuple(X.shape)}, {tuple(G.shape)}, {tuple(S0.shape)}")
+    batch = _batch(tensors)
+    if len(batch) > 3:
+        raise ValueError(f"dgd_chunk: at most 3 batch dims (batch, generator, head), got {tuple(batch)}")
+    return batch
+
+
+def _strided(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> tuple[list, list[int]]:
+    """The inputs as the kernels read them, and their batch strides (3 per input, the batch left-padded to 3
+    dims): a broadcast dim (size 1 in the input) has stride 0, so shared inputs are read in place rather than
+    expanded and copied per batch element. Only the trailing (row, column) dims must be contiguous; an input
+    whose are not is made contiguous as it is (not expanded). An absent input is a stand-in with strides 0."""
+    args, strides = [], []
+    for k in INPUTS:
+        t = tensors[k]
+        if t is None:
+            args.append(tensors["S0"])
+            strides += [0, 0, 0]
+            continue
+        inner = 2 if k in _MATRIX else 1
+        dense = t.stride(-1) == 1 or t.shape[-1] == 1
+        if inner == 2:
+            dense = dense and (t.stride(-2) == t.shape[-1] or t.shape[-2] == 1)
+        t = t if dense else t.contiguous()
+        dims = t.dim() - inner
+        own = [0 if size == 1 else st for size, st in zip(t.shape[:dims], t.stride()[:dims])]
+        args.append(t)
+        strides += [0] * (3 - dims) + own
+    return args, strides
+
+
+def _grid(batch: torch.Size) -> tuple[int, int, int]:
+    """(N, N1, N2): programs, and the sizes of the last two of the 3 (left-padded) batch dims."""
+    b = (1,) * (3 - len(batch)) + tuple(batch)
+    return b[0] * b[1] * b[2], b[1], b[2]
 
 
 @torch.library.custom_op("nl::dgd_chunk", mutates_args=())
 def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, XS: torch.Tensor | None,
               Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
               dgd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused chunk step (module docstring). All inputs contiguous with one batch dim N:
-    S0, P0 [N, O, I]; X, Q [N, C, I]; G, XS [N, C, O]; log_alpha, eta, log_mu [N, C]. P0 and log_mu
+    """The fused chunk step (module docstring). Inputs with up to 3 leading batch dims that broadcast to one
+    batch shape [*b] (a shared input, e.g. k for every generator, is read in place, not copied):
+    S0, P0 [*, O, I]; X, Q [*, C, I]; G, XS [*, C, O]; log_alpha, eta, log_mu [*, C]. P0 and log_mu
     together (momentum) or neither. XS: the anchor's output on X that DGD's decay reads (None: X S0^T;
-    `ChunkLayer`'s XS, e.g. X (S0 - M_0)^T for retention toward M_0). Returns (out [N, C, O] | empty, S_C [N, O, I], P_C [N, O, I] | empty)."""
-    _check(S0, X, G)
-    N, C, I = X.shape
-    O = G.shape[2]
+    `ChunkLayer`'s XS, e.g. X (S0 - M_0)^T for retention toward M_0).
+    Returns (out [*b, C, O] | empty, S_C [*b, O, I], P_C [*b, O, I] | empty), contiguous."""
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
+    batch = _check(tensors)
+    args, strides = _strided(tensors, batch)
+    C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
+    N, N1, N2 = _grid(batch)
     momentum = P0 is not None
-    out = X.new_empty(N, C, O) if Q is not None else X.new_empty(0)
-    S_end = torch.empty_like(S0)
-    P_end = torch.empty_like(S0) if momentum else X.new_empty(0)
-    _dgd_chunk_kernel[(N,)](S0, P0 if momentum else S0, X, G, XS if XS is not None else G,
-                            Q if Q is not None else X, log_alpha, eta, log_mu if momentum else eta, out, S_end,
-                            P_end if momentum else S_end, C, I, O, BC=_block(C), BI=_block(I), BO=_block(O),
-                            DGD=dgd, MOMENTUM=momentum, HAS_Q=Q is not None, HAS_XS=XS is not None,
-                            PRECISION="ieee")
+    out = X.new_empty(*batch, C, O) if Q is not None else X.new_empty(0)
+    S_end = S0.new_empty(*batch, O, I)
+    P_end = torch.empty_like(S_end) if momentum else X.new_empty(0)
+    _dgd_chunk_kernel[(N,)](*args, out, S_end, P_end if momentum else S_end, C, I, O, N1, N2, *strides,
+                            BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
+                            HAS_Q=Q is not None, HAS_XS=XS is not None, PRECISION="ieee")
     return out, S_end, P_end
 
 
 @dgd_chunk.register_fake
 def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd):
-    N, C, _ = X.shape
-    out = X.new_empty(N, C, G.shape[2]) if Q is not None else X.new_empty(0)
-    return out, torch.empty_like(S0), torch.empty_like(S0) if P0 is not None else X.new_empty(0)
+    batch = _batch(dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu))))
+    C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
+    out = X.new_empty(*batch, C, O) if Q is not None else X.new_empty(0)
+    return out, S0.new_empty(*batch, O, I), S0.new_empty(*batch, O, I) if P0 is not None else X.new_empty(0)
+
+
+def _full_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> list[torch.Tensor]:
+    """Gradient buffers over the whole batch [*b, ...] per input (empty for an absent one)."""
+    return [X_ if t is None else t.new_empty(*batch, *t.shape[t.dim() - (2 if k in _MATRIX else 1):])
+            for k, t, X_ in ((k, tensors[k], tensors["X"].new_empty(0)) for k in INPUTS)]
 
 
 @torch.library.custom_op("nl::dgd_chunk_backward", mutates_args=())
@@ -338,35 +411,37 @@ def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tenso
                        log_mu: torch.Tensor | None, dgd: bool, g_out: torch.Tensor, g_S: torch.Tensor,
                        g_P: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu), one fused kernel that
-    recomputes the chunk from its inputs; an absent input (None) gets an empty tensor. g_out, g_P: empty
-    when there is no Q / no momentum. Shapes as `dgd_chunk`."""
-    _check(S0, X, G)
-    N, C, I = X.shape
-    O = G.shape[2]
+    recomputes the chunk from its inputs; each over the whole batch [*b, ...] (a broadcast input's gradient is
+    summed back to its shape by the caller); an absent input (None) gets an empty tensor. g_out, g_P: empty
+    when there is no Q / no momentum, else contiguous [*b, ...] like the outputs. Shapes as `dgd_chunk`."""
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
+    batch = _check(tensors)
+    args, strides = _strided(tensors, batch)
+    C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
+    N, N1, N2 = _grid(batch)
     momentum = P0 is not None
-    grads = [X.new_empty(0) if t is None else torch.empty_like(t)
-             for t in (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)]
+    grads = _full_grads(tensors, batch)
     dS0, dP0, dX, dG, dXS, dQ, dLA, dETA, dLM = grads
     if XS is not None and not dgd:
         dXS.zero_()  # only DGD's decay reads XS
-    _dgd_chunk_bwd_kernel[(N,)](S0, P0 if momentum else S0, X, G, XS if XS is not None else G,
-                                Q if Q is not None else X, log_alpha, eta, log_mu if momentum else eta,
-                                g_out if Q is not None else G, g_S, g_P if momentum else g_S, dS0,
+    _dgd_chunk_bwd_kernel[(N,)](*args, g_out if Q is not None else G, g_S, g_P if momentum else g_S, dS0,
                                 dP0 if momentum else dS0, dX, dG, dXS if XS is not None else dG,
-                                dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA, C, I, O,
-                                BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
+                                dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA, C, I, O, N1, N2,
+                                *strides, BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
                                 HAS_Q=Q is not None, HAS_XS=XS is not None, PRECISION="ieee")
     return grads
 
 
 @dgd_chunk_backward.register_fake
 def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P):
-    return [X.new_empty(0) if t is None else torch.empty_like(t) for t in (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)]
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
+    return _full_grads(tensors, _batch(tensors))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     *tensors, ctx.dgd = inputs
     ctx.absent = [t is None for t in tensors]
+    ctx.shapes = [None if t is None else t.shape for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
 
 
@@ -374,12 +449,16 @@ def _backward(ctx, g_out, g_S, g_P):
     saved = iter(ctx.saved_tensors)
     tensors = [None if absent else next(saved) for absent in ctx.absent]
     S0, P0, X, G, _, Q = tensors[:6]
+    batch = _batch(dict(zip(INPUTS, tensors)))
     # Gradients of unused outputs arrive as None; the empty outputs (no Q, no momentum) get empty ones.
-    g_out = X.new_empty(0) if Q is None else X.new_zeros(*X.shape[:2], G.shape[2]) if g_out is None else g_out
-    g_S = torch.zeros_like(S0) if g_S is None else g_S
-    g_P = X.new_empty(0) if P0 is None else torch.zeros_like(S0) if g_P is None else g_P
+    g_out = X.new_empty(0) if Q is None else X.new_zeros(*batch, *X.shape[-2:-1], G.shape[-1]) if g_out is None \
+        else g_out
+    g_S = S0.new_zeros(*batch, *S0.shape[-2:]) if g_S is None else g_S
+    g_P = X.new_empty(0) if P0 is None else S0.new_zeros(*batch, *S0.shape[-2:]) if g_P is None else g_P
     grads = dgd_chunk_backward(*tensors, ctx.dgd, g_out.contiguous(), g_S.contiguous(), g_P.contiguous())
-    return (*[None if absent else g for g, absent in zip(grads, ctx.absent)], None)
+    # A broadcast input's gradient is the sum over the batch elements that read it (no launch when not broadcast).
+    return (*[None if absent else g.sum_to_size(shape) for g, absent, shape in zip(grads, ctx.absent, ctx.shapes)],
+            None)
 
 
 dgd_chunk.register_autograd(_backward, setup_context=_setup_context)
@@ -390,9 +469,9 @@ class FusedChunkLayer:
 
     Nothing runs at construction; `read(Q)` runs the kernel once for the read and the end state
     together, `end_state()` reuses that or runs the kernel without a query. Broadcast batch dims
-    (gates shared by memories, k shared by the generators) are expanded and flattened to [N, ...]
-    first (autograd sums their gradients back). XS, the anchor's output on X, is passed on when given
-    (DGD only; without it the kernel forms X S0^T on chip)."""
+    (gates shared by memories, k shared by the generators, the initial state shared by the sequences) are
+    read in place by the kernel through stride-0 dims, not copied (`dgd_chunk`). XS, the anchor's output on X,
+    is passed on when given (DGD only; without it the kernel forms X S0^T on chip)."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
                  gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None) -> None:
@@ -402,18 +481,10 @@ class FusedChunkLayer:
 
     def _run(self, Q: torch.Tensor | None):
         g = self.gates
-        gate_list = [g.log_alpha, g.eta] + ([g.log_mu] if g.momentum else [])
-        mats = [t for t in (self.S0, self.X, self.G, self.P0, self.XS, Q) if t is not None]
-        batch = torch.broadcast_shapes(*[t.shape[:-2] for t in mats], *[t.shape[:-1] for t in gate_list])
-        flat = lambda t, k: t.expand(*batch, *t.shape[-k:]).reshape(-1, *t.shape[-k:]).contiguous()
-        C, O = self.X.shape[-2], self.G.shape[-1]
-        out, S, P = dgd_chunk(flat(self.S0, 2), None if self.P0 is None else flat(self.P0, 2), flat(self.X, 2),
-                              flat(self.G, 2), None if self.XS is None else flat(self.XS, 2),
-                              None if Q is None else flat(Q, 2), flat(g.log_alpha, 1),
-                              flat(g.eta, 1), flat(g.log_mu, 1) if g.momentum else None, self.dgd)
-        shape = (*batch, *self.S0.shape[-2:])
-        self._ends = (S.view(shape), P.view(shape) if self.P0 is not None else None)
-        return out.view(*batch, C, O) if Q is not None else None
+        out, S, P = dgd_chunk(self.S0, self.P0, self.X, self.G, self.XS, Q, g.log_alpha, g.eta,
+                              g.log_mu if g.momentum else None, self.dgd)
+        self._ends = (S, P if self.P0 is not None else None)
+        return out if Q is not None else None
 
     def read(self, Q: torch.Tensor) -> torch.Tensor:
         """S_{t-1} q_t for every token of the chunk. Q: [..., C, I] -> [..., C, O]."""
