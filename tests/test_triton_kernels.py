@@ -100,6 +100,33 @@ def test_chunk_kernel_equals_token_by_token(dtype, tol, C, momentum, dgd, given_
         assert rel(grads[k], b) < tol, (k, rel(grads[k], b))
 
 
+@pytest.mark.parametrize("momentum,given_xs", [(True, False), (False, True)])
+def test_chunk_kernel_input_scale_equals_scaled_inputs(momentum, given_xs):
+    """x_scale r (the normalised step's 1 / ||x||, applied on chip): the kernel equals the float64 per-token
+    reference stepped on r x with gradient factor r g, and XS = (r X) S0^T when it is passed in; the gradients
+    of every input, r's own included (it reaches r through x, g and XS), equal the reference's."""
+    from nl.ops.triton_dgd import dgd_chunk
+    inputs = chunk_inputs(6, momentum, seed=2)
+    g = torch.Generator().manual_seed(5)
+    inputs["X"] = inputs["X"] * (0.5 + 2 * torch.rand(3, 6, 1, generator=g, dtype=torch.float64))  # not unit
+    inputs["r"] = 1 / inputs["X"].norm(dim=-1)
+
+    def fused(S0, P0, X, G, Q, log_alpha, eta, log_mu, r, dgd):
+        XS = X @ S0.mT if given_xs else None
+        out, S, P = dgd_chunk(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, r)
+        return out, S, (P if P0 is not None else None)
+
+    def reference(S0, P0, X, G, Q, log_alpha, eta, log_mu, r, dgd):
+        return token_by_token(S0, P0, X * r[..., None], G * r[..., None], Q, log_alpha, eta, log_mu, dgd)
+
+    ref_outs, ref_grads = values_and_grads(reference, inputs, True, torch.float64)
+    outs, grads = values_and_grads(fused, inputs, True, torch.float64)
+    for a, b in zip(outs, ref_outs):
+        assert rel(a, b) < 1e-10, rel(a, b)
+    for k, b in ref_grads.items():
+        assert b.abs().sum() > 0 and rel(grads[k], b) < 1e-10, (k, rel(grads[k], b))
+
+
 def test_chunk_kernel_end_state_without_read():
     """The generators' step: no query, the end state alone (the kernel's HAS_Q=False variant)."""
     from nl.ops.triton_dgd import dgd_chunk
@@ -254,8 +281,10 @@ def test_custom_op_registration():
     XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
     args = (inputs["S0"], inputs["P0"], inputs["X"], inputs["G"], XS, inputs["Q"], inputs["log_alpha"], inputs["eta"],
             inputs["log_mu"], True)
-    torch.library.opcheck(torch.ops.nl.dgd_chunk.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    scale = torch.rand(inputs["eta"].shape, dtype=inputs["eta"].dtype, device=DEVICE).requires_grad_()
+    for extra in ((), (scale,)):  # x_scale absent (its default) and given
+        torch.library.opcheck(torch.ops.nl.dgd_chunk.default, args + extra,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_kernel_path_forms_no_gate_matrices(monkeypatch):

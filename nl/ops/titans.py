@@ -251,11 +251,10 @@ class _ChunkMemory:
         for i, (x, g, xs) in enumerate(_grad_factors(S, k, v, cfg)):
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
-            if cfg.normalized_step and _reads_hidden(i, S):
-                r = 1 / input_norm(x)  # one division, then products
-                x, g, xs = x * r, g * r, None if xs is None else xs * r
+            # the normalised step's 1 / ||h||, applied to x, g and xs by the layer (on chip with kernel=triton)
+            r = (1 / input_norm(x))[..., 0] if cfg.normalized_step and _reads_hidden(i, S) else None
             self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs,
-                                           cfg.kernel))
+                                           cfg.kernel, x_scale=r))
 
     def read_layer(self, i: int, Q: torch.Tensor, Q_init: torch.Tensor | None = None) -> torch.Tensor:
         """Layer i's S_{t-1} Q_t [..., C, O]; Q_init: Q M_0^T when the caller has it."""
