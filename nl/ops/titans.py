@@ -252,7 +252,7 @@ class _ChunkMemory:
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             # the normalised step's 1 / ||h||, applied to x, g and xs by the layer (on chip with kernel=triton)
-            r = (1 / input_norm(x))[..., 0] if cfg.normalized_step and _reads_hidden(i, S) else None
+            r = input_norm(x).reciprocal()[..., 0] if cfg.normalized_step and _reads_hidden(i, S) else None
             self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs,
                                            cfg.kernel, x_scale=r))
 
