@@ -429,8 +429,14 @@ def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, x_scale=None):
 
 def _full_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> list[torch.Tensor]:
     """Gradient buffers over the whole batch [*b, ...] per input (empty for an absent one)."""
-    return [X_ if t is None else t.new_empty(*batch, *t.shape[t.dim() - (2 if k in _MATRIX else 1):])
-            for k, t, X_ in ((k, tensors[k], tensors["X"].new_empty(0)) for k in INPUTS)]
+    grads = []
+    for k in INPUTS:
+        t = tensors[k]
+        if t is None:
+            grads.append(tensors["X"].new_empty(0))
+        else:
+            grads.append(t.new_empty(*batch, *(t.shape[-2:] if k in _MATRIX else t.shape[-1:])))
+    return grads
 
 
 @torch.library.custom_op("nl::dgd_chunk_backward", mutates_args=())
