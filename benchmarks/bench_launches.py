@@ -8,7 +8,8 @@ One sequence mixer (SelfModifyingTitans, the part whose chunk loop runs in seque
 arithmetic: seconds at T=4096 on a CPU), under a TorchDispatchMode that counts
   - aten ops that launch a kernel on a GPU (views, aliases, empty allocations and prim:: metadata queries
     excluded: no launch; the same count as on real tensors);
-  - Triton kernel calls: one per nl::dgd_chunk (the fused chunk step) and per nl::dgd_chunk_backward.
+  - Triton kernel calls: one per call of our custom ops (`nl::*`: nl::dgd_chunk, the fused chunk step, and
+    nl::mlp_grad_factors, an MLP memory's gradient factors, and their backward ops).
 On CUDA each counted op is one launch (a handful of aten ops launch two; cuBLAS picks
 one kernel per bmm), so this is the host-side launch count that bounds a small-chunk recurrence's speed.
 No kernel runs, so the Triton kernels need neither a GPU nor the interpreter here (TRITON_INTERPRET=1
@@ -82,7 +83,7 @@ class LaunchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name  # e.g. aten::mm, nl::dgd_chunk
-        if name in ("nl::dgd_chunk", "nl::dgd_chunk_backward"):  # one Triton kernel each
+        if name.startswith("nl::"):  # our custom ops: one Triton kernel each
             self.triton += 1
         elif launches(func):
             self.aten[name] += 1
@@ -238,8 +239,9 @@ class CompiledLaunchCounter(TorchDispatchMode):
         titans._run_chunk, titans._chunk_loop_in_python = run_chunk, chunk_loop
         kernels = []
         if "nl.ops.triton_dgd" in sys.modules:
-            dgd = sys.modules["nl.ops.triton_dgd"]
-            kernels = [(dgd, "_dgd_chunk_kernel"), (dgd, "_dgd_chunk_bwd_kernel")]
+            dgd, mem = sys.modules["nl.ops.triton_dgd"], sys.modules["nl.ops.triton_memory"]
+            kernels = [(dgd, "_dgd_chunk_kernel"), (dgd, "_dgd_chunk_bwd_kernel"), (mem, "_mlp_factors_kernel"),
+                       (mem, "_mlp_factors_bwd_kernel")]
             originals += [getattr(o, n) for o, n in kernels]
             for o, n in kernels:
                 setattr(o, n, NoLaunch())
@@ -261,8 +263,9 @@ def count_compiled(cfg, T: int, B: int, whole_block: bool, codegen: str = "cpp")
     torch._dynamo.reset()
     titans._compiled_chunks.clear()
     titans.CHUNK_COMPILE_BACKEND = "inductor"
-    if cfg.hope.kernel == "triton":
-        import nl.ops.triton_dgd  # noqa: F401  (imported before patching: its kernels become no-ops)
+    if cfg.hope.kernel == "triton":  # imported before patching: their kernels become no-ops
+        import nl.ops.triton_dgd  # noqa: F401
+        import nl.ops.triton_memory  # noqa: F401
     torch.manual_seed(0)
     block = HopeBlock(cfg)
     block.init_weights(0.02, 0.02)

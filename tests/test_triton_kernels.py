@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     # Read when @triton.jit decorates a function, triton.language's own included: set before triton imports.
@@ -31,8 +32,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def one_autotune_config():
     """The interpreter cannot benchmark autotune configs: keep the first one while interpreting."""
-    from nl.ops import triton_dgd
-    kernels = [triton_dgd._dgd_chunk_kernel, triton_dgd._dgd_chunk_bwd_kernel]
+    from nl.ops import triton_dgd, triton_memory
+    kernels = [triton_dgd._dgd_chunk_kernel, triton_dgd._dgd_chunk_bwd_kernel, triton_memory._mlp_factors_kernel,
+               triton_memory._mlp_factors_bwd_kernel]
     configs = [k.configs for k in kernels]
     if os.environ.get("TRITON_INTERPRET") == "1":
         for k in kernels:
@@ -127,6 +129,53 @@ def test_chunk_kernel_input_scale_equals_scaled_inputs(momentum, given_xs):
         assert b.abs().sum() > 0 and rel(grads[k], b) < 1e-10, (k, rel(grads[k], b))
 
 
+class OpNames(TorchDispatchMode):
+    """The names of the ops dispatched while it is on (aten::bmm, nl::dgd_chunk, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("self_target,normalized,used", [(True, True, "all"), (True, False, "g"),
+                                                          (False, True, "g"), (False, False, "all")])
+def test_mlp_grad_factors_kernel_equals_torch_form(self_target, normalized, used):
+    """nl::mlp_grad_factors (one kernel for an MLP memory's gradient factors, model.hope.kernel=triton) equals
+    the PyTorch form, `titans._grad_factors` with kernel=torch, differentiated by autograd, in float64: the
+    factors (h, g1, hout, g2, pre) and the gradients of W1, W2, k and v through them (the hand-written backward
+    kernel, second order in silu), for HOPE's self-generated target and Titans' v, with and without the
+    normalised step; inputs broadcast along batch dims (k and v shared by the generators, the initial state by
+    the sequences) and sizes that are not powers of two (C 5, d 6, hidden 12); used="g": only g1 and g2
+    carry a gradient (the kernel's absent-gradient path: h, hout and pre unused)."""
+    from nl.ops.titans import _grad_factors
+    g = torch.Generator().manual_seed(8)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    W1, W2 = 0.5 * rnd(1, 3, 2, 6, 12), 0.5 * rnd(1, 3, 2, 12, 6)
+    k, v = torch.nn.functional.normalize(rnd(2, 1, 2, 5, 6), dim=-1), rnd(2, 1, 2, 5, 6)
+    weights = [rnd(2, 3, 2, 5, n) for n in (12, 6, 6, 12, 12)]  # h, g1, hout, g2, pre
+    results = []
+    for kernel in ("torch", "triton"):
+        cfg = RecurrenceConfig(target="self" if self_target else "value", normalized_step=normalized, kernel=kernel)
+        leaves = [t.clone().to(DEVICE).requires_grad_() for t in (W1, W2, k, v)]
+        with OpNames() as ops:
+            (h, g1, hout), (_, g2, pre) = _grad_factors(tuple(leaves[:2]), leaves[2], leaves[3], cfg)
+        if kernel == "triton":  # one fused call, no PyTorch matmul around it
+            assert ops.names.count("nl::mlp_grad_factors") == 1 and "aten::bmm" not in ops.names, ops.names
+        outs = [h, g1, hout, g2, pre]
+        picked = [1, 3] if used == "g" else range(5)
+        loss = sum((outs[i] * weights[i].to(outs[i])).sum() for i in picked)
+        results.append(([o.detach().cpu() for o in outs], [gr.cpu() for gr in torch.autograd.grad(loss, leaves)]))
+    (ref_outs, ref_grads), (outs, grads) = results
+    for name, a, b in zip(("h", "g1", "hout", "g2", "pre"), outs, ref_outs):
+        assert a.shape == b.shape and rel(a, b) < 1e-12, (name, rel(a, b))
+    for name, a, b in zip(("W1", "W2", "k", "v"), grads, ref_grads):
+        assert a.shape == b.shape and b.abs().sum() > 0 and rel(a, b) < 1e-10, (name, rel(a, b))
+
+
 def test_chunk_kernel_end_state_without_read():
     """The generators' step: no query, the end state alone (the kernel's HAS_Q=False variant)."""
     from nl.ops.triton_dgd import dgd_chunk
@@ -195,20 +244,21 @@ def test_chunk_kernel_reads_broadcast_inputs_in_place():
         assert b.abs().sum() > 0 and rel(a.cpu(), b) < 1e-10, (k, rel(a.cpu(), b))
 
 
-@pytest.mark.parametrize("memory_type,momentum,chunk", [
-    ("linear", True, 4), ("mlp", True, 4), ("mlp", False, 1), ("mlp", True, 1), ("linear", False, 1)])
-def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, monkeypatch):
+@pytest.mark.parametrize("memory_type,momentum,chunk,extra", [
+    ("linear", True, 4, {}), ("mlp", True, 4, {}), ("mlp", False, 1, {}), ("mlp", True, 1, {}), ("linear", False, 1, {}),
+    ("mlp", True, 4, {"target": "value", "normalized_step": False})])
+def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, extra, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
     kernel=triton == titans_reference token by token in float64, outputs, final states, every gradient;
-    T=7 at chunk 4: a partial last chunk. One sequence and one head: the interpreter runs each program
-    of the grid in Python (~0.1 s each)."""
+    T=7 at chunk 4: a partial last chunk; extra: Titans' target v_t without the normalised step. One sequence
+    and one head: the interpreter runs each program of the grid in Python (~0.1 s each)."""
     monkeypatch.setattr(test_hope_ops, "B", 1)
     monkeypatch.setattr(test_hope_ops, "H", 1)
     inputs = make_inputs(memory_type, HOPE, ("q",), T=7 if chunk > 1 else 4, seed=5)
-    cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum)
+    cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum, **extra)
     o_ref, s_ref, g_ref = outputs_and_grads(titans_reference, inputs, cfg)
     fused_cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum,
-                                 kernel="triton")
+                                 kernel="triton", **extra)
     o, s, g = outputs_and_grads(titans_chunked, inputs, fused_cfg)
     assert rel(o, o_ref) < 1e-6 and rel(s, s_ref) < 1e-6, (rel(o, o_ref), rel(s, s_ref))
     for i, (a, b) in enumerate(zip(g, g_ref)):
@@ -274,8 +324,8 @@ def test_auto_is_torch_on_cpu_tensors():
 
 
 def test_custom_op_registration():
-    """torch.library.opcheck: the op's fake (meta) function, schema and autograd registration agree with it,
-    so torch.compile and FSDP2 can treat nl::dgd_chunk as one opaque call."""
+    """torch.library.opcheck: the ops' fake (meta) functions, schemas and autograd registrations agree with them,
+    so torch.compile and FSDP2 can treat nl::dgd_chunk and nl::mlp_grad_factors as one opaque call each."""
     import nl.ops.triton_dgd  # noqa: F401  (registers the ops)
     inputs = {k: None if v is None else v.to(DEVICE).requires_grad_(k != "X") for k, v in chunk_inputs(5, True).items()}
     XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
@@ -284,6 +334,13 @@ def test_custom_op_registration():
     scale = torch.rand(inputs["eta"].shape, dtype=inputs["eta"].dtype, device=DEVICE).requires_grad_()
     for extra in ((), (scale,)):  # x_scale absent (its default) and given
         torch.library.opcheck(torch.ops.nl.dgd_chunk.default, args + extra,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    import nl.ops.triton_memory  # noqa: F401  (registers nl::mlp_grad_factors)
+    g = torch.Generator().manual_seed(1)
+    W1, W2, k, v = (torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+                    for s in ((1, 2, 4, 6), (1, 2, 6, 4), (3, 1, 5, 4), (3, 1, 5, 4)))
+    for flags in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.nl.mlp_grad_factors.default, (W1, W2, k, v, *flags),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -312,7 +369,8 @@ def test_kernel_path_forms_no_gate_matrices(monkeypatch):
 
 def test_launch_counter_counts_the_fused_calls():
     """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes one Triton launch per memory layer and
-    chunk in the forward (2 generator layers + 2 memory layers, 2 chunks) and fewer aten launches than torch."""
+    chunk in the forward (2 generator layers + 2 memory layers, 2 chunks) and one per MLP memory's gradient
+    factors, and fewer aten launches than torch."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -322,8 +380,9 @@ def test_launch_counter_counts_the_fused_calls():
     counts = {k: bench.count(small(chunk=4, kernel=k, recompute_chunks=False), T=8, B=1, whole_block=False)
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
-    assert counts["triton"]["fwd_triton"] == 2 * 4
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * 4
+    # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory)
+    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

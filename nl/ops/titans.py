@@ -165,7 +165,12 @@ def _grad_factors(A: Memory, k: torch.Tensor, v: torch.Tensor, cfg: RecurrenceCo
     hidden pre-activation (normalised LMS over the whole memory, docs/HOPE.md): the hidden layer's normalised
     step moves M(k) by -eta e and W2's step by -eta J J^T e, so together they move it by at most eta ||e||,
     the unit gain the contractive bound assumes however large W1 has grown. The divisor is a step-size
-    normaliser: no outer gradient flows through it (one fused kernel and one product forward, none backward)."""
+    normaliser: no outer gradient flows through it (one fused kernel and one product forward, none backward).
+    kernel=triton (auto on CUDA), MLP memory: all of it in one fused kernel (`nl.ops.triton_memory`)."""
+    if len(A) == 2 and resolve_kernel(cfg.kernel, k) == "triton":
+        from nl.ops.triton_memory import mlp_grad_factors
+        h, g1, hout, g2, pre = mlp_grad_factors(A[0], A[1], k, v, cfg.target == "self", cfg.normalized_step)
+        return [(h, g1, hout), (k, g2, pre)]
     factors = memory_grad_factors(A, k, _target(A, v, cfg))
     if not (cfg.normalized_step and len(A) == 2):
         return factors

@@ -361,31 +361,31 @@ def _check(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
     return batch
 
 
+def batch_strided(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, list[int]]:
+    """t as a kernel reads it, and its strides over 3 batch dims (its leading dims, left-padded to 3): a
+    broadcast dim (size 1) has stride 0, so an input shared along a batch dim is read in place rather than
+    expanded and copied per batch element. Only the `inner` trailing dims (row-major) must be contiguous; a
+    tensor whose are not is made contiguous as it is (not expanded)."""
+    dense = t.stride(-1) == 1 or t.shape[-1] == 1
+    if inner == 2:
+        dense = dense and (t.stride(-2) == t.shape[-1] or t.shape[-2] == 1)
+    t = t if dense else t.contiguous()
+    dims = t.dim() - inner
+    return t, [0] * (3 - dims) + [0 if size == 1 else st for size, st in zip(t.shape[:dims], t.stride()[:dims])]
+
+
 def _strided(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> tuple[list, list[int]]:
-    """The inputs as the kernels read them, and their batch strides (3 per input, the batch left-padded to 3
-    dims): a broadcast dim (size 1 in the input) has stride 0, so shared inputs are read in place rather than
-    expanded and copied per batch element. Only the trailing (row, column) dims must be contiguous; an input
-    whose are not is made contiguous as it is (not expanded). An absent input is a stand-in with strides 0."""
+    """The inputs as the kernels read them and their batch strides (`batch_strided`, 3 per input); an absent
+    input is a stand-in with strides 0."""
     args, strides = [], []
     for k in INPUTS:
-        t = tensors[k]
-        if t is None:
-            args.append(tensors["S0"])
-            strides += [0, 0, 0]
-            continue
-        inner = 2 if k in _MATRIX else 1
-        dense = t.stride(-1) == 1 or t.shape[-1] == 1
-        if inner == 2:
-            dense = dense and (t.stride(-2) == t.shape[-1] or t.shape[-2] == 1)
-        t = t if dense else t.contiguous()
-        dims = t.dim() - inner
-        own = [0 if size == 1 else st for size, st in zip(t.shape[:dims], t.stride()[:dims])]
+        t, st = (tensors["S0"], [0, 0, 0]) if tensors[k] is None else batch_strided(tensors[k], 2 if k in _MATRIX else 1)
         args.append(t)
-        strides += [0] * (3 - dims) + own
+        strides += st
     return args, strides
 
 
-def _grid(batch: torch.Size) -> tuple[int, int, int]:
+def grid(batch: torch.Size) -> tuple[int, int, int]:
     """(N, N1, N2): programs, and the sizes of the last two of the 3 (left-padded) batch dims."""
     b = (1,) * (3 - len(batch)) + tuple(batch)
     return b[0] * b[1] * b[2], b[1], b[2]
@@ -407,7 +407,7 @@ def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: tor
     batch = _check(tensors)
     args, strides = _strided(tensors, batch)
     C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
-    N, N1, N2 = _grid(batch)
+    N, N1, N2 = grid(batch)
     momentum = P0 is not None
     out = X.new_empty(*batch, C, O) if Q is not None else X.new_empty(0)
     S_end = S0.new_empty(*batch, O, I)
@@ -452,7 +452,7 @@ def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tenso
     batch = _check(tensors)
     args, strides = _strided(tensors, batch)
     C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
-    N, N1, N2 = _grid(batch)
+    N, N1, N2 = grid(batch)
     momentum = P0 is not None
     grads = _full_grads(tensors, batch)
     dS0, dP0, dX, dG, dXS, dQ, dLA, dETA, dLM, dSC = grads
