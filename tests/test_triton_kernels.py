@@ -34,7 +34,7 @@ def one_autotune_config():
     """The interpreter cannot benchmark autotune configs: keep the first one while interpreting."""
     from nl.ops import triton_dgd, triton_memory
     kernels = [triton_dgd._dgd_chunk_kernel, triton_dgd._dgd_chunk_bwd_kernel, triton_memory._mlp_factors_kernel,
-               triton_memory._mlp_factors_bwd_kernel]
+               triton_memory._mlp_factors_bwd_kernel]  # (nl.ops.triton_gates has no autotuned kernel)
     configs = [k.configs for k in kernels]
     if os.environ.get("TRITON_INTERPRET") == "1":
         for k in kernels:
@@ -174,6 +174,40 @@ def test_mlp_grad_factors_kernel_equals_torch_form(self_target, normalized, used
         assert a.shape == b.shape and rel(a, b) < 1e-12, (name, rel(a, b))
     for name, a, b in zip(("W1", "W2", "k", "v"), grads, ref_grads):
         assert a.shape == b.shape and b.abs().sum() > 0 and rel(a, b) < 1e-10, (name, rel(a, b))
+
+
+def test_gate_and_l2norm_kernels_equal_torch_forms():
+    """nl::l2norm and nl::gate (model.hope.kernel=triton's `_derive`) equal titans.l2norm and scale * sigmoid /
+    logsigmoid + offset of the logit x . w + b, values and gradients of x, w and b, in float64: x a strided
+    slice of the stacked generator outputs, w and b per head shared by the sequences (read in place, their
+    gradients summed), C 5 and d 6 (padded tiles), logits up to |z| ~ 60 (logsigmoid stays finite)."""
+    from nl.ops import triton_gates
+    from nl.ops.titans import l2norm
+    g = torch.Generator().manual_seed(4)
+    stacked = torch.randn(2, 3, 2, 5, 6, generator=g, dtype=torch.float64)
+    stacked[0, 1, 0, 2] *= 30  # large logits
+    w, b = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
+    dy_n, dy_g = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, generator=g,
+                                                                                       dtype=torch.float64)
+    for activation, scale, offset in (("sigmoid", 0.3, 0.0), ("logsigmoid", 1.0, -0.69)):
+        results = []
+        for fused in (False, True):
+            leaves = [t.clone().to(DEVICE).requires_grad_() for t in (stacked, w, b)]
+            x = leaves[0][:, 1]  # [B, H, C, d], not contiguous
+            if fused:
+                n = triton_gates.l2norm(x, 1e-6)
+                y = triton_gates.gate(x, leaves[1][:, None, :], leaves[2][:, None], activation, scale, offset)
+            else:
+                n = l2norm(x)
+                z = (x * leaves[1][:, None, :]).sum(-1) + leaves[2][:, None]
+                y = scale * torch.sigmoid(z) if activation == "sigmoid" else torch.nn.functional.logsigmoid(z) + offset
+            loss = (n * dy_n.to(n)).sum() + (y * dy_g.to(y)).sum()
+            results.append(([n.detach().cpu(), y.detach().cpu()], [gr.cpu() for gr in torch.autograd.grad(loss, leaves)]))
+        (ref_outs, ref_grads), (outs, grads) = results
+        for a, r in zip(outs, ref_outs):
+            assert torch.isfinite(a).all() and rel(a, r) < 1e-12, (activation, rel(a, r))
+        for name, a, r in zip(("x", "w", "b"), grads, ref_grads):
+            assert a.shape == r.shape and r.abs().sum() > 0 and rel(a, r) < 1e-12, (activation, name, rel(a, r))
 
 
 def test_chunk_kernel_end_state_without_read():
@@ -325,7 +359,8 @@ def test_auto_is_torch_on_cpu_tensors():
 
 def test_custom_op_registration():
     """torch.library.opcheck: the ops' fake (meta) functions, schemas and autograd registrations agree with them,
-    so torch.compile and FSDP2 can treat nl::dgd_chunk and nl::mlp_grad_factors as one opaque call each."""
+    so torch.compile and FSDP2 can treat nl::dgd_chunk, nl::mlp_grad_factors, nl::l2norm and nl::gate as one
+    opaque call each."""
     import nl.ops.triton_dgd  # noqa: F401  (registers the ops)
     inputs = {k: None if v is None else v.to(DEVICE).requires_grad_(k != "X") for k, v in chunk_inputs(5, True).items()}
     XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
@@ -342,6 +377,11 @@ def test_custom_op_registration():
     for flags in ((True, True), (False, False)):
         torch.library.opcheck(torch.ops.nl.mlp_grad_factors.default, (W1, W2, k, v, *flags),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
+    w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
+    for op, args in ((torch.ops.nl.l2norm.default, (k, 1e-6)), (torch.ops.nl.gate.default, (k, w, b, "sigmoid", 0.5, 0.0)),
+                     (torch.ops.nl.gate.default, (k, w, b, "logsigmoid", 1.0, -0.1))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_kernel_path_forms_no_gate_matrices(monkeypatch):
@@ -369,8 +409,8 @@ def test_kernel_path_forms_no_gate_matrices(monkeypatch):
 
 def test_launch_counter_counts_the_fused_calls():
     """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes one Triton launch per memory layer and
-    chunk in the forward (2 generator layers + 2 memory layers, 2 chunks) and one per MLP memory's gradient
-    factors, and fewer aten launches than torch."""
+    chunk in the forward (2 generator layers + 2 memory layers, 2 chunks), one per MLP memory's gradient
+    factors and one per l2norm and gate, and fewer aten launches than torch."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -380,9 +420,10 @@ def test_launch_counter_counts_the_fused_calls():
     counts = {k: bench.count(small(chunk=4, kernel=k, recompute_chunks=False), T=8, B=1, whole_block=False)
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
-    # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory)
-    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2)
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2)
+    # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory
+    # + the generators' l2norms of q, k, v and gates eta, alpha, mu)
+    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 6)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 6)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

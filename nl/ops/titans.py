@@ -126,22 +126,37 @@ def initial_state(states: dict[str, Memory], cfg: RecurrenceConfig) -> Recurrent
 
 def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], readout: dict[str, torch.Tensor],
             cfg: RecurrenceConfig):
-    """q, k, v [B, H, N, d] and eta, log_alpha, log_mu [B, H, N] from generator outputs or static inputs."""
-    def logit(name: str, source: str) -> torch.Tensor:
-        if source in gen:  # w [H, d], b [H] against [B, H, N, d]
-            return (gen[source] * readout[f"w_{name}"][:, None, :]).sum(-1) + readout[f"b_{name}"][:, None]
-        return static[name]
+    """q, k, v [B, H, N, d] and eta, log_alpha, log_mu [B, H, N] from generator outputs or static inputs.
+    kernel=triton (auto on CUDA): the l2norms and the generated gates are one fused kernel each
+    (`nl.ops.triton_gates`), the same functions."""
+    q_in = gen["q"] if "q" in gen else static["q"]
+    fused = resolve_kernel(cfg.kernel, q_in) == "triton"
+    if fused:
+        from nl.ops import triton_gates
+    norm = (lambda x: triton_gates.l2norm(x, 1e-6)) if fused else l2norm
 
-    q = l2norm(gen["q"] if "q" in gen else static["q"])
-    k = l2norm(gen["k"] if "k" in gen else static["k"])
+    def gate(name: str, source: str, log: bool, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        """scale * sigmoid(logit), or logsigmoid(logit) + offset (log); the logit w . A(z) + b from the generator
+        `source` (w [H, d], b [H] against [B, H, N, d]), or given in static."""
+        if source in gen and fused:
+            return triton_gates.gate(gen[source], readout[f"w_{name}"][:, None, :], readout[f"b_{name}"][:, None],
+                                     "logsigmoid" if log else "sigmoid", scale, offset)
+        if source in gen:
+            z = (gen[source] * readout[f"w_{name}"][:, None, :]).sum(-1) + readout[f"b_{name}"][:, None]
+        else:
+            z = static[name]
+        if not log:
+            return scale * torch.sigmoid(z)
+        return F.logsigmoid(z) + offset if offset else F.logsigmoid(z)
+
+    q = norm(q_in)
+    k = norm(gen["k"] if "k" in gen else static["k"])
     v = gen["v"] if "v" in gen else static["v"]
     if cfg.normalize_v and cfg.target == "self":
-        v = l2norm(v)
-    eta = cfg.eta_max * torch.sigmoid(logit("eta", "eta"))
-    log_alpha = F.logsigmoid(logit("alpha", "alpha")) if cfg.retention else torch.zeros_like(eta)
-    log_mu = F.logsigmoid(logit("mu", "eta")) if cfg.momentum else None
-    if log_mu is not None and cfg.momentum_max != 1.0:
-        log_mu = log_mu + math.log(cfg.momentum_max)
+        v = norm(v)
+    eta = gate("eta", "eta", False, scale=cfg.eta_max)
+    log_alpha = gate("alpha", "alpha", True) if cfg.retention else torch.zeros_like(eta)
+    log_mu = gate("mu", "eta", True, offset=math.log(cfg.momentum_max)) if cfg.momentum else None
     return q, k, v, eta, log_alpha, log_mu
 
 
