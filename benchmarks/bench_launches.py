@@ -239,9 +239,10 @@ class CompiledLaunchCounter(TorchDispatchMode):
         titans._run_chunk, titans._chunk_loop_in_python = run_chunk, chunk_loop
         kernels = []
         if "nl.ops.triton_dgd" in sys.modules:
-            dgd, mem = sys.modules["nl.ops.triton_dgd"], sys.modules["nl.ops.triton_memory"]
+            dgd, mem, gates = (sys.modules[f"nl.ops.{m}"] for m in ("triton_dgd", "triton_memory", "triton_gates"))
             kernels = [(dgd, "_dgd_chunk_kernel"), (dgd, "_dgd_chunk_bwd_kernel"), (mem, "_mlp_factors_kernel"),
-                       (mem, "_mlp_factors_bwd_kernel")]
+                       (mem, "_mlp_factors_bwd_kernel"), (gates, "_l2norm_kernel"), (gates, "_l2norm_bwd_kernel"),
+                       (gates, "_gate_kernel"), (gates, "_gate_bwd_kernel")]
             originals += [getattr(o, n) for o, n in kernels]
             for o, n in kernels:
                 setattr(o, n, NoLaunch())
@@ -265,6 +266,7 @@ def count_compiled(cfg, T: int, B: int, whole_block: bool, codegen: str = "cpp")
     titans.CHUNK_COMPILE_BACKEND = "inductor"
     if cfg.hope.kernel == "triton":  # imported before patching: their kernels become no-ops
         import nl.ops.triton_dgd  # noqa: F401
+        import nl.ops.triton_gates  # noqa: F401
         import nl.ops.triton_memory  # noqa: F401
     torch.manual_seed(0)
     block = HopeBlock(cfg)

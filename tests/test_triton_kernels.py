@@ -176,6 +176,27 @@ def test_mlp_grad_factors_kernel_equals_torch_form(self_target, normalized, used
         assert a.shape == b.shape and b.abs().sum() > 0 and rel(a, b) < 1e-10, (name, rel(a, b))
 
 
+def test_mlp_apply_kernel_equals_memory_apply():
+    """nl::mlp_apply (the generators' M(z) = z + W1 silu(W2 z) with kernel=triton) equals delta_rule.memory_apply
+    in float64, values and the gradients of W1, W2 and z: z shared by the stacked generators and the weights by
+    the sequences (read in place, gradients summed back), C 5, d 6, hidden 12 (padded tiles)."""
+    from nl.ops.delta_rule import memory_apply
+    from nl.ops.triton_memory import mlp_apply
+    g = torch.Generator().manual_seed(6)
+    W1, W2, z = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 3, 2, 6, 12), (1, 3, 2, 12, 6),
+                                                                                 (2, 1, 2, 5, 6)))
+    dy = torch.randn(2, 3, 2, 5, 6, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda a, b, x: memory_apply((a, b), x), mlp_apply):
+        leaves = [t.clone().to(DEVICE).requires_grad_() for t in (W1, W2, z)]
+        out = fn(*leaves)
+        results.append((out.detach().cpu(), [gr.cpu() for gr in torch.autograd.grad((out * dy.to(out)).sum(), leaves)]))
+    (ref, ref_grads), (out, grads) = results
+    assert rel(out, ref) < 1e-12
+    for name, a, r in zip(("W1", "W2", "z"), grads, ref_grads):
+        assert a.shape == r.shape and rel(a, r) < 1e-12, (name, rel(a, r))
+
+
 def test_gate_and_l2norm_kernels_equal_torch_forms():
     """nl::l2norm and nl::gate (model.hope.kernel=triton's `_derive`) equal titans.l2norm and scale * sigmoid /
     logsigmoid + offset of the logit x . w + b, values and gradients of x, w and b, in float64: x a strided
@@ -359,8 +380,8 @@ def test_auto_is_torch_on_cpu_tensors():
 
 def test_custom_op_registration():
     """torch.library.opcheck: the ops' fake (meta) functions, schemas and autograd registrations agree with them,
-    so torch.compile and FSDP2 can treat nl::dgd_chunk, nl::mlp_grad_factors, nl::l2norm and nl::gate as one
-    opaque call each."""
+    so torch.compile and FSDP2 can treat nl::dgd_chunk, nl::mlp_grad_factors, nl::mlp_apply, nl::l2norm and
+    nl::gate as one opaque call each."""
     import nl.ops.triton_dgd  # noqa: F401  (registers the ops)
     inputs = {k: None if v is None else v.to(DEVICE).requires_grad_(k != "X") for k, v in chunk_inputs(5, True).items()}
     XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
@@ -377,6 +398,8 @@ def test_custom_op_registration():
     for flags in ((True, True), (False, False)):
         torch.library.opcheck(torch.ops.nl.mlp_grad_factors.default, (W1, W2, k, v, *flags),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nl.mlp_apply.default, (W1, W2, k),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
     w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
     for op, args in ((torch.ops.nl.l2norm.default, (k, 1e-6)), (torch.ops.nl.gate.default, (k, w, b, "sigmoid", 0.5, 0.0)),
@@ -410,7 +433,7 @@ def test_kernel_path_forms_no_gate_matrices(monkeypatch):
 def test_launch_counter_counts_the_fused_calls():
     """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes one Triton launch per memory layer and
     chunk in the forward (2 generator layers + 2 memory layers, 2 chunks), one per MLP memory's gradient
-    factors and one per l2norm and gate, and fewer aten launches than torch."""
+    factors, MLP on z, l2norm and gate, and fewer aten launches than torch."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -421,9 +444,9 @@ def test_launch_counter_counts_the_fused_calls():
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
     # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory
-    # + the generators' l2norms of q, k, v and gates eta, alpha, mu)
-    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 6)
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 6)
+    # + the generators' MLP on z, their l2norms of q, k, v and gates eta, alpha, mu)
+    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 1 + 6)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 1 + 6)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

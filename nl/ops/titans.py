@@ -170,6 +170,14 @@ def _reads_hidden(i: int, layers: Memory) -> bool:
     return len(layers) == 2 and i == 0
 
 
+def _apply(A: Memory, z: torch.Tensor, cfg: RecurrenceConfig) -> torch.Tensor:
+    """M(z) (`memory_apply`); kernel=triton (auto on CUDA), MLP memory: one fused kernel (`triton_memory.mlp_apply`)."""
+    if len(A) == 2 and resolve_kernel(cfg.kernel, z) == "triton":
+        from nl.ops.triton_memory import mlp_apply
+        return mlp_apply(A[0], A[1], z)
+    return memory_apply(A, z)
+
+
 def _target(A: Memory, v: torch.Tensor, cfg: RecurrenceConfig) -> torch.Tensor:
     return memory_apply(A, v) if cfg.target == "self" else v
 
@@ -374,7 +382,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
             S = tuple(torch.zeros_like(w) for w in S)
         def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
             A = S if gen_dev_init is None else _layers_from_deviation(S, gen_dev_init)
-            out = memory_apply(A, zc[:, None])
+            out = _apply(A, zc[:, None], cfg)
             gen = {n: out[:, i] for i, n in enumerate(gen_names)}
             q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None],
@@ -407,7 +415,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
                            matrices=resolve_kernel(cfg.kernel, c["eta"]) == "torch")
         A = S if dev_init is None else _layers_from_deviation(S, dev_init)
         mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
-        o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else memory_apply(A, c["q"])
+        o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else _apply(A, c["q"], cfg)
         return (o, *mem.ends(cfg.momentum))
 
     # Split every input into chunks once: the backward of split is one concatenation, where the

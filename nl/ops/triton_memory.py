@@ -234,3 +234,100 @@ def _backward(ctx, g_h, g_g1, g_hout, g_g2, g_pre):
 
 
 mlp_grad_factors.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ M(z) = z + W1 silu(W2 z) -------
+
+@triton.jit
+def _mlp_apply_kernel(W1, W2, Z, OUT, C, D, HID, N1, N2, s_W1_0, s_W1_1, s_W1_2, s_W2_0, s_W2_1, s_W2_2,
+                      s_Z_0, s_Z_1, s_Z_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    n = tl.program_id(0)
+    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
+    rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
+    mc, md, mh = rc < C, rd < D, rh < HID
+    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + rd[:, None] * HID + rh[None, :],
+                 mask=md[:, None] & mh[None, :], other=0.)
+    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + rh[:, None] * D + rd[None, :],
+                 mask=mh[:, None] & md[None, :], other=0.)
+    z = tl.load(Z + n0 * s_Z_0 + n1 * s_Z_1 + n2 * s_Z_2 + rc[:, None] * D + rd[None, :],
+                mask=mc[:, None] & md[None, :], other=0.)
+    pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
+    out = z + tl.dot(pre * tl.sigmoid(pre), tl.trans(w1), input_precision=PRECISION)
+    tl.store(OUT + n * C * D + rc[:, None] * D + rd[None, :], out, mask=mc[:, None] & md[None, :])
+
+
+@triton.jit
+def _mlp_apply_bwd_kernel(W1, W2, Z, DOUT, dW1, dW2, dZ, C, D, HID, N1, N2, s_W1_0, s_W1_1, s_W1_2,
+                          s_W2_0, s_W2_1, s_W2_2, s_Z_0, s_Z_1, s_Z_2, BC: tl.constexpr, BD: tl.constexpr,
+                          BH: tl.constexpr, PRECISION: tl.constexpr):
+    """out = z + h W1^T, h = silu(pre), pre = z W2^T, recomputed, then reversed."""
+    n = tl.program_id(0)
+    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
+    rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
+    mc, md, mh = rc < C, rd < D, rh < HID
+    m_cd, m_dh, m_hd = mc[:, None] & md[None, :], md[:, None] & mh[None, :], mh[:, None] & md[None, :]
+    p_cd, p_dh, p_hd = rc[:, None] * D + rd[None, :], rd[:, None] * HID + rh[None, :], rh[:, None] * D + rd[None, :]
+    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + p_dh, mask=m_dh, other=0.)
+    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + p_hd, mask=m_hd, other=0.)
+    z = tl.load(Z + n0 * s_Z_0 + n1 * s_Z_1 + n2 * s_Z_2 + p_cd, mask=m_cd, other=0.)
+    dout = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
+    pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
+    sg = tl.sigmoid(pre)
+    dpre = tl.dot(dout, w1, input_precision=PRECISION) * sg * (1 + pre * (1 - sg))
+    tl.store(dW1 + n * D * HID + p_dh, tl.dot(tl.trans(dout), pre * sg, input_precision=PRECISION), mask=m_dh)
+    tl.store(dW2 + n * HID * D + p_hd, tl.dot(tl.trans(dpre), z, input_precision=PRECISION), mask=m_hd)
+    tl.store(dZ + n * C * D + p_cd, dout + tl.dot(dpre, w2, input_precision=PRECISION), mask=m_cd)
+
+
+def _apply_prepare(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor):
+    batch, args, strides, C, D, HID = _prepare(W1, W2, z, z)
+    return batch, args[:3], strides[:9], C, D, HID
+
+
+@torch.library.custom_op("nl::mlp_apply", mutates_args=())
+def mlp_apply(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """M(z) = z + W1 silu(W2 z) for W1 [*, d, hidden], W2 [*, hidden, d], z [*, C, d] (up to 3 batch dims,
+    broadcast to [*b]; shared inputs read in place): [*b, C, d] (`delta_rule.memory_apply` of an MLP memory)."""
+    batch, args, strides, C, D, HID = _apply_prepare(W1, W2, z)
+    N, N1, N2 = grid(batch)
+    out = z.new_empty(*batch, C, D)
+    _mlp_apply_kernel[(N,)](*args, out, C, D, HID, N1, N2, *strides, BC=_block(C), BD=_block(D), BH=_block(HID),
+                            PRECISION="ieee")
+    return out
+
+
+@mlp_apply.register_fake
+def _(W1, W2, z):
+    return z.new_empty(*torch.broadcast_shapes(W1.shape[:-2], W2.shape[:-2], z.shape[:-2]), *z.shape[-2:])
+
+
+@torch.library.custom_op("nl::mlp_apply_backward", mutates_args=())
+def mlp_apply_backward(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor,
+                       g_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `mlp_apply` w.r.t. W1, W2 and z over the whole batch [*b, ...]; g_out [*b, C, d] contiguous."""
+    batch, args, strides, C, D, HID = _apply_prepare(W1, W2, z)
+    N, N1, N2 = grid(batch)
+    dW1, dW2, dz = W1.new_empty(*batch, D, HID), W2.new_empty(*batch, HID, D), z.new_empty(*batch, C, D)
+    _mlp_apply_bwd_kernel[(N,)](*args, g_out, dW1, dW2, dz, C, D, HID, N1, N2, *strides, BC=_block(C),
+                                BD=_block(D), BH=_block(HID), PRECISION="ieee")
+    return dW1, dW2, dz
+
+
+@mlp_apply_backward.register_fake
+def _(W1, W2, z, g_out):
+    batch = torch.broadcast_shapes(W1.shape[:-2], W2.shape[:-2], z.shape[:-2])
+    return W1.new_empty(*batch, *W1.shape[-2:]), W2.new_empty(*batch, *W2.shape[-2:]), z.new_empty(*batch, *z.shape[-2:])
+
+
+def _apply_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _apply_bwd(ctx, g_out):
+    W1, W2, z = ctx.saved_tensors
+    grads = mlp_apply_backward(W1, W2, z, g_out.contiguous())
+    return tuple(g.sum_to_size(t.shape) for g, t in zip(grads, (W1, W2, z)))
+
+
+mlp_apply.register_autograd(_apply_bwd, setup_context=_apply_setup)
