@@ -103,23 +103,23 @@ def test_chunk_kernel_equals_token_by_token(dtype, tol, C, momentum, dgd, given_
 
 
 @pytest.mark.parametrize("momentum,given_xs", [(True, False), (False, True)])
-def test_chunk_kernel_input_scale_equals_scaled_inputs(momentum, given_xs):
-    """x_scale r (the normalised step's 1 / ||x||, applied on chip): the kernel equals the float64 per-token
-    reference stepped on r x with gradient factor r g, and XS = (r X) S0^T when it is passed in; the gradients
-    of every input, r's own included (it reaches r through x, g and XS), equal the reference's."""
+def test_chunk_kernel_normalized_input_equals_reference(momentum, given_xs):
+    """normalize_x (the normalised step, formed on chip): the kernel equals the float64 per-token reference
+    stepped on x / ||x|| with gradient factor g / ||x|| (and XS = X S0^T scaled alike when it is passed in),
+    values and the gradients of every input, x's through its norm included."""
     from nl.ops.triton_dgd import dgd_chunk
     inputs = chunk_inputs(6, momentum, seed=2)
     g = torch.Generator().manual_seed(5)
     inputs["X"] = inputs["X"] * (0.5 + 2 * torch.rand(3, 6, 1, generator=g, dtype=torch.float64))  # not unit
-    inputs["r"] = 1 / inputs["X"].norm(dim=-1)
 
-    def fused(S0, P0, X, G, Q, log_alpha, eta, log_mu, r, dgd):
+    def fused(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
         XS = X @ S0.mT if given_xs else None
-        out, S, P = dgd_chunk(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, r)
+        out, S, P = dgd_chunk(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, True)
         return out, S, (P if P0 is not None else None)
 
-    def reference(S0, P0, X, G, Q, log_alpha, eta, log_mu, r, dgd):
-        return token_by_token(S0, P0, X * r[..., None], G * r[..., None], Q, log_alpha, eta, log_mu, dgd)
+    def reference(S0, P0, X, G, Q, log_alpha, eta, log_mu, dgd):
+        r = 1 / X.norm(dim=-1, keepdim=True)
+        return token_by_token(S0, P0, X * r, G * r, Q, log_alpha, eta, log_mu, dgd)
 
     ref_outs, ref_grads = values_and_grads(reference, inputs, True, torch.float64)
     outs, grads = values_and_grads(fused, inputs, True, torch.float64)
@@ -387,8 +387,7 @@ def test_custom_op_registration():
     XS = (inputs["X"] @ inputs["S0"].mT).detach().requires_grad_()
     args = (inputs["S0"], inputs["P0"], inputs["X"], inputs["G"], XS, inputs["Q"], inputs["log_alpha"], inputs["eta"],
             inputs["log_mu"], True)
-    scale = torch.rand(inputs["eta"].shape, dtype=inputs["eta"].dtype, device=DEVICE).requires_grad_()
-    for extra in ((), (scale,)):  # x_scale absent (its default) and given
+    for extra in ((), (True,)):  # normalize_x at its default and on
         torch.library.opcheck(torch.ops.nl.dgd_chunk.default, args + extra,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_memory  # noqa: F401  (registers nl::mlp_grad_factors)

@@ -155,15 +155,15 @@ class ChunkLayer:
     S0, P0: [..., O, I] anchor and momentum at the chunk start (P0 None without momentum);
     X: [..., C, I] layer inputs x_t; G: [..., C, O] gradient factors g_t (grad_S L_t = g_t x_t^T,
     computed at the anchor); gates: ChunkGates broadcastable to [..., C]; XS: X @ S0^T [..., C, O]
-    when the caller already has it (the anchor's own output on X; computed here otherwise). x_scale [..., C]:
-    a per-token factor r_t of the input: the layer is stepped on r_t x_t with gradient factor r_t g_t (XS
-    scaled with it), as the normalised step needs (r = 1 / ||x||, `input_norm`); None: 1."""
+    when the caller already has it (the anchor's own output on X; computed here otherwise). normalize_x: the
+    normalised step, the layer is stepped on r_t x_t with gradient factor r_t g_t (XS scaled with it),
+    r_t = 1 / ||x_t|| (`input_norm`)."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
                  gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None,
-                 x_scale: torch.Tensor | None = None) -> None:
-        if x_scale is not None:
-            r = x_scale[..., None]
+                 normalize_x: bool = False) -> None:
+        if normalize_x:
+            r = input_norm(X).reciprocal()
             X, G, XS = X * r, G * r, None if XS is None else XS * r
         self.S0, self.P0, self.X, self.g = S0, P0, X, gates
         eta = gates.eta[..., None]
@@ -213,17 +213,17 @@ KERNELS = ("auto", "torch", "triton")
 
 
 def chunk_layer(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, gates: ChunkGates,
-                dgd: bool, XS: torch.Tensor | None = None, kernel: str = "torch", x_scale: torch.Tensor | None = None):
+                dgd: bool, XS: torch.Tensor | None = None, kernel: str = "torch", normalize_x: bool = False):
     """The one dispatch point of the chunk step: `ChunkLayer` (kernel="torch"), or the fused Triton kernel
     (kernel="triton": `nl.ops.triton_dgd.FusedChunkLayer`, same interface); "auto" picks triton for CUDA
     tensors when Triton imports, torch otherwise. Arguments as `ChunkLayer`."""
     kernel = resolve_kernel(kernel, X)
     if kernel == "triton":
         from nl.ops.triton_dgd import FusedChunkLayer
-        return FusedChunkLayer(S0, P0, X, G, gates, dgd, XS, x_scale)
+        return FusedChunkLayer(S0, P0, X, G, gates, dgd, XS, normalize_x)
     if kernel != "torch":
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    return ChunkLayer(S0, P0, X, G, gates, dgd, XS, x_scale)
+    return ChunkLayer(S0, P0, X, G, gates, dgd, XS, normalize_x)
 
 
 def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
@@ -253,7 +253,10 @@ def check_kernel(kernel: str) -> None:
                          "on CPU, slowly): use model.hope.kernel=auto or torch here")
 
 
-def input_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+INPUT_NORM_EPS = 1e-6
+
+
+def input_norm(x: torch.Tensor, eps: float = INPUT_NORM_EPS) -> torch.Tensor:
     """max(||x||, eps) over the last dim, kept: [..., I] -> [..., 1]. The normalised step uses x / n in
     DGD's decay and g x^T / n^2 as the gradient term (normalised LMS): the step then changes the
     layer's output on x by -eta g whatever the scale of x, as arXiv Eq. 57 assumes (||x|| = 1)."""

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nl.ops.delta_rule import ChunkGates
+from nl.ops.delta_rule import INPUT_NORM_EPS, ChunkGates
 
 
 @triton.jit
@@ -68,13 +68,13 @@ def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISI
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, OUT, S_END, P_END, C, I, O, N1, N2,
+def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O, N1, N2,
                       s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
                       s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0, s_ETA_1, s_ETA_2,
-                      s_LM_0, s_LM_1, s_LM_2, s_SC_0, s_SC_1, s_SC_2,
+                      s_LM_0, s_LM_1, s_LM_2,
                       BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
-                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, HAS_SC: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr,
+                      EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
     # Batch index (n0, n1, n2) of this program; each input is read through its own batch strides (0 where
     # it is broadcast: k and the gates shared by the generators, the initial state shared by the sequences).
@@ -90,9 +90,9 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, OUT, S_END, P_END, C
                  mask=mo[:, None] & mi[None, :], other=0.)
     la = tl.load(LA + n0 * s_LA_0 + n1 * s_LA_1 + n2 * s_LA_2 + rc, mask=mc, other=0.)
     eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
-    sc = eta  # read only with HAS_SC
-    if HAS_SC:  # per-token input scale r_t: the layer reads r_t x_t with gradient factor r_t g_t (and XS r_t)
-        sc = tl.load(SC + n0 * s_SC_0 + n1 * s_SC_1 + n2 * s_SC_2 + rc, mask=mc, other=0.)
+    sc = eta  # used only with NORM_X
+    if NORM_X:  # the normalised step: the layer reads r_t x_t, gradient factor r_t g_t (and XS r_t), r = 1/||x_t||
+        sc = 1 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)
         x = x * sc[:, None]
         g = g * sc[:, None]
 
@@ -112,7 +112,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, OUT, S_END, P_END, C
         if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
             xs = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + rc[:, None] * O + ro[None, :],
                          mask=mc[:, None] & mo[None, :], other=0.)
-            if HAS_SC:
+            if NORM_X:
                 xs = xs * sc[:, None]
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
@@ -153,14 +153,14 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, OUT, S_END, P_END, C
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA,
-                          dETA, dLM, dSC, C, I, O, N1, N2,
+def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA, dETA,
+                          dLM, C, I, O, N1, N2,
                           s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
                           s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2,
-                          s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2, s_SC_0, s_SC_1, s_SC_2,
+                          s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2,
                           BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
                           MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
-                          HAS_SC: tl.constexpr, PRECISION: tl.constexpr):
+                          NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
     """Gradients of one chunk step: the forward's intermediates are recomputed on chip (nothing was saved
     but the inputs), then every product of the forward is transposed in reverse order. Inputs are read through
     their batch strides (as the forward); the output gradients and gradients are contiguous over the whole batch
@@ -179,9 +179,10 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, DOUT, DS, DP, dS
     eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
     row, col = rc[:, None], rc[None, :]
     # ---- forward, recomputed (as _dgd_chunk_kernel)
-    x_in, g_in, sc = x, g, eta  # the unscaled inputs (for the scale's gradient); sc read only with HAS_SC
-    if HAS_SC:
-        sc = tl.load(SC + n0 * s_SC_0 + n1 * s_SC_1 + n2 * s_SC_2 + rc, mask=mc, other=0.)
+    x_in, g_in, sc, norm = x, g, eta, eta  # the unscaled inputs (for r's gradient); sc, norm used only with NORM_X
+    if NORM_X:
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        sc = 1 / tl.maximum(norm, EPS)
         x = x * sc[:, None]
         g = g * sc[:, None]
     lmu = la  # read only with MOMENTUM
@@ -200,7 +201,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, DOUT, DS, DP, dS
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:
             xs_in = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + p_co, mask=m_co, other=0.)
-            xs = xs_in * sc[:, None] if HAS_SC else xs_in
+            xs = xs_in * sc[:, None] if NORM_X else xs_in
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
         base = gp[:, None] * xs + tl.dot(Ep * XX, w, input_precision=PRECISION)
@@ -286,7 +287,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, DOUT, DS, DP, dS
             dx += tl.dot(dXP, p0, input_precision=PRECISION)
             dp0 += tl.dot(tl.trans(dXP), x, input_precision=PRECISION)
         if HAS_XS:
-            if HAS_SC:
+            if NORM_X:
                 dsc += tl.sum(dxs * xs_in, 1)
                 dxs = dxs * sc[:, None]
             tl.store(dXS + n * C * O + p_co, dxs, mask=m_co)
@@ -298,11 +299,10 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, SC, DOUT, DS, DP, dS
     dg = -eta[:, None] * dw
     deta -= tl.sum(dw * g, 1)
     tl.store(dETA + n * C + rc, deta, mask=mc)
-    if HAS_SC:  # x = r x_in, g = r g_in
+    if NORM_X:  # x = r x_in, g = r g_in, r = 1 / max(||x_in||, EPS): dr/dx_in = -r^3 x_in where ||x_in|| > EPS
         dsc += tl.sum(dg * g_in, 1) + tl.sum(dx * x_in, 1)
         dg = dg * sc[:, None]
-        dx = dx * sc[:, None]
-        tl.store(dSC + n * C + rc, dsc, mask=mc)
+        dx = dx * sc[:, None] - tl.where(norm > EPS, dsc * sc * sc * sc, 0.)[:, None] * x_in
     tl.store(dG + n * C * O + p_co, dg, mask=m_co)
     tl.store(dX + n * C * I + p_ci, dx, mask=m_ci)
     tl.store(dS0 + n * O * I + p_oi, ds0, mask=m_oi)
@@ -334,7 +334,7 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
 
 
-INPUTS = ("S0", "P0", "X", "G", "XS", "Q", "log_alpha", "eta", "log_mu", "x_scale")
+INPUTS = ("S0", "P0", "X", "G", "XS", "Q", "log_alpha", "eta", "log_mu")
 _MATRIX = {"S0", "P0", "X", "G", "XS", "Q"}  # [..., rows, cols]; the gates are [..., C]
 
 
@@ -394,16 +394,16 @@ def grid(batch: torch.Size) -> tuple[int, int, int]:
 @torch.library.custom_op("nl::dgd_chunk", mutates_args=())
 def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor, XS: torch.Tensor | None,
               Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
-              dgd: bool, x_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dgd: bool, normalize_x: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused chunk step (module docstring). Inputs with up to 3 leading batch dims that broadcast to one
     batch shape [*b] (a shared input, e.g. k for every generator, is read in place, not copied):
     S0, P0 [*, O, I]; X, Q [*, C, I]; G, XS [*, C, O]; log_alpha, eta, log_mu [*, C]. P0 and log_mu
     together (momentum) or neither. XS: the anchor's output on X that DGD's decay reads (None: X S0^T;
-    `ChunkLayer`'s XS, e.g. X (S0 - M_0)^T for retention toward M_0). x_scale [*, C]: a per-token factor r_t
-    of the layer's input, read as r_t x_t with gradient factor r_t g_t (and r_t XS): the normalised step's
-    1 / ||x_t|| (`ChunkLayer`'s x_scale), applied on chip. None: 1.
+    `ChunkLayer`'s XS, e.g. X (S0 - M_0)^T for retention toward M_0). normalize_x: the normalised step
+    (`ChunkLayer`'s normalize_x): the layer reads r_t x_t with gradient factor r_t g_t (and r_t XS),
+    r_t = 1 / max(||x_t||, 1e-6) (`delta_rule.input_norm`), formed on chip.
     Returns (out [*b, C, O] | empty, S_C [*b, O, I], P_C [*b, O, I] | empty), contiguous."""
-    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, x_scale)))
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
     batch = _check(tensors)
     args, strides = _strided(tensors, batch)
     C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
@@ -414,14 +414,14 @@ def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: tor
     P_end = torch.empty_like(S_end) if momentum else X.new_empty(0)
     _dgd_chunk_kernel[(N,)](*args, out, S_end, P_end if momentum else S_end, C, I, O, N1, N2, *strides,
                             BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
-                            HAS_Q=Q is not None, HAS_XS=XS is not None, HAS_SC=x_scale is not None,
-                            PRECISION="ieee")
+                            HAS_Q=Q is not None, HAS_XS=XS is not None, NORM_X=normalize_x,
+                            EPS=INPUT_NORM_EPS, PRECISION="ieee")
     return out, S_end, P_end
 
 
 @dgd_chunk.register_fake
-def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, x_scale=None):
-    batch = _batch(dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, x_scale))))
+def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, normalize_x=False):
+    batch = _batch(dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu))))
     C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
     out = X.new_empty(*batch, C, O) if Q is not None else X.new_empty(0)
     return out, S0.new_empty(*batch, O, I), S0.new_empty(*batch, O, I) if P0 is not None else X.new_empty(0)
@@ -443,39 +443,38 @@ def _full_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> l
 def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
                        XS: torch.Tensor | None, Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
                        log_mu: torch.Tensor | None, dgd: bool, g_out: torch.Tensor, g_S: torch.Tensor,
-                       g_P: torch.Tensor, x_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, x_scale), one fused kernel that
+                       g_P: torch.Tensor, normalize_x: bool = False) -> list[torch.Tensor]:
+    """Gradients of `dgd_chunk` w.r.t. (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu), one fused kernel that
     recomputes the chunk from its inputs; each over the whole batch [*b, ...] (a broadcast input's gradient is
     summed back to its shape by the caller); an absent input (None) gets an empty tensor. g_out, g_P: empty
     when there is no Q / no momentum, else contiguous [*b, ...] like the outputs. Shapes as `dgd_chunk`."""
-    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, x_scale)))
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
     batch = _check(tensors)
     args, strides = _strided(tensors, batch)
     C, I, O = X.shape[-2], X.shape[-1], G.shape[-1]
     N, N1, N2 = grid(batch)
     momentum = P0 is not None
     grads = _full_grads(tensors, batch)
-    dS0, dP0, dX, dG, dXS, dQ, dLA, dETA, dLM, dSC = grads
+    dS0, dP0, dX, dG, dXS, dQ, dLA, dETA, dLM = grads
     if XS is not None and not dgd:
         dXS.zero_()  # only DGD's decay reads XS
     _dgd_chunk_bwd_kernel[(N,)](*args, g_out if Q is not None else G, g_S, g_P if momentum else g_S, dS0,
                                 dP0 if momentum else dS0, dX, dG, dXS if XS is not None else dG,
-                                dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA,
-                                dSC if x_scale is not None else dETA, C, I, O, N1, N2, *strides, BC=_block(C),
-                                BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum, HAS_Q=Q is not None,
-                                HAS_XS=XS is not None, HAS_SC=x_scale is not None, PRECISION="ieee")
+                                dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA, C, I, O, N1, N2,
+                                *strides, BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
+                                HAS_Q=Q is not None, HAS_XS=XS is not None, NORM_X=normalize_x, EPS=INPUT_NORM_EPS,
+                                PRECISION="ieee")
     return grads
 
 
 @dgd_chunk_backward.register_fake
-def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P, x_scale=None):
-    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, x_scale)))
+def _(S0, P0, X, G, XS, Q, log_alpha, eta, log_mu, dgd, g_out, g_S, g_P, normalize_x=False):
+    tensors = dict(zip(INPUTS, (S0, P0, X, G, XS, Q, log_alpha, eta, log_mu)))
     return _full_grads(tensors, _batch(tensors))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, ctx.dgd, x_scale = inputs
-    tensors.append(x_scale)
+    *tensors, ctx.dgd, ctx.normalize_x = inputs
     ctx.absent = [t is None for t in tensors]
     ctx.shapes = [None if t is None else t.shape for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
@@ -491,11 +490,11 @@ def _backward(ctx, g_out, g_S, g_P):
         else g_out
     g_S = S0.new_zeros(*batch, *S0.shape[-2:]) if g_S is None else g_S
     g_P = X.new_empty(0) if P0 is None else S0.new_zeros(*batch, *S0.shape[-2:]) if g_P is None else g_P
-    grads = dgd_chunk_backward(*tensors[:-1], ctx.dgd, g_out.contiguous(), g_S.contiguous(), g_P.contiguous(),
-                               tensors[-1])
+    grads = dgd_chunk_backward(*tensors, ctx.dgd, g_out.contiguous(), g_S.contiguous(), g_P.contiguous(),
+                               ctx.normalize_x)
     # A broadcast input's gradient is the sum over the batch elements that read it (no launch when not broadcast).
     grads = [None if absent else g.sum_to_size(shape) for g, absent, shape in zip(grads, ctx.absent, ctx.shapes)]
-    return (*grads[:-1], None, grads[-1])
+    return (*grads, None, None)
 
 
 dgd_chunk.register_autograd(_backward, setup_context=_setup_context)
@@ -508,20 +507,20 @@ class FusedChunkLayer:
     together, `end_state()` reuses that or runs the kernel without a query. Broadcast batch dims
     (gates shared by memories, k shared by the generators, the initial state shared by the sequences) are
     read in place by the kernel through stride-0 dims, not copied (`dgd_chunk`). XS, the anchor's output on X,
-    is passed on when given (DGD only; without it the kernel forms X S0^T on chip), and so is x_scale."""
+    is passed on when given (DGD only; without it the kernel forms X S0^T on chip); normalize_x on chip."""
 
     def __init__(self, S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: torch.Tensor,
                  gates: ChunkGates, dgd: bool, XS: torch.Tensor | None = None,
-                 x_scale: torch.Tensor | None = None) -> None:
+                 normalize_x: bool = False) -> None:
         self.S0, self.P0, self.X, self.G, self.gates, self.dgd = S0, P0, X, G, gates, dgd
         self.XS = XS if dgd else None  # ChunkLayer reads it only for DGD's decay
-        self.x_scale = x_scale  # applied on chip (no launch for the products r x, r g, r XS and their backward)
+        self.normalize_x = normalize_x  # r = 1/||x|| and the products r x, r g, r XS on chip (and their backward)
         self._ends: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _run(self, Q: torch.Tensor | None):
         g = self.gates
         out, S, P = dgd_chunk(self.S0, self.P0, self.X, self.G, self.XS, Q, g.log_alpha, g.eta,
-                              g.log_mu if g.momentum else None, self.dgd, self.x_scale)
+                              g.log_mu if g.momentum else None, self.dgd, self.normalize_x)
         self._ends = (S, P if self.P0 is not None else None)
         return out if Q is not None else None
 
