@@ -238,11 +238,11 @@ class CompiledLaunchCounter(TorchDispatchMode):
         GraphLowering.compile_to_module = compile_to_module
         titans._run_chunk, titans._chunk_loop_in_python = run_chunk, chunk_loop
         kernels = []
-        if "nl.ops.triton_dgd" in sys.modules:
-            dgd, mem, gates = (sys.modules[f"nl.ops.{m}"] for m in ("triton_dgd", "triton_memory", "triton_gates"))
-            kernels = [(dgd, "_dgd_chunk_kernel"), (dgd, "_dgd_chunk_bwd_kernel"), (mem, "_mlp_factors_kernel"),
-                       (mem, "_mlp_factors_bwd_kernel"), (gates, "_l2norm_kernel"), (gates, "_l2norm_bwd_kernel"),
-                       (gates, "_gate_kernel"), (gates, "_gate_bwd_kernel")]
+        if "nl.ops.triton_dgd" in sys.modules:  # every Triton kernel of our ops: kernel[grid](...) objects
+            modules = [sys.modules[m] for m in ("nl.ops.triton_dgd", "nl.ops.triton_memory", "nl.ops.triton_gates")
+                       if m in sys.modules]
+            kernels = [(m, name) for m in modules for name, f in vars(m).items()
+                       if name.endswith("_kernel") and hasattr(f, "__getitem__")]  # (jit, interpreted or autotuned)
             originals += [getattr(o, n) for o, n in kernels]
             for o, n in kernels:
                 setattr(o, n, NoLaunch())

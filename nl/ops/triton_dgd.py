@@ -10,7 +10,8 @@ log_alpha, eta (and log_mu) [C], the kernel forms in registers, with no round tr
     solve      delta = (I + eta D o XX)^-1 rhs    (the unit-lower inverse by forward substitution)
     read       S_{t-1} q_t for every t  (read before write)       end state S_C (and P_C)
 
-with W = -eta G; the equations are those of `delta_rule` (module docstring there). Returns
+with W = -eta G; the equations are those of `delta_rule` (module docstring there). With normalize_x (the
+normalised step) x_t, g_t (and XS) are first scaled by r_t = 1 / max(||x_t||, 1e-6), on chip. Returns
 (out [*b, C, O] or an empty tensor without Q, S_C [*b, O, I], P_C [*b, O, I] or an empty tensor), [*b] the
 inputs' broadcast batch shape.
 

@@ -15,11 +15,12 @@ whole-MLP normalised step, docs/HOPE.md), a step-size normaliser through which n
 The backward is a second kernel that recomputes the forward from the inputs (nothing else is saved) and
 returns the gradients of W1, W2, k and v (second order in silu: g2's silu'(pre) contributes silu''(pre)).
 
-Where it runs: model.hope.kernel=triton (auto on CUDA) for MLP memories; on one kernel launch forward and
-one backward per memory and chunk it replaces the ~35 forward and ~70 backward aten launches of the PyTorch
-form (benchmarks/bench_launches.py). Inputs float32 or float64, IEEE products (no TF32). Registered with
+Where it runs: model.hope.kernel=triton (auto on CUDA) for MLP memories, one launch forward and one backward
+per memory and chunk (the stacked generators are one call): launches per hope_340m block at T=4096 went from
+19,678 to 13,304 with it (benchmarks/bench_launches.py, docs/BENCHMARKS.md). Inputs float32 or float64, IEEE products (no TF32). Registered with
 torch.library.custom_op (`nl::mlp_grad_factors`, `nl::mlp_grad_factors_backward`): one opaque call each for
-torch.compile and FSDP2. Triton is imported here, so import this module lazily (`titans._grad_factors` does).
+torch.compile and FSDP2. Also here: `nl::mlp_apply`, M(z) itself (the generators' outputs), forward and
+backward kernels. Triton is imported here, so import this module lazily (`titans._grad_factors` does).
 """
 
 from __future__ import annotations
