@@ -227,7 +227,8 @@ def test_gate_and_l2norm_kernels_equal_torch_forms():
                 z = (x * leaves[1][:, None, :]).sum(-1) + leaves[2][:, None]
                 y = scale * torch.sigmoid(z) if activation == "sigmoid" else torch.nn.functional.logsigmoid(z) + offset
             loss = (n * dy_n.to(n)).sum() + (y * dy_g.to(y)).sum()
-            results.append(([n.detach().cpu(), y.detach().cpu()], [gr.cpu() for gr in torch.autograd.grad(loss, leaves)]))
+            grads = [gr.cpu() for gr in torch.autograd.grad(loss, leaves)]
+            results.append(([n.detach().cpu(), y.detach().cpu()], grads))
         (ref_outs, ref_grads), (outs, grads) = results
         for a, r in zip(outs, ref_outs):
             assert torch.isfinite(a).all() and rel(a, r) < 1e-12, (activation, rel(a, r))
@@ -293,7 +294,8 @@ def test_chunk_kernel_reads_broadcast_inputs_in_place():
 
 
 @pytest.mark.parametrize("memory_type,momentum,chunk,extra", [
-    ("linear", True, 4, {}), ("mlp", True, 4, {}), ("mlp", False, 1, {}), ("mlp", True, 1, {}), ("linear", False, 1, {}),
+    ("linear", True, 4, {}), ("mlp", True, 4, {}), ("mlp", False, 1, {}), ("mlp", True, 1, {}),
+    ("linear", False, 1, {}),
     ("mlp", True, 4, {"target": "value", "normalized_step": False})])
 def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, extra, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
@@ -394,7 +396,8 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
     w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
-    for op, args in ((torch.ops.nl.l2norm.default, (k, 1e-6)), (torch.ops.nl.gate.default, (k, w, b, "sigmoid", 0.5, 0.0)),
+    for op, args in ((torch.ops.nl.l2norm.default, (k, 1e-6)),
+                     (torch.ops.nl.gate.default, (k, w, b, "sigmoid", 0.5, 0.0)),
                      (torch.ops.nl.gate.default, (k, w, b, "logsigmoid", 1.0, -0.1))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

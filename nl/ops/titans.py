@@ -280,8 +280,8 @@ class _ChunkMemory:
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             # the normalised step's 1 / ||h||, applied to x, g and xs by the layer (on chip with kernel=triton)
-            self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs, cfg.kernel,
-                                           normalize_x=cfg.normalized_step and _reads_hidden(i, S)))
+            self.layers.append(chunk_layer(carried[i], None if P is None else P[i], x, g, gates, cfg.dgd, xs,
+                                           cfg.kernel, normalize_x=cfg.normalized_step and _reads_hidden(i, S)))
 
     def read_layer(self, i: int, Q: torch.Tensor, Q_init: torch.Tensor | None = None) -> torch.Tensor:
         """Layer i's S_{t-1} Q_t [..., C, O]; Q_init: Q M_0^T when the caller has it."""
@@ -382,7 +382,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
             A = S if gen_dev_init is None else _layers_from_deviation(S, gen_dev_init)
             out = _apply(A, zc[:, None], cfg)
-            gen = dict(zip(gen_names, out.unbind(1)))  # unbind: one stack in the backward, not a zero-padded copy per generator
+            # unbind: one stack in the backward, not a zero-padded copy per generator
+            gen = dict(zip(gen_names, out.unbind(1)))
             q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None],
                                matrices=resolve_kernel(cfg.kernel, eta) == "torch")

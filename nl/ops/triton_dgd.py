@@ -380,7 +380,8 @@ def _strided(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> tupl
     input is a stand-in with strides 0."""
     args, strides = [], []
     for k in INPUTS:
-        t, st = (tensors["S0"], [0, 0, 0]) if tensors[k] is None else batch_strided(tensors[k], 2 if k in _MATRIX else 1)
+        t = tensors[k]
+        t, st = (tensors["S0"], [0, 0, 0]) if t is None else batch_strided(t, 2 if k in _MATRIX else 1)
         args.append(t)
         strides += st
     return args, strides

@@ -17,10 +17,11 @@ returns the gradients of W1, W2, k and v (second order in silu: g2's silu'(pre) 
 
 Where it runs: model.hope.kernel=triton (auto on CUDA) for MLP memories, one launch forward and one backward
 per memory and chunk (the stacked generators are one call): launches per hope_340m block at T=4096 went from
-19,678 to 13,304 with it (benchmarks/bench_launches.py, docs/BENCHMARKS.md). Inputs float32 or float64, IEEE products (no TF32). Registered with
-torch.library.custom_op (`nl::mlp_grad_factors`, `nl::mlp_grad_factors_backward`): one opaque call each for
-torch.compile and FSDP2. Also here: `nl::mlp_apply`, M(z) itself (the generators' outputs), forward and
-backward kernels. Triton is imported here, so import this module lazily (`titans._grad_factors` does).
+19,678 to 13,304 with it (benchmarks/bench_launches.py, docs/BENCHMARKS.md). Inputs float32 or float64, IEEE
+products (no TF32). Registered with torch.library.custom_op (`nl::mlp_grad_factors`,
+`nl::mlp_grad_factors_backward`): one opaque call each for torch.compile and FSDP2. Also here:
+`nl::mlp_apply`, M(z) itself (the generators' outputs), forward and backward kernels. Triton is imported here,
+so import this module lazily (`titans._grad_factors` does).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _(W1, W2, k, v, self_target, normalized):
 def mlp_grad_factors_backward(W1: torch.Tensor, W2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_target: bool,
                               normalized: bool, g_h: torch.Tensor | None, g_g1: torch.Tensor,
                               g_hout: torch.Tensor | None, g_g2: torch.Tensor,
-                              g_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              g_pre: torch.Tensor | None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `mlp_grad_factors` w.r.t. (W1, W2, k, v), each over the whole batch [*b, ...] (the caller sums a
     broadcast input's); output gradients contiguous [*b, ...] (None: that output is unused)."""
     batch, args, strides, C, D, HID = _prepare(W1, W2, k, v)
@@ -318,7 +320,8 @@ def mlp_apply_backward(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor,
 @mlp_apply_backward.register_fake
 def _(W1, W2, z, g_out):
     batch = torch.broadcast_shapes(W1.shape[:-2], W2.shape[:-2], z.shape[:-2])
-    return W1.new_empty(*batch, *W1.shape[-2:]), W2.new_empty(*batch, *W2.shape[-2:]), z.new_empty(*batch, *z.shape[-2:])
+    return (W1.new_empty(*batch, *W1.shape[-2:]), W2.new_empty(*batch, *W2.shape[-2:]),
+            z.new_empty(*batch, *z.shape[-2:]))
 
 
 def _apply_setup(ctx, inputs, output) -> None:
