@@ -201,19 +201,21 @@ def test_mlp_apply_kernel_equals_memory_apply():
         assert a.shape == r.shape and rel(a, r) < 1e-12, (name, rel(a, r))
 
 
-def test_gate_and_l2norm_kernels_equal_torch_forms():
+@pytest.mark.parametrize("C", [5, 150])
+def test_gate_and_l2norm_kernels_equal_torch_forms(C):
     """nl::l2norm and nl::gate (model.hope.kernel=triton's `_derive`) equal titans.l2norm and scale * sigmoid /
     logsigmoid + offset of the logit x . w + b, values and gradients of x, w and b, in float64: x a strided
     slice of the stacked generator outputs, w and b per head shared by the sequences (read in place, their
-    gradients summed), C 5 and d 6 (padded tiles), logits up to |z| ~ 60 (logsigmoid stays finite)."""
+    gradients summed), d 6 (padded tiles), C 5 and 150 (rows in three blocks of 64, the last partial), logits up
+    to |z| ~ 60 (logsigmoid stays finite)."""
     from nl.ops import triton_gates
     from nl.ops.titans import l2norm
     g = torch.Generator().manual_seed(4)
-    stacked = torch.randn(2, 3, 2, 5, 6, generator=g, dtype=torch.float64)
+    stacked = torch.randn(2, 3, 2, C, 6, generator=g, dtype=torch.float64)
     stacked[0, 1, 0, 2] *= 30  # large logits
     w, b = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
-    dy_n, dy_g = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, generator=g,
-                                                                                       dtype=torch.float64)
+    dy_n, dy_g = (torch.randn(2, 2, C, 6, generator=g, dtype=torch.float64),
+                  torch.randn(2, 2, C, generator=g, dtype=torch.float64))
     for activation, scale, offset in (("sigmoid", 0.3, 0.0), ("logsigmoid", 1.0, -0.69)):
         results = []
         for fused in (False, True):
@@ -310,6 +312,23 @@ def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, ch
     fused_cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum,
                                  kernel="triton", **extra)
     o, s, g = outputs_and_grads(titans_chunked, inputs, fused_cfg)
+    assert rel(o, o_ref) < 1e-6 and rel(s, s_ref) < 1e-6, (rel(o, o_ref), rel(s, s_ref))
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert (a is None) == (b is None), i
+        if b is not None:
+            assert rel(a, b) < 1e-6, (i, rel(a, b))
+
+
+def test_static_inputs_on_the_kernels_equal_reference(monkeypatch):
+    """No generators (the Titans baseline's static q, k, v and gate logits): the l2norms run once over the whole
+    sequence, T=70 > one 64-row block of the l2norm kernel, then the memory's chunks on the kernels; equal to
+    titans_reference token by token in float64, outputs, final state and every gradient."""
+    monkeypatch.setattr(test_hope_ops, "B", 1)
+    monkeypatch.setattr(test_hope_ops, "H", 1)
+    inputs = make_inputs("mlp", (), ("q", "k", "v", "eta", "alpha", "mu"), T=70, seed=3)
+    kw = dict(chunk_size=32, memory_chunk_size=32, eta_max=0.05, momentum=True, momentum_max=0.5, target="value")
+    o_ref, s_ref, g_ref = outputs_and_grads(titans_reference, inputs, RecurrenceConfig(**kw))
+    o, s, g = outputs_and_grads(titans_chunked, inputs, RecurrenceConfig(**kw, kernel="triton"))
     assert rel(o, o_ref) < 1e-6 and rel(s, s_ref) < 1e-6, (rel(o, o_ref), rel(s, s_ref))
     for i, (a, b) in enumerate(zip(g, g_ref)):
         assert (a is None) == (b is None), i

@@ -36,64 +36,87 @@ def _batch_offset(n, N1, N2, s0, s1, s2):
 def _l2norm_kernel(X, Y, C, D, N1, N2, s_X_0, s_X_1, s_X_2, EPS: tl.constexpr, BC: tl.constexpr,
                    BD: tl.constexpr):
     n = tl.program_id(0)
-    rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-    m = (rc < C)[:, None] & (rd < D)[None, :]
-    x = tl.load(X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + rc[:, None] * D + rd[None, :], mask=m, other=0.)
-    r = 1 / tl.sqrt(tl.sum(x * x, 1) + EPS)
-    tl.store(Y + n * C * D + rc[:, None] * D + rd[None, :], x * r[:, None], mask=m)
+    rd = tl.arange(0, BD)
+    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    for c0 in range(0, C, BC):  # rows in blocks of BC: any sequence length with a bounded tile
+        rc = c0 + tl.arange(0, BC)
+        m = (rc < C)[:, None] & (rd < D)[None, :]
+        p = rc[:, None] * D + rd[None, :]
+        x = tl.load(x_base + p, mask=m, other=0.)
+        r = 1 / tl.sqrt(tl.sum(x * x, 1) + EPS)
+        tl.store(Y + n * C * D + p, x * r[:, None], mask=m)
 
 
 @triton.jit
 def _l2norm_bwd_kernel(X, DY, DX, C, D, N1, N2, s_X_0, s_X_1, s_X_2, EPS: tl.constexpr, BC: tl.constexpr,
                        BD: tl.constexpr):
     n = tl.program_id(0)
-    rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-    m = (rc < C)[:, None] & (rd < D)[None, :]
-    p = rc[:, None] * D + rd[None, :]
-    x = tl.load(X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + p, mask=m, other=0.)
-    dy = tl.load(DY + n * C * D + p, mask=m, other=0.)
-    r = 1 / tl.sqrt(tl.sum(x * x, 1) + EPS)
-    y = x * r[:, None]
-    tl.store(DX + n * C * D + p, r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None]), mask=m)
+    rd = tl.arange(0, BD)
+    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        m = (rc < C)[:, None] & (rd < D)[None, :]
+        p = rc[:, None] * D + rd[None, :]
+        x = tl.load(x_base + p, mask=m, other=0.)
+        dy = tl.load(DY + n * C * D + p, mask=m, other=0.)
+        r = 1 / tl.sqrt(tl.sum(x * x, 1) + EPS)
+        y = x * r[:, None]
+        tl.store(DX + n * C * D + p, r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None]), mask=m)
 
 
 @triton.jit
 def _gate_kernel(X, W, B, Y, C, D, N1, N2, s_X_0, s_X_1, s_X_2, s_W_0, s_W_1, s_W_2, s_B_0, s_B_1, s_B_2,
                  scale, offset, LOGSIGMOID: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     n = tl.program_id(0)
-    rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-    mc, md = rc < C, rd < D
-    x = tl.load(X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + rc[:, None] * D + rd[None, :],
-                mask=mc[:, None] & md[None, :], other=0.)
+    rd = tl.arange(0, BD)
+    md = rd < D
+    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
     w = tl.load(W + _batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
     b = tl.load(B + _batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
-    z = tl.sum(x * w[None, :], 1) + b
-    if LOGSIGMOID:  # log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)), stable for any z
-        y = tl.minimum(z, 0.) - tl.log(1 + tl.exp(-tl.abs(z))) + offset
-    else:
-        y = scale * tl.sigmoid(z)
-    tl.store(Y + n * C + rc, y, mask=mc)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = rc < C
+        x = tl.load(x_base + rc[:, None] * D + rd[None, :], mask=mc[:, None] & md[None, :], other=0.)
+        z = tl.sum(x * w[None, :], 1) + b
+        if LOGSIGMOID:  # log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)), stable for any z
+            y = tl.minimum(z, 0.) - tl.log(1 + tl.exp(-tl.abs(z))) + offset
+        else:
+            y = scale * tl.sigmoid(z)
+        tl.store(Y + n * C + rc, y, mask=mc)
 
 
 @triton.jit
 def _gate_bwd_kernel(X, W, B, DY, DX, DW, DB, C, D, N1, N2, s_X_0, s_X_1, s_X_2, s_W_0, s_W_1, s_W_2,
                      s_B_0, s_B_1, s_B_2, scale, LOGSIGMOID: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     n = tl.program_id(0)
-    rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-    mc, md = rc < C, rd < D
-    m = mc[:, None] & md[None, :]
-    x = tl.load(X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + rc[:, None] * D + rd[None, :], mask=m, other=0.)
+    rd = tl.arange(0, BD)
+    md = rd < D
+    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
     w = tl.load(W + _batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
     b = tl.load(B + _batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
-    dy = tl.load(DY + n * C + rc, mask=mc, other=0.)
-    s = tl.sigmoid(tl.sum(x * w[None, :], 1) + b)
-    if LOGSIGMOID:
-        dz = dy * (1 - s)
-    else:
-        dz = dy * scale * s * (1 - s)
-    tl.store(DX + n * C * D + rc[:, None] * D + rd[None, :], dz[:, None] * w[None, :], mask=m)
-    tl.store(DW + n * D + rd, tl.sum(dz[:, None] * x, 0), mask=md)
-    tl.store(DB + n, tl.sum(dz, 0))
+    dw = tl.zeros([BD], dtype=w.dtype)
+    db = tl.zeros([BC], dtype=w.dtype)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = rc < C
+        m = mc[:, None] & md[None, :]
+        x = tl.load(x_base + rc[:, None] * D + rd[None, :], mask=m, other=0.)
+        dy = tl.load(DY + n * C + rc, mask=mc, other=0.)
+        s = tl.sigmoid(tl.sum(x * w[None, :], 1) + b)
+        if LOGSIGMOID:
+            dz = dy * (1 - s)
+        else:
+            dz = dy * scale * s * (1 - s)
+        tl.store(DX + n * C * D + rc[:, None] * D + rd[None, :], dz[:, None] * w[None, :], mask=m)
+        dw += tl.sum(dz[:, None] * x, 0)
+        db += dz
+    tl.store(DW + n * D + rd, dw, mask=md)
+    tl.store(DB + n, tl.sum(db, 0))
+
+
+def _rows(C: int) -> int:
+    """Rows per block of the l2norm and gate kernels: the chunk (at most 64), looped over longer inputs."""
+    return min(_block(C), 64)
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -116,7 +139,7 @@ def l2norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     (xs, st), (C, D) = batch_strided(x, 2), x.shape[-2:]
     y = x.new_empty(*batch, C, D)
     N, N1, N2 = grid(batch)
-    _l2norm_kernel[(N,)](xs, y, C, D, N1, N2, *st, EPS=eps, BC=_block(C), BD=_block(D))
+    _l2norm_kernel[(N,)](xs, y, C, D, N1, N2, *st, EPS=eps, BC=_rows(C), BD=_block(D))
     return y
 
 
@@ -132,7 +155,7 @@ def l2norm_backward(x: torch.Tensor, eps: float, dy: torch.Tensor) -> torch.Tens
     (xs, st), (C, D) = batch_strided(x, 2), x.shape[-2:]
     dx = x.new_empty(*batch, C, D)
     N, N1, N2 = grid(batch)
-    _l2norm_bwd_kernel[(N,)](xs, dy, dx, C, D, N1, N2, *st, EPS=eps, BC=_block(C), BD=_block(D))
+    _l2norm_bwd_kernel[(N,)](xs, dy, dx, C, D, N1, N2, *st, EPS=eps, BC=_rows(C), BD=_block(D))
     return dx
 
 
@@ -173,7 +196,7 @@ def gate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation: str, sca
     y = x.new_empty(*batch, C)
     N, N1, N2 = grid(batch)
     _gate_kernel[(N,)](xs, ws, bs, y, C, D, N1, N2, *sx, *sw, *sb, scale, offset,
-                       LOGSIGMOID=activation == "logsigmoid", BC=_block(C), BD=_block(D))
+                       LOGSIGMOID=activation == "logsigmoid", BC=_rows(C), BD=_block(D))
     return y
 
 
@@ -193,7 +216,7 @@ def gate_backward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, activation:
     dx, dw, db = x.new_empty(*batch, C, D), w.new_empty(*batch, 1, D), b.new_empty(*batch, 1)
     N, N1, N2 = grid(batch)
     _gate_bwd_kernel[(N,)](xs, ws, bs, dy, dx, dw, db, C, D, N1, N2, *sx, *sw, *sb, scale,
-                           LOGSIGMOID=activation == "logsigmoid", BC=_block(C), BD=_block(D))
+                           LOGSIGMOID=activation == "logsigmoid", BC=_rows(C), BD=_block(D))
     return dx, dw, db
 
 
