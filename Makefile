@@ -44,11 +44,15 @@ demo-compare: setup
 	$(PY) train.py --config configs/tiny.yaml --config $(DEMO) data.dir=$(DATA)/tokens run.dir=$(RUNS)/demo_tiny $(DEMO_ARGS)
 	$(PY) -m nl.plot $(RUNS)/demo_hope_tiny $(RUNS)/demo_tiny --output $(RUNS)/demo_compare.png --table $(RUNS)/demo_compare.md
 
+# One intra-op thread per process unless set: the distributed tests run 2 ranks per test on the 2 cores, and
+# torch's default threads oversubscribe them (default suite 1,164 s vs 812 s with one thread, 2026-12-01).
+TEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_data.py
