@@ -8,8 +8,8 @@ One sequence mixer (SelfModifyingTitans, the part whose chunk loop runs in seque
 arithmetic: seconds at T=4096 on a CPU), under a TorchDispatchMode that counts
   - aten ops that launch a kernel on a GPU (views, aliases, empty allocations and prim:: metadata queries
     excluded: no launch; the same count as on real tensors);
-  - Triton kernel calls: one per call of our custom ops (`nl::*`: nl::dgd_chunk, the fused chunk step, and
-    nl::mlp_grad_factors, an MLP memory's gradient factors, and their backward ops).
+  - Triton kernel calls: one per call of our custom ops (`nl::*`: the fused chunk step nl::dgd_chunk, an MLP
+    memory's nl::mlp_grad_factors and nl::mlp_apply, nl::l2norm, nl::gate, and their backward ops).
 On CUDA each counted op is one launch (a handful of aten ops launch two; cuBLAS picks
 one kernel per bmm), so this is the host-side launch count that bounds a small-chunk recurrence's speed.
 No kernel runs, so the Triton kernels need neither a GPU nor the interpreter here (TRITON_INTERPRET=1
