@@ -36,6 +36,13 @@ from nl.ops.delta_rule import INPUT_NORM_EPS, ChunkGates
 
 
 @triton.jit
+def batch_offset(n, N1, N2, s0, s1, s2):
+    """Element offset of program n's batch element (n // (N1 N2), n // N2 % N1, n % N2) in a tensor with batch
+    strides s0, s1, s2 (0 on a dim it is broadcast along)."""
+    return (n // (N1 * N2)) * s0 + ((n // N2) % N1) * s1 + (n % N2) * s2
+
+
+@triton.jit
 def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISION: tl.constexpr):
     """The gates' decay factors of one chunk, shared by the forward and backward kernels.
 
@@ -77,20 +84,19 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
                       MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr,
                       EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    # Batch index (n0, n1, n2) of this program; each input is read through its own batch strides (0 where
-    # it is broadcast: k and the gates shared by the generators, the initial state shared by the sequences).
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
+    # Each input is read through its own batch strides (`batch_offset`; 0 where it is broadcast: k and the
+    # gates shared by the generators, the initial state shared by the sequences).
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     # Tiles, zero-padded: padded tokens have eta = 0 and log_alpha = log_mu = 0, so they change nothing.
-    x = tl.load(X + n0 * s_X_0 + n1 * s_X_1 + n2 * s_X_2 + rc[:, None] * I + ri[None, :],
+    x = tl.load(X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + rc[:, None] * I + ri[None, :],
                 mask=mc[:, None] & mi[None, :], other=0.)
-    g = tl.load(G + n0 * s_G_0 + n1 * s_G_1 + n2 * s_G_2 + rc[:, None] * O + ro[None, :],
+    g = tl.load(G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2) + rc[:, None] * O + ro[None, :],
                 mask=mc[:, None] & mo[None, :], other=0.)
-    s0 = tl.load(S0 + n0 * s_S0_0 + n1 * s_S0_1 + n2 * s_S0_2 + ro[:, None] * I + ri[None, :],
+    s0 = tl.load(S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2) + ro[:, None] * I + ri[None, :],
                  mask=mo[:, None] & mi[None, :], other=0.)
-    la = tl.load(LA + n0 * s_LA_0 + n1 * s_LA_1 + n2 * s_LA_2 + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
+    la = tl.load(LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2) + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2) + rc, mask=mc, other=0.)
     sc = eta  # used only with NORM_X
     if NORM_X:  # the normalised step: the layer reads r_t x_t, gradient factor r_t g_t (and XS r_t), r = 1/||x_t||
         sc = 1 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)
@@ -99,19 +105,19 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
 
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + n0 * s_LM_0 + n1 * s_LM_1 + n2 * s_LM_2 + rc, mask=mc, other=0.)
+        lmu = tl.load(LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2) + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     row, col = rc[:, None], rc[None, :]
     gamma_prev = tl.exp(lg_prev)
     w = -eta[:, None] * g                                            # w_t = -eta_t g_t
     if MOMENTUM:
-        p0 = tl.load(P0 + n0 * s_P0_0 + n1 * s_P0_1 + n2 * s_P0_2 + ro[:, None] * I + ri[None, :],
+        p0 = tl.load(P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2) + ro[:, None] * I + ri[None, :],
                      mask=mo[:, None] & mi[None, :], other=0.)
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
-            xs = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + rc[:, None] * O + ro[None, :],
+            xs = tl.load(XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2) + rc[:, None] * O + ro[None, :],
                          mask=mc[:, None] & mo[None, :], other=0.)
             if NORM_X:
                 xs = xs * sc[:, None]
@@ -130,7 +136,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
             inv = tl.where(row == t, inv - new[None, :], inv)
         delta = tl.dot(inv, -eta[:, None] * base, input_precision=PRECISION)
     if HAS_Q:
-        q = tl.load(Q + n0 * s_Q_0 + n1 * s_Q_1 + n2 * s_Q_2 + rc[:, None] * I + ri[None, :],
+        q = tl.load(Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2) + rc[:, None] * I + ri[None, :],
                     mask=mc[:, None] & mi[None, :], other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         out = gamma_prev[:, None] * tl.dot(q, tl.trans(s0), input_precision=PRECISION)
@@ -167,17 +173,16 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     their batch strides (as the forward); the output gradients and gradients are contiguous over the whole batch
     (the caller sums those of broadcast inputs)."""
     n = tl.program_id(0)
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     m_ci, m_co, m_oi = mc[:, None] & mi[None, :], mc[:, None] & mo[None, :], mo[:, None] & mi[None, :]
     p_ci, p_co, p_oi = rc[:, None] * I + ri[None, :], rc[:, None] * O + ro[None, :], ro[:, None] * I + ri[None, :]
-    x = tl.load(X + n0 * s_X_0 + n1 * s_X_1 + n2 * s_X_2 + p_ci, mask=m_ci, other=0.)
-    g = tl.load(G + n0 * s_G_0 + n1 * s_G_1 + n2 * s_G_2 + p_co, mask=m_co, other=0.)
-    s0 = tl.load(S0 + n0 * s_S0_0 + n1 * s_S0_1 + n2 * s_S0_2 + p_oi, mask=m_oi, other=0.)
+    x = tl.load(X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + p_ci, mask=m_ci, other=0.)
+    g = tl.load(G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2) + p_co, mask=m_co, other=0.)
+    s0 = tl.load(S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2) + p_oi, mask=m_oi, other=0.)
     ds = tl.load(DS + n * O * I + p_oi, mask=m_oi, other=0.)
-    la = tl.load(LA + n0 * s_LA_0 + n1 * s_LA_1 + n2 * s_LA_2 + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + n0 * s_ETA_0 + n1 * s_ETA_1 + n2 * s_ETA_2 + rc, mask=mc, other=0.)
+    la = tl.load(LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2) + rc, mask=mc, other=0.)
+    eta = tl.load(ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2) + rc, mask=mc, other=0.)
     row, col = rc[:, None], rc[None, :]
     # ---- forward, recomputed (as _dgd_chunk_kernel)
     x_in, g_in, sc, norm = x, g, eta, eta  # the unscaled inputs (for r's gradient); sc, norm used only with NORM_X
@@ -188,7 +193,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         g = g * sc[:, None]
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + n0 * s_LM_0 + n1 * s_LM_1 + n2 * s_LM_2 + rc, mask=mc, other=0.)
+        lmu = tl.load(LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2) + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     gp = tl.exp(lg_prev)
@@ -196,12 +201,12 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     w = -eta[:, None] * g
     if MOMENTUM:
         m_end = tl.exp(lm_end)
-        p0 = tl.load(P0 + n0 * s_P0_0 + n1 * s_P0_1 + n2 * s_P0_2 + p_oi, mask=m_oi, other=0.)
+        p0 = tl.load(P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2) + p_oi, mask=m_oi, other=0.)
     coef = E_end[:, None] * w
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:
-            xs_in = tl.load(XS + n0 * s_XS_0 + n1 * s_XS_1 + n2 * s_XS_2 + p_co, mask=m_co, other=0.)
+            xs_in = tl.load(XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2) + p_co, mask=m_co, other=0.)
             xs = xs_in * sc[:, None] if NORM_X else xs_in
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
@@ -246,7 +251,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         dx += tl.dot(mw, dp, input_precision=PRECISION)
     # Read: out = gp (Q S0^T) + cp (Q P0^T) + (Ep o QX) w + (Dp o QX) delta.
     if HAS_Q:
-        q = tl.load(Q + n0 * s_Q_0 + n1 * s_Q_1 + n2 * s_Q_2 + p_ci, mask=m_ci, other=0.)
+        q = tl.load(Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2) + p_ci, mask=m_ci, other=0.)
         do = tl.load(DOUT + n * C * O + p_co, mask=m_co, other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         doW = tl.dot(do, tl.trans(w), input_precision=PRECISION)           # [C, C]

@@ -22,14 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nl.ops.triton_dgd import _block, batch_strided, grid
+from nl.ops.triton_dgd import _block, batch_offset, batch_strided, grid
 
 ACTIVATIONS = ("sigmoid", "logsigmoid")
-
-
-@triton.jit
-def _batch_offset(n, N1, N2, s0, s1, s2):
-    return (n // (N1 * N2)) * s0 + ((n // N2) % N1) * s1 + (n % N2) * s2
 
 
 @triton.jit
@@ -37,7 +32,7 @@ def _l2norm_kernel(X, Y, C, D, N1, N2, s_X_0, s_X_1, s_X_2, EPS: tl.constexpr, B
                    BD: tl.constexpr):
     n = tl.program_id(0)
     rd = tl.arange(0, BD)
-    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    x_base = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
     for c0 in range(0, C, BC):  # rows in blocks of BC: any sequence length with a bounded tile
         rc = c0 + tl.arange(0, BC)
         m = (rc < C)[:, None] & (rd < D)[None, :]
@@ -52,7 +47,7 @@ def _l2norm_bwd_kernel(X, DY, DX, C, D, N1, N2, s_X_0, s_X_1, s_X_2, EPS: tl.con
                        BD: tl.constexpr):
     n = tl.program_id(0)
     rd = tl.arange(0, BD)
-    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    x_base = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         m = (rc < C)[:, None] & (rd < D)[None, :]
@@ -70,9 +65,9 @@ def _gate_kernel(X, W, B, Y, C, D, N1, N2, s_X_0, s_X_1, s_X_2, s_W_0, s_W_1, s_
     n = tl.program_id(0)
     rd = tl.arange(0, BD)
     md = rd < D
-    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
-    w = tl.load(W + _batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
-    b = tl.load(B + _batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
+    x_base = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    w = tl.load(W + batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
+    b = tl.load(B + batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         mc = rc < C
@@ -91,9 +86,9 @@ def _gate_bwd_kernel(X, W, B, DY, DX, DW, DB, C, D, N1, N2, s_X_0, s_X_1, s_X_2,
     n = tl.program_id(0)
     rd = tl.arange(0, BD)
     md = rd < D
-    x_base = X + _batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
-    w = tl.load(W + _batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
-    b = tl.load(B + _batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
+    x_base = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2)
+    w = tl.load(W + batch_offset(n, N1, N2, s_W_0, s_W_1, s_W_2) + rd, mask=md, other=0.)
+    b = tl.load(B + batch_offset(n, N1, N2, s_B_0, s_B_1, s_B_2))
     dw = tl.zeros([BD], dtype=w.dtype)
     db = tl.zeros([BC], dtype=w.dtype)
     for c0 in range(0, C, BC):

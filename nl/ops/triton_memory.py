@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nl.ops.triton_dgd import _block, batch_strided, grid
+from nl.ops.triton_dgd import _block, batch_offset, batch_strided, grid
 
 
 @triton.jit
@@ -66,17 +66,16 @@ def _mlp_factors_kernel(W1, W2, K, V, H, G1, HOUT, G2, PRE, C, D, HID, N1, N2,
                         BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, SELF_TARGET: tl.constexpr,
                         NORMALIZED: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     mc, md, mh = rc < C, rd < D, rh < HID
     m_cd, m_ch = mc[:, None] & md[None, :], mc[:, None] & mh[None, :]
     p_cd, p_ch = rc[:, None] * D + rd[None, :], rc[:, None] * HID + rh[None, :]
-    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + rd[:, None] * HID + rh[None, :],
+    w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + rd[:, None] * HID + rh[None, :],
                  mask=md[:, None] & mh[None, :], other=0.)
-    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + rh[:, None] * D + rd[None, :],
+    w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + rh[:, None] * D + rd[None, :],
                  mask=mh[:, None] & md[None, :], other=0.)
-    k = tl.load(K + n0 * s_K_0 + n1 * s_K_1 + n2 * s_K_2 + p_cd, mask=m_cd, other=0.)
-    v = tl.load(V + n0 * s_V_0 + n1 * s_V_1 + n2 * s_V_2 + p_cd, mask=m_cd, other=0.)
+    k = tl.load(K + batch_offset(n, N1, N2, s_K_0, s_K_1, s_K_2) + p_cd, mask=m_cd, other=0.)
+    v = tl.load(V + batch_offset(n, N1, N2, s_V_0, s_V_1, s_V_2) + p_cd, mask=m_cd, other=0.)
     pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, k, v, BC, SELF_TARGET, NORMALIZED, PRECISION)
     tl.store(H + n * C * HID + p_ch, h, mask=m_ch)
     tl.store(G1 + n * C * D + p_cd, e * scale[:, None], mask=m_cd)
@@ -96,17 +95,16 @@ def _mlp_factors_bwd_kernel(W1, W2, K, V, dH, dG1, dHOUT, dG2, dPRE, dW1, dW2, d
     e = k + hout - v - silu(v W2^T) W1^T, hout = h W1^T, h = silu(pre), pre = k W2^T. Outputs over the whole
     batch (the caller sums those of broadcast inputs). dH, dHOUT, dPRE may be absent (HAS_*: no gradient)."""
     n = tl.program_id(0)
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     mc, md, mh = rc < C, rd < D, rh < HID
     m_cd, m_ch, m_dh, m_hd = mc[:, None] & md[None, :], mc[:, None] & mh[None, :], md[:, None] & mh[None, :], \
         mh[:, None] & md[None, :]
     p_cd, p_ch = rc[:, None] * D + rd[None, :], rc[:, None] * HID + rh[None, :]
     p_dh, p_hd = rd[:, None] * HID + rh[None, :], rh[:, None] * D + rd[None, :]
-    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + p_dh, mask=m_dh, other=0.)
-    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + p_hd, mask=m_hd, other=0.)
-    k = tl.load(K + n0 * s_K_0 + n1 * s_K_1 + n2 * s_K_2 + p_cd, mask=m_cd, other=0.)
-    v = tl.load(V + n0 * s_V_0 + n1 * s_V_1 + n2 * s_V_2 + p_cd, mask=m_cd, other=0.)
+    w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + p_dh, mask=m_dh, other=0.)
+    w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + p_hd, mask=m_hd, other=0.)
+    k = tl.load(K + batch_offset(n, N1, N2, s_K_0, s_K_1, s_K_2) + p_cd, mask=m_cd, other=0.)
+    v = tl.load(V + batch_offset(n, N1, N2, s_V_0, s_V_1, s_V_2) + p_cd, mask=m_cd, other=0.)
     pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, k, v, BC, SELF_TARGET, NORMALIZED, PRECISION)
     # g1 = e scale, g2 = ew1 sp scale
     de = tl.load(dG1 + n * C * D + p_cd, mask=m_cd, other=0.) * scale[:, None]
@@ -246,14 +244,13 @@ def _mlp_apply_kernel(W1, W2, Z, OUT, C, D, HID, N1, N2, s_W1_0, s_W1_1, s_W1_2,
                       s_Z_0, s_Z_1, s_Z_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     mc, md, mh = rc < C, rd < D, rh < HID
-    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + rd[:, None] * HID + rh[None, :],
+    w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + rd[:, None] * HID + rh[None, :],
                  mask=md[:, None] & mh[None, :], other=0.)
-    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + rh[:, None] * D + rd[None, :],
+    w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + rh[:, None] * D + rd[None, :],
                  mask=mh[:, None] & md[None, :], other=0.)
-    z = tl.load(Z + n0 * s_Z_0 + n1 * s_Z_1 + n2 * s_Z_2 + rc[:, None] * D + rd[None, :],
+    z = tl.load(Z + batch_offset(n, N1, N2, s_Z_0, s_Z_1, s_Z_2) + rc[:, None] * D + rd[None, :],
                 mask=mc[:, None] & md[None, :], other=0.)
     pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
     out = z + tl.dot(pre * tl.sigmoid(pre), tl.trans(w1), input_precision=PRECISION)
@@ -266,14 +263,13 @@ def _mlp_apply_bwd_kernel(W1, W2, Z, DOUT, dW1, dW2, dZ, C, D, HID, N1, N2, s_W1
                           BH: tl.constexpr, PRECISION: tl.constexpr):
     """out = z + h W1^T, h = silu(pre), pre = z W2^T, recomputed, then reversed."""
     n = tl.program_id(0)
-    n0, n1, n2 = n // (N1 * N2), (n // N2) % N1, n % N2
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     mc, md, mh = rc < C, rd < D, rh < HID
     m_cd, m_dh, m_hd = mc[:, None] & md[None, :], md[:, None] & mh[None, :], mh[:, None] & md[None, :]
     p_cd, p_dh, p_hd = rc[:, None] * D + rd[None, :], rd[:, None] * HID + rh[None, :], rh[:, None] * D + rd[None, :]
-    w1 = tl.load(W1 + n0 * s_W1_0 + n1 * s_W1_1 + n2 * s_W1_2 + p_dh, mask=m_dh, other=0.)
-    w2 = tl.load(W2 + n0 * s_W2_0 + n1 * s_W2_1 + n2 * s_W2_2 + p_hd, mask=m_hd, other=0.)
-    z = tl.load(Z + n0 * s_Z_0 + n1 * s_Z_1 + n2 * s_Z_2 + p_cd, mask=m_cd, other=0.)
+    w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + p_dh, mask=m_dh, other=0.)
+    w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + p_hd, mask=m_hd, other=0.)
+    z = tl.load(Z + batch_offset(n, N1, N2, s_Z_0, s_Z_1, s_Z_2) + p_cd, mask=m_cd, other=0.)
     dout = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
     pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
     sg = tl.sigmoid(pre)
