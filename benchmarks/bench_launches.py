@@ -62,8 +62,8 @@ NO_LAUNCH = {torch.ops.aten.detach.default, torch.ops.aten.empty.memory_format, 
              torch.ops.aten._unsafe_view.default}
 
 
-# aten ops that compute a dtype from dtypes on the host: no tensor, no launch.
-NO_LAUNCH_NAMES = {"aten::promote_types", "aten::result_type"}
+# aten ops that compute a dtype from dtypes on the host, or only allocate (new_empty): no launch.
+NO_LAUNCH_NAMES = {"aten::promote_types", "aten::result_type", "aten::new_empty", "aten::new_empty_strided"}
 
 
 def launches(func) -> bool:

@@ -5,6 +5,7 @@ interpreter (TRITON_INTERPRET=1, set here before the kernel module is imported);
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -238,6 +239,60 @@ def test_gate_and_l2norm_kernels_equal_torch_forms(C):
             assert a.shape == r.shape and r.abs().sum() > 0 and rel(a, r) < 1e-12, (activation, name, rel(a, r))
 
 
+@pytest.mark.parametrize("static,retention,momentum,normalize_v", [
+    ((), True, True, True), (("q",), True, False, False), (("q", "k", "v"), False, True, True)])
+def test_qkv_gates_kernel_equals_derive(static, retention, momentum, normalize_v):
+    """nl::qkv_gates (a generator chunk's q, k, v and gates in one kernel) == titans._derive on the torch path,
+    values and every gradient (generator stack, statics, each readout w and b), float64: 2 sequences (the
+    readout's gradient summed over them inside the program), d 6 (padded tiles), C 150 (three row blocks, the
+    last partial), generators in a shuffled stack order, large logits; without retention the alpha generator's
+    slot gets a zero gradient."""
+    from nl.ops import titans
+    from nl.ops.triton_gates import qkv_gates
+    g = torch.Generator().manual_seed(7)
+    names = [n for n in ("eta", "v", "alpha", "k", "q") if n not in static]  # a stack order unlike GENERATORS
+    B, H, C, d = 2, 2, 150, 6
+    gen0 = torch.randn(B, len(names), H, C, d, generator=g, dtype=torch.float64)
+    gen0[0, names.index("eta"), 1, 3] *= 30
+    statics0 = {n: torch.randn(B, H, C, d, generator=g, dtype=torch.float64) for n in static}
+    readout0 = {f"{p}_{n}": torch.randn(H, d, generator=g, dtype=torch.float64) if p == "w" else
+                torch.randn(H, generator=g, dtype=torch.float64)
+                for n in ("eta", "alpha", "mu") for p in ("w", "b") if n != "mu" or momentum}
+    cfg = RecurrenceConfig(eta_max=0.3, momentum=momentum, retention=retention, momentum_max=0.5,
+                           normalize_v=normalize_v)
+    dys = [torch.randn(B, H, C, d, generator=g, dtype=torch.float64) for _ in range(3)] + \
+          [torch.randn(B, H, C, generator=g, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        gen = gen0.clone().to(DEVICE).requires_grad_()
+        statics = {n: t.clone().to(DEVICE).requires_grad_() for n, t in statics0.items()}
+        readout = {n: t.clone().to(DEVICE).requires_grad_() for n, t in readout0.items()}
+        if fused:
+            wb = titans._packed_readout(readout, names, gen, RecurrenceConfig(**{**cfg.__dict__, "kernel": "triton"}))
+            outs = qkv_gates(gen, *[statics.get(n) for n in ("q", "k", "v")], wb,
+                             [names.index(n) if n in names else -1 for n in titans.GENERATORS], 1e-6, normalize_v,
+                             retention, momentum, 0.3, math.log(0.5))
+            outs = outs[:5] + ((outs[5],) if momentum else ())
+        else:
+            outs = titans._derive(dict(zip(names, gen.unbind(1))), statics, readout, cfg)
+            outs = outs[:5] + ((outs[5],) if momentum else ())
+        loss = sum((o * dy.to(o)).sum() for o, dy in zip(outs, dys))
+        leaves = [gen, *statics.values(), *readout.values()]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves)]
+        results.append(([o.detach().cpu() for o in outs], [gr.cpu() for gr in grads]))
+    (ref_outs, ref_grads), (outs, grads) = results
+    for i, (a, r) in enumerate(zip(outs, ref_outs)):
+        assert torch.isfinite(a).all() and rel(a, r) < 1e-12, (i, rel(a, r))
+    for i, (a, r) in enumerate(zip(grads, ref_grads)):
+        assert a.shape == r.shape and rel(a, r) < 1e-12, (i, rel(a, r))
+    if not retention:
+        assert grads[0][:, names.index("alpha")].abs().max() == 0
+    used = [n for n in readout0 if retention or "alpha" not in n]
+    assert ref_grads[0].abs().sum() > 0 and used and all(  # every used readout gets a gradient
+        r.abs().sum() > 0 for n, r in zip(readout0, ref_grads[1 + len(static):]) if n in used)
+
+
 def test_chunk_kernel_end_state_without_read():
     """The generators' step: no query, the end state alone (the kernel's HAS_Q=False variant)."""
     from nl.ops.triton_dgd import dgd_chunk
@@ -415,6 +470,13 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
     w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
+    gen = torch.randn(3, 4, 2, 5, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    wb = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    q = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    for flags in ((True, True, True), (False, False, False)):
+        torch.library.opcheck(torch.ops.nl.qkv_gates.default, (gen, q, None, None, wb, [-1, 2, 0, 3, 1], 1e-6, *flags,
+                                                                0.4, -0.7),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     for op, args in ((torch.ops.nl.l2norm.default, (k, 1e-6)),
                      (torch.ops.nl.gate.default, (k, w, b, "sigmoid", 0.5, 0.0)),
                      (torch.ops.nl.gate.default, (k, w, b, "logsigmoid", 1.0, -0.1))):
@@ -447,9 +509,9 @@ def test_launch_counter_counts_the_fused_calls():
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
     # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory
-    # + the generators' MLP on z, their l2norms of q, k, v and gates eta, alpha, mu)
-    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 1 + 6)
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 1 + 6)
+    # + the generators' MLP on z + q, k, v and the gates eta, alpha, mu in one nl::qkv_gates)
+    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 1 + 1)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 1 + 1)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

@@ -160,6 +160,23 @@ def _derive(gen: dict[str, torch.Tensor], static: dict[str, torch.Tensor], reado
     return q, k, v, eta, log_alpha, log_mu
 
 
+def _packed_readout(readout: dict[str, torch.Tensor], gen_names: list[str], z: torch.Tensor,
+                    cfg: RecurrenceConfig) -> torch.Tensor | None:
+    """The gates' readout packed for `triton_gates.qkv_gates`, [H, 3, d + 1] (w | b of eta, alpha, mu; zeros for
+    a gate the config does not use), formed once per sequence; None where that kernel does not apply (kernel
+    torch, or eta, or with retention alpha, not generated: `_derive` then runs per quantity)."""
+    if resolve_kernel(cfg.kernel, z) != "triton" or "eta" not in gen_names or (cfg.retention and "alpha" not in gen_names):
+        return None
+    w_eta = readout["w_eta"]
+    rows = []
+    for name in ("eta", "alpha", "mu"):
+        if f"w_{name}" in readout and (name != "mu" or cfg.momentum):
+            rows.append(torch.cat([readout[f"w_{name}"], readout[f"b_{name}"][:, None]], dim=-1))
+        else:
+            rows.append(w_eta.new_zeros(w_eta.shape[0], w_eta.shape[1] + 1))
+    return torch.stack(rows, dim=1)
+
+
 def _chunk_of(name: str, cfg: RecurrenceConfig) -> int:
     return cfg.memory_chunk_size if name == "memory" else cfg.chunk_size
 
@@ -379,12 +396,22 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         gen_dev_init = S_init if cfg.retention_target == "init" else None  # the loop carries S - M_0 (_ChunkMemory)
         if gen_dev_init is not None:
             S = tuple(torch.zeros_like(w) for w in S)
+        wb = _packed_readout(readout, gen_names, z, cfg)
         def generator_chunk(zc: torch.Tensor, sc: dict[str, torch.Tensor], S: Memory, P: Memory | None):
             A = S if gen_dev_init is None else _layers_from_deviation(S, gen_dev_init)
             out = _apply(A, zc[:, None], cfg)
-            # unbind: one stack in the backward, not a zero-padded copy per generator
-            gen = dict(zip(gen_names, out.unbind(1)))
-            q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
+            if wb is not None:  # every generator: q, k, v and the gates in one kernel, from the stack itself
+                from nl.ops.triton_gates import qkv_gates
+                q, k, v, eta, log_alpha, log_mu = qkv_gates(
+                    out, *[sc.get(n) for n in ("q", "k", "v")], wb,
+                    [gen_names.index(n) if n in gen_names else -1 for n in GENERATORS], 1e-6,
+                    cfg.normalize_v and cfg.target == "self", cfg.retention, cfg.momentum, cfg.eta_max,
+                    math.log(cfg.momentum_max))
+                log_mu = log_mu if cfg.momentum else None
+            else:
+                # unbind: one stack in the backward, not a zero-padded copy per generator
+                gen = dict(zip(gen_names, out.unbind(1)))
+                q, k, v, eta, log_alpha, log_mu = _derive(gen, sc, readout, cfg)
             gates = ChunkGates(log_alpha[:, None], eta[:, None], None if log_mu is None else log_mu[:, None],
                                matrices=resolve_kernel(cfg.kernel, eta) == "torch")
             S, P = _ChunkMemory(A, S, P, S_init, k[:, None], v[:, None], gates, cfg).ends(cfg.momentum)

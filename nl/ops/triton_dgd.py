@@ -485,6 +485,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.absent = [t is None for t in tensors]
     ctx.shapes = [None if t is None else t.shape for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero-filled launch; see _backward)
 
 
 def _backward(ctx, g_out, g_S, g_P):

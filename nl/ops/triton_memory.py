@@ -218,6 +218,7 @@ def _(W1, W2, k, v, self_target, normalized, g_h, g_g1, g_hout, g_g2, g_pre):
 def _setup_context(ctx, inputs, output) -> None:
     W1, W2, k, v, ctx.self_target, ctx.normalized = inputs
     ctx.save_for_backward(W1, W2, k, v)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it (_backward)
 
 
 def _backward(ctx, g_h, g_g1, g_hout, g_g2, g_pre):
