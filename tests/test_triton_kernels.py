@@ -293,6 +293,65 @@ def test_qkv_gates_kernel_equals_derive(static, retention, momentum, normalize_v
         r.abs().sum() > 0 for n, r in zip(readout0, ref_grads[1 + len(static):]) if n in used)
 
 
+@pytest.mark.parametrize("momentum,dgd,read,init,norm_x", [
+    (True, True, True, True, True), (False, True, True, False, False), (True, True, False, False, True),
+    (False, False, True, True, False)])
+def test_mlp_dgd_chunk_equals_two_chunk_layers(momentum, dgd, read, init, norm_x):
+    """nl::mlp_dgd_chunk (both layers of an MLP memory and its read chain in one kernel) == two delta_rule.ChunkLayer
+    steps with the shared gates and the read q + read_W1(silu(read_W2(q) + q M0_2^T)) + h_q M0_1^T, in float64:
+    read output, both layers' end states and momenta, and every input's gradient. Batch [2, 2, 1]: k (X2) and the
+    gates shared along dim 1 and the anchors and M0_1 along dim 0, read in place (gradients summed); C 5, d 4,
+    hidden 6 (padded tiles)."""
+    import torch.nn.functional as F
+    from nl.ops.delta_rule import ChunkGates, ChunkLayer
+    from nl.ops.triton_memory import mlp_dgd_chunk
+    g = torch.Generator().manual_seed(11)
+    C, d, hid = 5, 4, 6
+
+    def rnd(*shape, scale=0.5):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    leaves = {"S1": rnd(1, 2, 1, d, hid), "P1": rnd(1, 2, 1, d, hid, scale=0.2) if momentum else None,
+              "S2": rnd(1, 2, 1, hid, d), "P2": rnd(1, 2, 1, hid, d, scale=0.2) if momentum else None,
+              "X1": rnd(2, 2, 1, C, hid, scale=1.5), "G1": rnd(2, 2, 1, C, d), "X2": rnd(2, 1, 1, C, d),
+              "G2": rnd(2, 2, 1, C, hid), "Q": rnd(2, 2, 1, C, d) if read else None,
+              "QI2": rnd(2, 2, 1, C, hid) if read and init else None, "M01": rnd(1, 2, 1, d, hid) if read and init else None,
+              "log_alpha": -0.1 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64),
+              "eta": 0.3 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64),
+              "log_mu": -0.3 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64) if momentum else None}
+    w = {k: rnd(*s) for k, s in (("out", (2, 2, 1, C, d)), ("S1", (2, 2, 1, d, hid)), ("S2", (2, 2, 1, hid, d)))}
+
+    def loss_of(out, S1, P1, S2, P2):
+        loss = (S1 * w["S1"]).sum() + (S2 * w["S2"]).sum()
+        loss = loss + ((P1 * w["S1"]).sum() + (P2 * w["S2"]).sum() if momentum else 0)
+        return loss + ((out * w["out"]).sum() if read else 0)
+
+    results = []
+    for fused in (False, True):
+        t = {k: None if v is None else v.clone().to(DEVICE).requires_grad_() for k, v in leaves.items()}
+        if fused:
+            out, S1, P1, S2, P2 = mlp_dgd_chunk(*t.values(), dgd, norm_x)
+        else:
+            gates = ChunkGates(t["log_alpha"], t["eta"], t["log_mu"])
+            l2 = ChunkLayer(t["S2"], t["P2"], t["X2"], t["G2"], gates, dgd)
+            l1 = ChunkLayer(t["S1"], t["P1"], t["X1"], t["G1"], gates, dgd, normalize_x=norm_x)
+            out = None
+            if read:
+                pre = l2.read(t["Q"]) + (t["QI2"] if init else 0)
+                hq = F.silu(pre)
+                out = t["Q"] + l1.read(hq) + (hq @ t["M01"].mT if init else 0)
+            (S1, P1), (S2, P2) = l1.end_state(), l2.end_state()
+        used = [k for k, v in t.items() if v is not None]
+        grads = torch.autograd.grad(loss_of(out, S1, P1, S2, P2), [t[k] for k in used])
+        outs = [x.detach().cpu() for x in (out, S1, P1, S2, P2) if x is not None and x.numel()]
+        results.append((outs, dict(zip(used, [gr.cpu() for gr in grads]))))
+    (ref_outs, ref_grads), (outs, grads) = results
+    assert len(outs) == len(ref_outs)
+    for i, (a, r) in enumerate(zip(outs, ref_outs)):
+        assert a.shape == r.shape and rel(a, r) < 1e-10, (i, rel(a, r))
+    for k, r in ref_grads.items():
+        assert grads[k].shape == r.shape and r.abs().sum() > 0 and rel(grads[k], r) < 1e-10, (k, rel(grads[k], r))
+
+
 def test_chunk_kernel_end_state_without_read():
     """The generators' step: no query, the end state alone (the kernel's HAS_Q=False variant)."""
     from nl.ops.triton_dgd import dgd_chunk
@@ -392,18 +451,22 @@ def test_static_inputs_on_the_kernels_equal_reference(monkeypatch):
 
 
 def test_kernel_runs_the_fused_op(monkeypatch):
-    """kernel=triton really goes through nl::dgd_chunk (one call per memory layer and chunk), torch does not."""
-    from nl.ops import triton_dgd
+    """kernel=triton really goes through the fused ops, torch does not: an MLP memory's two layers (and its read)
+    are one nl::mlp_dgd_chunk per memory and chunk, a linear memory's layer one nl::dgd_chunk."""
+    from nl.ops import triton_dgd, triton_memory
     monkeypatch.setattr(test_hope_ops, "B", 1)
     monkeypatch.setattr(test_hope_ops, "H", 1)
     calls = []
-    real = triton_dgd.dgd_chunk
-    monkeypatch.setattr(triton_dgd, "dgd_chunk", lambda *a: calls.append(1) or real(*a))
-    inputs = make_inputs("mlp", HOPE, ("q",), T=8, seed=1)
-    titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.8, kernel="torch"))
-    assert calls == []
-    titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.8, kernel="triton"))
-    assert len(calls) == 2 * (2 + 2)  # 2 chunks x (2 layers of the stacked generators + 2 of the memory)
+    for module, name in ((triton_dgd, "dgd_chunk"), (triton_memory, "mlp_dgd_chunk")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for memory_type, op in (("mlp", "mlp_dgd_chunk"), ("linear", "dgd_chunk")):
+        inputs = make_inputs(memory_type, HOPE, ("q",), T=8, seed=1)
+        calls.clear()
+        titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.8, kernel="torch"))
+        assert calls == []
+        titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.8, kernel="triton"))
+        assert calls == [op] * (2 * 2), (memory_type, calls)  # 2 chunks x (the stacked generators, the memory)
 
 
 def test_tiny_hope_forward_backward_triton_equals_torch():
@@ -468,6 +531,17 @@ def test_custom_op_registration():
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.nl.mlp_apply.default, (W1, W2, k),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    C, d, hid = 5, 4, 6
+    t = [torch.randn(*sh, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() for sh in (
+        (1, 2, d, hid), (1, 2, d, hid), (1, 2, hid, d), (1, 2, hid, d), (3, 2, C, hid), (3, 2, C, d), (3, 1, C, d),
+        (3, 2, C, hid), (3, 2, C, d), (3, 2, C, hid), (1, 2, d, hid))]
+    gates = [(-0.1 * torch.rand(3, 1, C, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_() for _ in range(3)]
+    for momentum, read in ((True, True), (False, False)):
+        args = (t[0], t[1] if momentum else None, t[2], t[3] if momentum else None, *t[4:8], t[8] if read else None,
+                t[9] if read else None, t[10] if read else None, gates[0], gates[1], gates[2] if momentum else None,
+                True, momentum)
+        torch.library.opcheck(torch.ops.nl.mlp_dgd_chunk.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
     w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
     gen = torch.randn(3, 4, 2, 5, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
@@ -496,9 +570,9 @@ def test_kernel_path_forms_no_gate_matrices(monkeypatch):
 
 
 def test_launch_counter_counts_the_fused_calls():
-    """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes one Triton launch per memory layer and
-    chunk in the forward (2 generator layers + 2 memory layers, 2 chunks), one per MLP memory's gradient
-    factors, MLP on z, l2norm and gate, and fewer aten launches than torch."""
+    """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes, per chunk in the forward, one Triton launch
+    per MLP memory's two-layer step and one per its gradient factors (the stacked generators, the memory), one for
+    the generators' MLP on z and one for q, k, v and the gates; and fewer aten launches than torch."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -508,10 +582,10 @@ def test_launch_counter_counts_the_fused_calls():
     counts = {k: bench.count(small(chunk=4, kernel=k, recompute_chunks=False), T=8, B=1, whole_block=False)
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
-    # 2 chunks x (4 layer steps + the gradient factors of 2 MLP memories: the stacked generators, the memory
-    # + the generators' MLP on z + q, k, v and the gates eta, alpha, mu in one nl::qkv_gates)
-    assert counts["triton"]["fwd_triton"] == 2 * (4 + 2 + 1 + 1)
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (4 + 2 + 1 + 1)
+    # 2 chunks x (2 MLP memories, the stacked generators and the memory: each one two-layer step and its gradient
+    # factors + the generators' MLP on z + q, k, v and the gates eta, alpha, mu in one nl::qkv_gates)
+    assert counts["triton"]["fwd_triton"] == 2 * (2 + 2 + 1 + 1)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (2 + 2 + 1 + 1)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

@@ -293,7 +293,18 @@ class _ChunkMemory:
                  v: torch.Tensor, gates: ChunkGates, cfg: RecurrenceConfig, k_init: torch.Tensor | None = None) -> None:
         self.init = init if cfg.retention_target == "init" else None
         self.layers = []
-        for i, (x, g, xs) in enumerate(_grad_factors(S, k, v, cfg)):
+        factors = _grad_factors(S, k, v, cfg)
+        self.fused = None
+        if len(S) == 2 and resolve_kernel(cfg.kernel, k) == "triton":
+            # both layers and the read chain in one kernel (`triton_memory.mlp_dgd_chunk`); the anchor's outputs
+            # on x are formed on chip, so neither xs nor k_init is needed
+            (h, g1, _), (_, g2, _) = factors
+            P1, P2 = (None, None) if P is None else P
+            self.fused = (carried[0], P1, carried[1], P2, h, g1, k, g2)
+            self.gates, self.normalize_x1, self.dgd = gates, cfg.normalized_step, cfg.dgd
+            self._ends = None
+            return
+        for i, (x, g, xs) in enumerate(factors):
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             # the normalised step's 1 / ||h||, applied to x, g and xs by the layer (on chip with kernel=triton)
@@ -307,15 +318,33 @@ class _ChunkMemory:
             return out
         return out + (_times_init(Q, self.init[i]) if Q_init is None else Q_init)
 
+    def _run_fused(self, q: torch.Tensor | None, q_init: torch.Tensor | None) -> torch.Tensor | None:
+        from nl.ops.triton_memory import mlp_dgd_chunk
+        g = self.gates
+        if q is not None and self.init is not None and q_init is None:
+            q_init = _times_init(q, self.init[1])
+        out, S1, P1, S2, P2 = mlp_dgd_chunk(
+            *self.fused, q, None if self.init is None else q_init,
+            None if q is None or self.init is None else self.init[0], g.log_alpha, g.eta,
+            g.log_mu if g.momentum else None, self.dgd, self.normalize_x1)
+        self._ends = ((S1, S2), None if self.fused[1] is None else (P1, P2))
+        return out if q is not None else None
+
     def read(self, q: torch.Tensor, q_init: torch.Tensor | None = None) -> torch.Tensor:
         """M_{t-1}(q_t) for every token of the chunk: [..., C, d] -> [..., C, d]. q_init: q M_0^T of the
         layer fed by q, when the caller formed it for the whole sequence."""
+        if self.fused is not None:
+            return self._run_fused(q, q_init)
         if len(self.layers) == 1:
             return self.read_layer(0, q, q_init)
         return q + self.read_layer(0, F.silu(self.read_layer(1, q, q_init)))  # M(q) = q + W1 silu(W2 q)
 
     def ends(self, momentum: bool) -> tuple[Memory, Memory | None]:
         """The carried state (layers or deviation) and the momentum after the chunk."""
+        if self.fused is not None:
+            if self._ends is None:
+                self._run_fused(None, None)
+            return self._ends
         ends = [layer.end_state() for layer in self.layers]
         return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
 
@@ -452,8 +481,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         inputs["log_mu"] = log_mu
     if cfg.retention_target == "init":  # k and q are known: their products with the constant M_0 in one matmul each
         by_k = states["memory"][-1]  # the layer fed by k and q (W of a linear memory, W2 of an MLP)
-        if cfg.dgd:
-            inputs["k_init"] = _times_init(k, by_k)
+        if cfg.dgd and not (len(by_k.shape) and len(states["memory"]) == 2 and resolve_kernel(cfg.kernel, k) == "triton"):
+            inputs["k_init"] = _times_init(k, by_k)  # (the fused MLP kernel forms k's deviation product on chip)
         if cfg.chunk_read == "in_chunk":
             inputs["q_init"] = _times_init(q, by_k)
     outs, chunks = [], _split_chunks(inputs, C2, T)

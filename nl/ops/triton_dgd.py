@@ -74,29 +74,24 @@ def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISI
     return lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end
 
 
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O, N1, N2,
-                      s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
-                      s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0, s_ETA_1, s_ETA_2,
-                      s_LM_0, s_LM_1, s_LM_2,
-                      BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
-                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr,
-                      EPS: tl.constexpr, PRECISION: tl.constexpr):
-    n = tl.program_id(0)
-    # Each input is read through its own batch strides (`batch_offset`; 0 where it is broadcast: k and the
-    # gates shared by the generators, the initial state shared by the sequences).
+def _dgd_fwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, out_p, send_p, pend_p, C, I, O,
+                  BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr, MOMENTUM: tl.constexpr,
+                  HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr, EPS: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One chunk step of one batch element (the module docstring), every pointer at that element's tile: loads
+    the inputs, stores the read (HAS_Q) and the end states. Called by the one-layer and the two-layer kernels."""
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     # Tiles, zero-padded: padded tokens have eta = 0 and log_alpha = log_mu = 0, so they change nothing.
-    x = tl.load(X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + rc[:, None] * I + ri[None, :],
+    x = tl.load(x_p + rc[:, None] * I + ri[None, :],
                 mask=mc[:, None] & mi[None, :], other=0.)
-    g = tl.load(G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2) + rc[:, None] * O + ro[None, :],
+    g = tl.load(g_p + rc[:, None] * O + ro[None, :],
                 mask=mc[:, None] & mo[None, :], other=0.)
-    s0 = tl.load(S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2) + ro[:, None] * I + ri[None, :],
+    s0 = tl.load(s0_p + ro[:, None] * I + ri[None, :],
                  mask=mo[:, None] & mi[None, :], other=0.)
-    la = tl.load(LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2) + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2) + rc, mask=mc, other=0.)
+    la = tl.load(la_p + rc, mask=mc, other=0.)
+    eta = tl.load(eta_p + rc, mask=mc, other=0.)
     sc = eta  # used only with NORM_X
     if NORM_X:  # the normalised step: the layer reads r_t x_t, gradient factor r_t g_t (and XS r_t), r = 1/||x_t||
         sc = 1 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)
@@ -105,19 +100,19 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
 
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2) + rc, mask=mc, other=0.)
+        lmu = tl.load(lm_p + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     row, col = rc[:, None], rc[None, :]
     gamma_prev = tl.exp(lg_prev)
     w = -eta[:, None] * g                                            # w_t = -eta_t g_t
     if MOMENTUM:
-        p0 = tl.load(P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2) + ro[:, None] * I + ri[None, :],
+        p0 = tl.load(p0_p + ro[:, None] * I + ri[None, :],
                      mask=mo[:, None] & mi[None, :], other=0.)
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:  # the caller's anchor output on X (e.g. of the deviation S0 - M_0)
-            xs = tl.load(XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2) + rc[:, None] * O + ro[None, :],
+            xs = tl.load(xs_p + rc[:, None] * O + ro[None, :],
                          mask=mc[:, None] & mo[None, :], other=0.)
             if NORM_X:
                 xs = xs * sc[:, None]
@@ -136,7 +131,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
             inv = tl.where(row == t, inv - new[None, :], inv)
         delta = tl.dot(inv, -eta[:, None] * base, input_precision=PRECISION)
     if HAS_Q:
-        q = tl.load(Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2) + rc[:, None] * I + ri[None, :],
+        q = tl.load(q_p + rc[:, None] * I + ri[None, :],
                     mask=mc[:, None] & mi[None, :], other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         out = gamma_prev[:, None] * tl.dot(q, tl.trans(s0), input_precision=PRECISION)
@@ -145,7 +140,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
             out += cp[:, None] * tl.dot(q, tl.trans(p0), input_precision=PRECISION)
         if DGD:
             out += tl.dot(Dp * QX, delta, input_precision=PRECISION)
-        tl.store(OUT + n * C * O + rc[:, None] * O + ro[None, :], out, mask=mc[:, None] & mo[None, :])
+        tl.store(out_p + rc[:, None] * O + ro[None, :], out, mask=mc[:, None] & mo[None, :])
     coef = E_end[:, None] * w
     if DGD:
         coef += D_end[:, None] * delta
@@ -153,36 +148,53 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
     if MOMENTUM:
         s_end += c_end * p0
         p_end = tl.exp(lm_end) * p0 + tl.dot(tl.trans(Mu_end[:, None] * w), x, input_precision=PRECISION)
-        tl.store(P_END + n * O * I + ro[:, None] * I + ri[None, :], p_end, mask=mo[:, None] & mi[None, :])
-    tl.store(S_END + n * O * I + ro[:, None] * I + ri[None, :], s_end, mask=mo[:, None] & mi[None, :])
-
+        tl.store(pend_p + ro[:, None] * I + ri[None, :], p_end, mask=mo[:, None] & mi[None, :])
+    tl.store(send_p + ro[:, None] * I + ri[None, :], s_end, mask=mo[:, None] & mi[None, :])
 
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
-def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA, dETA,
-                          dLM, C, I, O, N1, N2,
-                          s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
-                          s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2,
-                          s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2,
-                          BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
-                          MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
-                          NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
+def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O, N1, N2,
+                      s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
+                      s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0, s_ETA_1, s_ETA_2,
+                      s_LM_0, s_LM_1, s_LM_2,
+                      BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
+                      MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr,
+                      EPS: tl.constexpr, PRECISION: tl.constexpr):
+    n = tl.program_id(0)
+    # Each input is read through its own batch strides (`batch_offset`; 0 where it is broadcast: k and the
+    # gates shared by the generators, the initial state shared by the sequences).
+    s0, p0 = S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2), P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2)
+    x, g = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2), G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2)
+    xs, q = XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2), Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2)
+    la = LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2)
+    eta = ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2)
+    lm = LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2)
+    _dgd_fwd_tile(s0, p0, x, g, xs, q, la, eta, lm, OUT + n * C * O, S_END + n * O * I, P_END + n * O * I,
+                  C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X, EPS, PRECISION)
+
+
+@triton.jit
+def _dgd_bwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, dout_p, ds_p, dp_p, ds0_p, dp0_p, dx_p, dg_p,
+                  dxs_p, dq_p, dla_p, deta_p, dlm_p, C, I, O, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
+                  DGD: tl.constexpr, MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
+                  NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr, ACC_Q: tl.constexpr,
+                  ACC_GATES: tl.constexpr):
     """Gradients of one chunk step: the forward's intermediates are recomputed on chip (nothing was saved
     but the inputs), then every product of the forward is transposed in reverse order. Inputs are read through
     their batch strides (as the forward); the output gradients and gradients are contiguous over the whole batch
-    (the caller sums those of broadcast inputs)."""
-    n = tl.program_id(0)
+    (the caller sums those of broadcast inputs). Every pointer is at this batch element's tile. ACC_Q, ACC_GATES: add
+    dq and the gates' gradients to what the pointers hold (a second layer's share) instead of overwriting it."""
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     m_ci, m_co, m_oi = mc[:, None] & mi[None, :], mc[:, None] & mo[None, :], mo[:, None] & mi[None, :]
     p_ci, p_co, p_oi = rc[:, None] * I + ri[None, :], rc[:, None] * O + ro[None, :], ro[:, None] * I + ri[None, :]
-    x = tl.load(X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2) + p_ci, mask=m_ci, other=0.)
-    g = tl.load(G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2) + p_co, mask=m_co, other=0.)
-    s0 = tl.load(S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2) + p_oi, mask=m_oi, other=0.)
-    ds = tl.load(DS + n * O * I + p_oi, mask=m_oi, other=0.)
-    la = tl.load(LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2) + rc, mask=mc, other=0.)
-    eta = tl.load(ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2) + rc, mask=mc, other=0.)
+    x = tl.load(x_p + p_ci, mask=m_ci, other=0.)
+    g = tl.load(g_p + p_co, mask=m_co, other=0.)
+    s0 = tl.load(s0_p + p_oi, mask=m_oi, other=0.)
+    ds = tl.load(ds_p + p_oi, mask=m_oi, other=0.)
+    la = tl.load(la_p + rc, mask=mc, other=0.)
+    eta = tl.load(eta_p + rc, mask=mc, other=0.)
     row, col = rc[:, None], rc[None, :]
     # ---- forward, recomputed (as _dgd_chunk_kernel)
     x_in, g_in, sc, norm = x, g, eta, eta  # the unscaled inputs (for r's gradient); sc, norm used only with NORM_X
@@ -193,7 +205,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         g = g * sc[:, None]
     lmu = la  # read only with MOMENTUM
     if MOMENTUM:
-        lmu = tl.load(LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2) + rc, mask=mc, other=0.)
+        lmu = tl.load(lm_p + rc, mask=mc, other=0.)
     lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end = _chunk_decays(
         la, lmu, mc, BC, MOMENTUM, PRECISION)
     gp = tl.exp(lg_prev)
@@ -201,12 +213,12 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     w = -eta[:, None] * g
     if MOMENTUM:
         m_end = tl.exp(lm_end)
-        p0 = tl.load(P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2) + p_oi, mask=m_oi, other=0.)
+        p0 = tl.load(p0_p + p_oi, mask=m_oi, other=0.)
     coef = E_end[:, None] * w
     if DGD:
         XX = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         if HAS_XS:
-            xs_in = tl.load(XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2) + p_co, mask=m_co, other=0.)
+            xs_in = tl.load(xs_p + p_co, mask=m_co, other=0.)
             xs = xs_in * sc[:, None] if NORM_X else xs_in
         else:
             xs = tl.dot(x, tl.trans(s0), input_precision=PRECISION)
@@ -240,7 +252,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         ddelta = D_end[:, None] * dcoef
         dD_end += tl.sum(dcoef * delta, 1)
     if MOMENTUM:
-        dp = tl.load(DP + n * O * I + p_oi, mask=m_oi, other=0.)
+        dp = tl.load(dp_p + p_oi, mask=m_oi, other=0.)
         dp0 = c_end * ds + m_end * dp
         d_cend = tl.sum(tl.sum(ds * p0, 1), 0)
         d_mend = tl.sum(tl.sum(dp * p0, 1), 0)
@@ -251,8 +263,8 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         dx += tl.dot(mw, dp, input_precision=PRECISION)
     # Read: out = gp (Q S0^T) + cp (Q P0^T) + (Ep o QX) w + (Dp o QX) delta.
     if HAS_Q:
-        q = tl.load(Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2) + p_ci, mask=m_ci, other=0.)
-        do = tl.load(DOUT + n * C * O + p_co, mask=m_co, other=0.)
+        q = tl.load(q_p + p_ci, mask=m_ci, other=0.)
+        do = tl.load(dout_p + p_co, mask=m_co, other=0.)
         QX = tl.dot(q, tl.trans(x), input_precision=PRECISION)
         doW = tl.dot(do, tl.trans(w), input_precision=PRECISION)           # [C, C]
         dQX = Ep * doW
@@ -272,7 +284,9 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
             ddelta += tl.dot(tl.trans(Dp * QX), do, input_precision=PRECISION)
         dq += tl.dot(dQX, x, input_precision=PRECISION)
         dx += tl.dot(tl.trans(dQX), q, input_precision=PRECISION)
-        tl.store(dQ + n * C * I + p_ci, dq, mask=m_ci)
+        if ACC_Q:  # a second layer's read of the same query (the two-layer kernel)
+            dq += tl.load(dq_p + p_ci, mask=m_ci, other=0.)
+        tl.store(dq_p + p_ci, dq, mask=m_ci)
     # Solve: (I + A) delta = -eta base, A = eta Dp o XX; base = gp XS + (Ep o XX) w (+ cp XP).
     if DGD:
         drhs = tl.dot(tl.trans(inv), ddelta, input_precision=PRECISION)
@@ -296,7 +310,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
             if NORM_X:
                 dsc += tl.sum(dxs * xs_in, 1)
                 dxs = dxs * sc[:, None]
-            tl.store(dXS + n * C * O + p_co, dxs, mask=m_co)
+            tl.store(dxs_p + p_co, dxs, mask=m_co)
         else:
             dx += tl.dot(dxs, s0, input_precision=PRECISION)
             ds0 += tl.dot(tl.trans(dxs), x, input_precision=PRECISION)
@@ -304,14 +318,16 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     # w = -eta g
     dg = -eta[:, None] * dw
     deta -= tl.sum(dw * g, 1)
-    tl.store(dETA + n * C + rc, deta, mask=mc)
+    if ACC_GATES:  # the gates' gradient from another layer stepped with them (the two-layer kernel)
+        deta += tl.load(deta_p + rc, mask=mc, other=0.)
+    tl.store(deta_p + rc, deta, mask=mc)
     if NORM_X:  # x = r x_in, g = r g_in, r = 1 / max(||x_in||, EPS): dr/dx_in = -r^3 x_in where ||x_in|| > EPS
         dsc += tl.sum(dg * g_in, 1) + tl.sum(dx * x_in, 1)
         dg = dg * sc[:, None]
         dx = dx * sc[:, None] - tl.where(norm > EPS, dsc * sc * sc * sc, 0.)[:, None] * x_in
-    tl.store(dG + n * C * O + p_co, dg, mask=m_co)
-    tl.store(dX + n * C * I + p_ci, dx, mask=m_ci)
-    tl.store(dS0 + n * O * I + p_oi, ds0, mask=m_oi)
+    tl.store(dg_p + p_co, dg, mask=m_co)
+    tl.store(dx_p + p_ci, dx, mask=m_ci)
+    tl.store(ds0_p + p_oi, ds0, mask=m_oi)
     # Gates: Ep = Dp Mu, cp = Dp m, E_end = D_end Mu, c_end = D_end . m; Mu, m, Mu_end, m_end from cumsum(log_mu).
     if MOMENTUM:
         dDp += tl.dot(dEp, tl.trans(Mu), input_precision=PRECISION) + dcp[:, None] * m[None, :]
@@ -322,8 +338,10 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
         dlm = tl.sum(t_mu, 1) - tl.sum(t_mu, 0) + dm * m - dMu_end * Mu_end
         dlm_end = tl.sum(dMu_end * Mu_end, 0) + d_mend * m_end
         dlmu = tl.sum(tl.where(row >= col, dlm[:, None], 0.), 0) + dlm_end     # reverse cumulative sum
-        tl.store(dLM + n * C + rc, dlmu, mask=mc)
-        tl.store(dP0 + n * O * I + p_oi, dp0, mask=m_oi)
+        if ACC_GATES:
+            dlmu += tl.load(dlm_p + rc, mask=mc, other=0.)
+        tl.store(dlm_p + rc, dlmu, mask=mc)
+        tl.store(dp0_p + p_oi, dp0, mask=m_oi)
     else:
         dDp += dEp
         dD_end += dE_end
@@ -333,7 +351,32 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     dlg = dlg_prev - tl.sum(t_d, 0) - dD_end * D_end
     dlg_end = tl.sum(dD_end * D_end, 0) + d_ge * ge
     dla = tl.sum(tl.where(row >= col, dlg[:, None], 0.), 0) + dlg_end - dlg_prev
-    tl.store(dLA + n * C + rc, dla, mask=mc)
+    if ACC_GATES:
+        dla += tl.load(dla_p + rc, mask=mc, other=0.)
+    tl.store(dla_p + rc, dla, mask=mc)
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
+@triton.jit
+def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, dP0, dX, dG, dXS, dQ, dLA, dETA,
+                          dLM, C, I, O, N1, N2,
+                          s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1, s_X_2, s_G_0, s_G_1, s_G_2,
+                          s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2,
+                          s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2,
+                          BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr,
+                          MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
+                          NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
+    n = tl.program_id(0)
+    s0, p0 = S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2), P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2)
+    x, g = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2), G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2)
+    xs, q = XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2), Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2)
+    la = LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2)
+    eta = ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2)
+    lm = LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2)
+    _dgd_bwd_tile(s0, p0, x, g, xs, q, la, eta, lm, DOUT + n * C * O, DS + n * O * I, DP + n * O * I,
+                  dS0 + n * O * I, dP0 + n * O * I, dX + n * C * I, dG + n * C * O, dXS + n * C * O, dQ + n * C * I,
+                  dLA + n * C, dETA + n * C, dLM + n * C, C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X,
+                  EPS, PRECISION, False, False)
 
 
 def _block(n: int) -> int:
