@@ -293,18 +293,20 @@ def test_qkv_gates_kernel_equals_derive(static, retention, momentum, normalize_v
         r.abs().sum() > 0 for n, r in zip(readout0, ref_grads[1 + len(static):]) if n in used)
 
 
-@pytest.mark.parametrize("momentum,dgd,read,init,norm_x", [
-    (True, True, True, True, True), (False, True, True, False, False), (True, True, False, False, True),
-    (False, False, True, True, False)])
-def test_mlp_dgd_chunk_equals_two_chunk_layers(momentum, dgd, read, init, norm_x):
-    """nl::mlp_dgd_chunk (both layers of an MLP memory and its read chain in one kernel) == two delta_rule.ChunkLayer
-    steps with the shared gates and the read q + read_W1(silu(read_W2(q) + q M0_2^T)) + h_q M0_1^T, in float64:
-    read output, both layers' end states and momenta, and every input's gradient. Batch [2, 2, 1]: k (X2) and the
-    gates shared along dim 1 and the anchors and M0_1 along dim 0, read in place (gradients summed); C 5, d 4,
-    hidden 6 (padded tiles)."""
-    import torch.nn.functional as F
-    from nl.ops.delta_rule import ChunkGates, ChunkLayer
-    from nl.ops.triton_memory import mlp_dgd_chunk
+@pytest.mark.parametrize("momentum,dgd,read,init,normalized,self_target", [
+    (True, True, True, True, True, True), (False, True, True, False, False, True),
+    (True, True, False, False, True, False), (False, False, True, True, False, True),
+    (True, True, True, True, True, False)])
+def test_mlp_memory_chunk_equals_torch_chunk_memory(momentum, dgd, read, init, normalized, self_target):
+    """nl::mlp_memory_chunk (an MLP memory's whole chunk step in one kernel: gradient factors at the anchor, both
+    layers' DGD steps, the read chain) == titans._ChunkMemory on the torch path (memory_grad_factors, two
+    ChunkLayers, q + read_W1(silu(read_W2(q)))), in float64: read, both layers' end states and momenta, every
+    input's gradient. Retention toward M_0 (init): the loop carries the deviation and the anchor is M_0 + it.
+    Batch [2, 2, 1]: k, v and the gates shared along dim 1, the carried state and M_0 along dim 0 (read in place,
+    gradients summed); C 5, d 4, hidden 6 (padded tiles)."""
+    from nl.ops import titans
+    from nl.ops.delta_rule import ChunkGates
+    from nl.ops.triton_memory import mlp_memory_chunk
     g = torch.Generator().manual_seed(11)
     C, d, hid = 5, 4, 6
 
@@ -312,13 +314,15 @@ def test_mlp_dgd_chunk_equals_two_chunk_layers(momentum, dgd, read, init, norm_x
         return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
     leaves = {"S1": rnd(1, 2, 1, d, hid), "P1": rnd(1, 2, 1, d, hid, scale=0.2) if momentum else None,
               "S2": rnd(1, 2, 1, hid, d), "P2": rnd(1, 2, 1, hid, d, scale=0.2) if momentum else None,
-              "X1": rnd(2, 2, 1, C, hid, scale=1.5), "G1": rnd(2, 2, 1, C, d), "X2": rnd(2, 1, 1, C, d),
-              "G2": rnd(2, 2, 1, C, hid), "Q": rnd(2, 2, 1, C, d) if read else None,
-              "QI2": rnd(2, 2, 1, C, hid) if read and init else None, "M01": rnd(1, 2, 1, d, hid) if read and init else None,
+              "M1": rnd(1, 2, 1, d, hid) if init else None, "M2": rnd(1, 2, 1, hid, d) if init else None,
+              "K": torch.nn.functional.normalize(rnd(2, 1, 1, C, d), dim=-1), "V": rnd(2, 1, 1, C, d),
+              "Q": rnd(2, 2, 1, C, d) if read else None,
               "log_alpha": -0.1 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64),
               "eta": 0.3 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64),
               "log_mu": -0.3 * torch.rand(2, 1, 1, C, generator=g, dtype=torch.float64) if momentum else None}
     w = {k: rnd(*s) for k, s in (("out", (2, 2, 1, C, d)), ("S1", (2, 2, 1, d, hid)), ("S2", (2, 2, 1, hid, d)))}
+    cfg = RecurrenceConfig(dgd=dgd, momentum=momentum, retention_target="init" if init else "zero",
+                           normalized_step=normalized, target="self" if self_target else "value")
 
     def loss_of(out, S1, P1, S2, P2):
         loss = (S1 * w["S1"]).sum() + (S2 * w["S2"]).sum()
@@ -329,17 +333,17 @@ def test_mlp_dgd_chunk_equals_two_chunk_layers(momentum, dgd, read, init, norm_x
     for fused in (False, True):
         t = {k: None if v is None else v.clone().to(DEVICE).requires_grad_() for k, v in leaves.items()}
         if fused:
-            out, S1, P1, S2, P2 = mlp_dgd_chunk(*t.values(), dgd, norm_x)
+            out, S1, P1, S2, P2 = mlp_memory_chunk(*t.values(), dgd, self_target, normalized)
         else:
+            carried, M = (t["S1"], t["S2"]), (t["M1"], t["M2"])
+            A = tuple(c + m for c, m in zip(carried, M)) if init else carried
             gates = ChunkGates(t["log_alpha"], t["eta"], t["log_mu"])
-            l2 = ChunkLayer(t["S2"], t["P2"], t["X2"], t["G2"], gates, dgd)
-            l1 = ChunkLayer(t["S1"], t["P1"], t["X1"], t["G1"], gates, dgd, normalize_x=norm_x)
-            out = None
-            if read:
-                pre = l2.read(t["Q"]) + (t["QI2"] if init else 0)
-                hq = F.silu(pre)
-                out = t["Q"] + l1.read(hq) + (hq @ t["M01"].mT if init else 0)
-            (S1, P1), (S2, P2) = l1.end_state(), l2.end_state()
+            k_init = t["K"] @ t["M2"].mT if init and dgd else None
+            mem = titans._ChunkMemory(A, carried, (t["P1"], t["P2"]) if momentum else None, M, t["K"], t["V"], gates,
+                                      cfg, k_init)
+            out = mem.read(t["Q"], t["Q"] @ t["M2"].mT if init else None) if read else None
+            (S1, S2), P = mem.ends(momentum)
+            P1, P2 = P if momentum else (None, None)
         used = [k for k, v in t.items() if v is not None]
         grads = torch.autograd.grad(loss_of(out, S1, P1, S2, P2), [t[k] for k in used])
         outs = [x.detach().cpu() for x in (out, S1, P1, S2, P2) if x is not None and x.numel()]
@@ -451,16 +455,17 @@ def test_static_inputs_on_the_kernels_equal_reference(monkeypatch):
 
 
 def test_kernel_runs_the_fused_op(monkeypatch):
-    """kernel=triton really goes through the fused ops, torch does not: an MLP memory's two layers (and its read)
-    are one nl::mlp_dgd_chunk per memory and chunk, a linear memory's layer one nl::dgd_chunk."""
+    """kernel=triton really goes through the fused ops, torch does not: an MLP memory's chunk step (gradient factors,
+    both layers, the read) is one nl::mlp_memory_chunk per memory and chunk, a linear memory's layer one
+    nl::dgd_chunk."""
     from nl.ops import triton_dgd, triton_memory
     monkeypatch.setattr(test_hope_ops, "B", 1)
     monkeypatch.setattr(test_hope_ops, "H", 1)
     calls = []
-    for module, name in ((triton_dgd, "dgd_chunk"), (triton_memory, "mlp_dgd_chunk")):
+    for module, name in ((triton_dgd, "dgd_chunk"), (triton_memory, "mlp_memory_chunk")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    for memory_type, op in (("mlp", "mlp_dgd_chunk"), ("linear", "dgd_chunk")):
+    for memory_type, op in (("mlp", "mlp_memory_chunk"), ("linear", "dgd_chunk")):
         inputs = make_inputs(memory_type, HOPE, ("q",), T=8, seed=1)
         calls.clear()
         titans_chunked(*inputs, RecurrenceConfig(4, 4, 0.8, kernel="torch"))
@@ -533,14 +538,14 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     C, d, hid = 5, 4, 6
     t = [torch.randn(*sh, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() for sh in (
-        (1, 2, d, hid), (1, 2, d, hid), (1, 2, hid, d), (1, 2, hid, d), (3, 2, C, hid), (3, 2, C, d), (3, 1, C, d),
-        (3, 2, C, hid), (3, 2, C, d), (3, 2, C, hid), (1, 2, d, hid))]
+        (1, 2, d, hid), (1, 2, d, hid), (1, 2, hid, d), (1, 2, hid, d), (1, 2, d, hid), (1, 2, hid, d),
+        (3, 1, C, d), (3, 1, C, d), (3, 2, C, d))]
     gates = [(-0.1 * torch.rand(3, 1, C, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_() for _ in range(3)]
     for momentum, read in ((True, True), (False, False)):
-        args = (t[0], t[1] if momentum else None, t[2], t[3] if momentum else None, *t[4:8], t[8] if read else None,
-                t[9] if read else None, t[10] if read else None, gates[0], gates[1], gates[2] if momentum else None,
-                True, momentum)
-        torch.library.opcheck(torch.ops.nl.mlp_dgd_chunk.default, args,
+        args = (t[0], t[1] if momentum else None, t[2], t[3] if momentum else None, t[4] if read else None,
+                t[5] if read else None, t[6], t[7], t[8] if read else None, gates[0], gates[1],
+                gates[2] if momentum else None, True, momentum, read)
+        torch.library.opcheck(torch.ops.nl.mlp_memory_chunk.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     import nl.ops.triton_gates  # noqa: F401  (registers nl::l2norm, nl::gate)
     w, b = W2[..., :1, :].detach().clone().requires_grad_(), W2[..., 0, :1].detach().clone().requires_grad_()
@@ -571,8 +576,8 @@ def test_kernel_path_forms_no_gate_matrices(monkeypatch):
 
 def test_launch_counter_counts_the_fused_calls():
     """benchmarks/bench_launches.py on a tiny HOPE: kernel=triton makes, per chunk in the forward, one Triton launch
-    per MLP memory's two-layer step and one per its gradient factors (the stacked generators, the memory), one for
-    the generators' MLP on z and one for q, k, v and the gates; and fewer aten launches than torch."""
+    per MLP memory's whole step (the stacked generators, the memory), one for the generators' MLP on z and one for
+    q, k, v and the gates; and fewer aten launches than torch."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -582,10 +587,10 @@ def test_launch_counter_counts_the_fused_calls():
     counts = {k: bench.count(small(chunk=4, kernel=k, recompute_chunks=False), T=8, B=1, whole_block=False)
               for k in ("torch", "triton")}  # (recompute_chunks would rerun the forward's kernels in the backward)
     assert counts["torch"]["fwd_triton"] == counts["torch"]["bwd_triton"] == 0
-    # 2 chunks x (2 MLP memories, the stacked generators and the memory: each one two-layer step and its gradient
-    # factors + the generators' MLP on z + q, k, v and the gates eta, alpha, mu in one nl::qkv_gates)
-    assert counts["triton"]["fwd_triton"] == 2 * (2 + 2 + 1 + 1)
-    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (2 + 2 + 1 + 1)
+    # 2 chunks x (2 MLP memories, the stacked generators and the memory, one whole step each + the generators'
+    # MLP on z + q, k, v and the gates eta, alpha, mu in one nl::qkv_gates)
+    assert counts["triton"]["fwd_triton"] == 2 * (2 + 1 + 1)
+    assert 0 < counts["triton"]["bwd_triton"] <= 2 * (2 + 1 + 1)
     assert counts["triton"]["fwd_aten"] < counts["torch"]["fwd_aten"]
     assert counts["triton"]["total"] < counts["torch"]["total"]
 

@@ -293,18 +293,17 @@ class _ChunkMemory:
                  v: torch.Tensor, gates: ChunkGates, cfg: RecurrenceConfig, k_init: torch.Tensor | None = None) -> None:
         self.init = init if cfg.retention_target == "init" else None
         self.layers = []
-        factors = _grad_factors(S, k, v, cfg)
         self.fused = None
-        if len(S) == 2 and resolve_kernel(cfg.kernel, k) == "triton":
-            # both layers and the read chain in one kernel (`triton_memory.mlp_dgd_chunk`); the anchor's outputs
-            # on x are formed on chip, so neither xs nor k_init is needed
-            (h, g1, _), (_, g2, _) = factors
+        if _fused_mlp(carried, k, cfg):
+            # the whole step in one kernel (`triton_memory.mlp_memory_chunk`): gradient factors at the anchor
+            # carried (+ M_0), both layers, the read chain; S (the anchor's layers) is not needed (may be None)
             P1, P2 = (None, None) if P is None else P
-            self.fused = (carried[0], P1, carried[1], P2, h, g1, k, g2)
-            self.gates, self.normalize_x1, self.dgd = gates, cfg.normalized_step, cfg.dgd
+            M1, M2 = (None, None) if self.init is None else self.init
+            self.fused = (carried[0], P1, carried[1], P2, M1, M2, k, v)
+            self.gates, self.cfg = gates, cfg
             self._ends = None
             return
-        for i, (x, g, xs) in enumerate(factors):
+        for i, (x, g, xs) in enumerate(_grad_factors(S, k, v, cfg)):
             if self.init is not None:  # the layer's output on x is the deviation's: k's from k_init, else ChunkLayer's
                 xs = xs - k_init if k_init is not None and i == len(S) - 1 and cfg.dgd else None
             # the normalised step's 1 / ||h||, applied to x, g and xs by the layer (on chip with kernel=triton)
@@ -318,23 +317,19 @@ class _ChunkMemory:
             return out
         return out + (_times_init(Q, self.init[i]) if Q_init is None else Q_init)
 
-    def _run_fused(self, q: torch.Tensor | None, q_init: torch.Tensor | None) -> torch.Tensor | None:
-        from nl.ops.triton_memory import mlp_dgd_chunk
-        g = self.gates
-        if q is not None and self.init is not None and q_init is None:
-            q_init = _times_init(q, self.init[1])
-        out, S1, P1, S2, P2 = mlp_dgd_chunk(
-            *self.fused, q, None if self.init is None else q_init,
-            None if q is None or self.init is None else self.init[0], g.log_alpha, g.eta,
-            g.log_mu if g.momentum else None, self.dgd, self.normalize_x1)
+    def _run_fused(self, q: torch.Tensor | None) -> torch.Tensor | None:
+        from nl.ops.triton_memory import mlp_memory_chunk
+        g, cfg = self.gates, self.cfg
+        out, S1, P1, S2, P2 = mlp_memory_chunk(*self.fused, q, g.log_alpha, g.eta, g.log_mu if g.momentum else None,
+                                               cfg.dgd, cfg.target == "self", cfg.normalized_step)
         self._ends = ((S1, S2), None if self.fused[1] is None else (P1, P2))
         return out if q is not None else None
 
     def read(self, q: torch.Tensor, q_init: torch.Tensor | None = None) -> torch.Tensor:
         """M_{t-1}(q_t) for every token of the chunk: [..., C, d] -> [..., C, d]. q_init: q M_0^T of the
         layer fed by q, when the caller formed it for the whole sequence."""
-        if self.fused is not None:
-            return self._run_fused(q, q_init)
+        if self.fused is not None:  # (q M_0^T formed on chip)
+            return self._run_fused(q)
         if len(self.layers) == 1:
             return self.read_layer(0, q, q_init)
         return q + self.read_layer(0, F.silu(self.read_layer(1, q, q_init)))  # M(q) = q + W1 silu(W2 q)
@@ -343,10 +338,16 @@ class _ChunkMemory:
         """The carried state (layers or deviation) and the momentum after the chunk."""
         if self.fused is not None:
             if self._ends is None:
-                self._run_fused(None, None)
+                self._run_fused(None)
             return self._ends
         ends = [layer.end_state() for layer in self.layers]
         return tuple(s for s, _ in ends), (tuple(p for _, p in ends) if momentum else None)
+
+
+def _fused_mlp(layers: Memory, x: torch.Tensor, cfg: RecurrenceConfig) -> bool:
+    """Whether an MLP memory's chunk step runs as one kernel (`triton_memory.mlp_memory_chunk`): kernel=triton
+    (auto on CUDA tensors) and two layers."""
+    return len(layers) == 2 and resolve_kernel(cfg.kernel, x) == "triton"
 
 
 def _split_chunks(tensors: dict[str, torch.Tensor], C: int, T: int) -> list[dict[str, torch.Tensor]]:
@@ -469,7 +470,9 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     def memory_chunk(c: dict[str, torch.Tensor], S: Memory, P: Memory | None):
         gates = ChunkGates(c["log_alpha"], c["eta"], c.get("log_mu"),
                            matrices=resolve_kernel(cfg.kernel, c["eta"]) == "torch")
-        A = S if dev_init is None else _layers_from_deviation(S, dev_init)
+        fused = _fused_mlp(S, c["k"], cfg)  # the kernel forms the anchor S (+ M_0) on chip
+        A = None if fused and cfg.chunk_read == "in_chunk" else \
+            S if dev_init is None else _layers_from_deviation(S, dev_init)
         mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
         o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else _apply(A, c["q"], cfg)
         return (o, *mem.ends(cfg.momentum))
@@ -481,9 +484,10 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         inputs["log_mu"] = log_mu
     if cfg.retention_target == "init":  # k and q are known: their products with the constant M_0 in one matmul each
         by_k = states["memory"][-1]  # the layer fed by k and q (W of a linear memory, W2 of an MLP)
-        if cfg.dgd and not (len(by_k.shape) and len(states["memory"]) == 2 and resolve_kernel(cfg.kernel, k) == "triton"):
-            inputs["k_init"] = _times_init(k, by_k)  # (the fused MLP kernel forms k's deviation product on chip)
-        if cfg.chunk_read == "in_chunk":
+        fused = _fused_mlp(states["memory"], k, cfg)  # (forms both products on chip)
+        if cfg.dgd and not fused:
+            inputs["k_init"] = _times_init(k, by_k)
+        if cfg.chunk_read == "in_chunk" and not fused:
             inputs["q_init"] = _times_init(q, by_k)
     outs, chunks = [], _split_chunks(inputs, C2, T)
     if use_fla(cfg, len(S), q.device, trace):  # the online Titans rule is fla's gated delta rule: one call

@@ -85,6 +85,48 @@ def _mlp_factors_kernel(W1, W2, K, V, H, G1, HOUT, G2, PRE, C, D, HID, N1, N2,
     tl.store(PRE + n * C * HID + p_ch, pre, mask=m_ch)
 
 
+@triton.jit
+def _factors_bwd_tiles(w1, w2, k, v, dg1, dg2, dh_in, dhout_in, dpre_in, BC: tl.constexpr, BH: tl.constexpr,
+                       BD: tl.constexpr, SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr, HAS_DH: tl.constexpr,
+                       HAS_DHOUT: tl.constexpr, HAS_DPRE: tl.constexpr, PRECISION: tl.constexpr):
+    """The gradient factors' backward on tiles: the forward recomputed (`_forward_tiles`), then reversed, given the
+    gradients of g1, g2 (and of h, hout, pre where HAS_*). Returns (dW1 [BD, BH], dW2 [BH, BD], dk, dv [BC, BD])."""
+    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, k, v, BC, SELF_TARGET, NORMALIZED, PRECISION)
+    # g1 = e scale, g2 = ew1 sp scale
+    de = dg1 * scale[:, None]
+    dg2 = dg2 * scale[:, None]
+    dew1 = dg2 * sp
+    # sp = silu'(pre): silu''(pre) = sg (1 - sg) (2 + pre (1 - 2 sg))
+    dpre = dg2 * ew1 * sg * (1 - sg) * (2 + pre * (1 - 2 * sg))
+    if HAS_DPRE:
+        dpre += dpre_in
+    # ew1 = e W1
+    de += tl.dot(dew1, tl.trans(w1), input_precision=PRECISION)
+    dw1 = tl.dot(tl.trans(e), dew1, input_precision=PRECISION)           # [BD, BH]
+    # e = k + hout - v (- silu(pv) W1^T)
+    dk = de
+    dv = -de
+    dhout = de
+    if HAS_DHOUT:
+        dhout += dhout_in
+    dw2 = tl.zeros([BH, BD], dtype=w2.dtype)
+    if SELF_TARGET:
+        dw1 -= tl.dot(tl.trans(de), hv, input_precision=PRECISION)
+        sgv = tl.sigmoid(pv)
+        dpv = -tl.dot(de, w1, input_precision=PRECISION) * sgv * (1 + pv * (1 - sgv))
+        dv += tl.dot(dpv, w2, input_precision=PRECISION)
+        dw2 += tl.dot(tl.trans(dpv), v, input_precision=PRECISION)
+    # hout = h W1^T, h = silu(pre), pre = k W2^T
+    dh = tl.dot(dhout, w1, input_precision=PRECISION)
+    if HAS_DH:
+        dh += dh_in
+    dw1 += tl.dot(tl.trans(dhout), h, input_precision=PRECISION)
+    dpre += dh * sp
+    dk += tl.dot(dpre, w2, input_precision=PRECISION)
+    dw2 += tl.dot(tl.trans(dpre), k, input_precision=PRECISION)
+    return dw1, dw2, dk, dv
+
+
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8)], key=["BC", "BD", "BH"])
 @triton.jit
 def _mlp_factors_bwd_kernel(W1, W2, K, V, dH, dG1, dHOUT, dG2, dPRE, dW1, dW2, dK, dV, C, D, HID, N1, N2,
@@ -106,39 +148,17 @@ def _mlp_factors_bwd_kernel(W1, W2, K, V, dH, dG1, dHOUT, dG2, dPRE, dW1, dW2, d
     w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + p_hd, mask=m_hd, other=0.)
     k = tl.load(K + batch_offset(n, N1, N2, s_K_0, s_K_1, s_K_2) + p_cd, mask=m_cd, other=0.)
     v = tl.load(V + batch_offset(n, N1, N2, s_V_0, s_V_1, s_V_2) + p_cd, mask=m_cd, other=0.)
-    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, k, v, BC, SELF_TARGET, NORMALIZED, PRECISION)
-    # g1 = e scale, g2 = ew1 sp scale
-    de = tl.load(dG1 + n * C * D + p_cd, mask=m_cd, other=0.) * scale[:, None]
-    dg2 = tl.load(dG2 + n * C * HID + p_ch, mask=m_ch, other=0.) * scale[:, None]
-    dew1 = dg2 * sp
-    # sp = silu'(pre): silu''(pre) = sg (1 - sg) (2 + pre (1 - 2 sg))
-    dpre = dg2 * ew1 * sg * (1 - sg) * (2 + pre * (1 - 2 * sg))
-    if HAS_DPRE:
-        dpre += tl.load(dPRE + n * C * HID + p_ch, mask=m_ch, other=0.)
-    # ew1 = e W1
-    de += tl.dot(dew1, tl.trans(w1), input_precision=PRECISION)
-    dw1 = tl.dot(tl.trans(e), dew1, input_precision=PRECISION)           # [BD, BH]
-    # e = k + hout - v (- silu(pv) W1^T)
-    dk = de
-    dv = -de
-    dhout = de
-    if HAS_DHOUT:
-        dhout += tl.load(dHOUT + n * C * D + p_cd, mask=m_cd, other=0.)
-    dw2 = tl.zeros([BH, BD], dtype=w2.dtype)
-    if SELF_TARGET:
-        dw1 -= tl.dot(tl.trans(de), hv, input_precision=PRECISION)
-        sgv = tl.sigmoid(pv)
-        dpv = -tl.dot(de, w1, input_precision=PRECISION) * sgv * (1 + pv * (1 - sgv))
-        dv += tl.dot(dpv, w2, input_precision=PRECISION)
-        dw2 += tl.dot(tl.trans(dpv), v, input_precision=PRECISION)
-    # hout = h W1^T, h = silu(pre), pre = k W2^T
-    dh = tl.dot(dhout, w1, input_precision=PRECISION)
+    dg1 = tl.load(dG1 + n * C * D + p_cd, mask=m_cd, other=0.)
+    dg2 = tl.load(dG2 + n * C * HID + p_ch, mask=m_ch, other=0.)
+    dh, dhout, dpre = dg2, dg1, dg2  # stand-ins where absent (never read)
     if HAS_DH:
-        dh += tl.load(dH + n * C * HID + p_ch, mask=m_ch, other=0.)
-    dw1 += tl.dot(tl.trans(dhout), h, input_precision=PRECISION)
-    dpre += dh * sp
-    dk += tl.dot(dpre, w2, input_precision=PRECISION)
-    dw2 += tl.dot(tl.trans(dpre), k, input_precision=PRECISION)
+        dh = tl.load(dH + n * C * HID + p_ch, mask=m_ch, other=0.)
+    if HAS_DHOUT:
+        dhout = tl.load(dHOUT + n * C * D + p_cd, mask=m_cd, other=0.)
+    if HAS_DPRE:
+        dpre = tl.load(dPRE + n * C * HID + p_ch, mask=m_ch, other=0.)
+    dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, k, v, dg1, dg2, dh, dhout, dpre, BC, BH, BD, SELF_TARGET, NORMALIZED,
+                                          HAS_DH, HAS_DHOUT, HAS_DPRE, PRECISION)
     tl.store(dW1 + n * D * HID + p_dh, dw1, mask=m_dh)
     tl.store(dW2 + n * HID * D + p_hd, dw2, mask=m_hd)
     tl.store(dK + n * C * D + p_cd, dk, mask=m_cd)
@@ -335,266 +355,320 @@ def _apply_bwd(ctx, g_out):
 mlp_apply.register_autograd(_apply_bwd, setup_context=_apply_setup)
 
 
-# ------------------------------------------------ both layers of an MLP memory's chunk step, one kernel -------
-# Inputs of `mlp_dgd_chunk`, in kernel-argument order; matrices [*, rows, cols], gates [*, C].
-MLP_INPUTS = ("S1", "P1", "S2", "P2", "X1", "G1", "X2", "G2", "Q", "QI2", "M01", "log_alpha", "eta", "log_mu")
+# ------------------------------------------------ an MLP memory's whole chunk step, one kernel ---------------
+# Inputs of `mlp_memory_chunk`, in kernel-argument order; matrices [*, rows, cols], gates [*, C].
+MLP_INPUTS = ("S1", "P1", "S2", "P2", "M1", "M2", "K", "V", "Q", "log_alpha", "eta", "log_mu")
 _GATES = {"log_alpha", "eta", "log_mu"}
 
 
 @triton.jit
-def _mlp_dgd_kernel(S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, LA, ETA, LM, OUT, S1_END, P1_END, S2_END, P2_END,
-                    PRE, HQ, C, D, HID, N1, N2, STRIDES_S1_0, STRIDES_S1_1, STRIDES_S1_2, STRIDES_P1_0, STRIDES_P1_1,
-                    STRIDES_P1_2, STRIDES_S2_0, STRIDES_S2_1, STRIDES_S2_2, STRIDES_P2_0, STRIDES_P2_1, STRIDES_P2_2,
-                    STRIDES_X1_0, STRIDES_X1_1, STRIDES_X1_2, STRIDES_G1_0, STRIDES_G1_1, STRIDES_G1_2,
-                    STRIDES_X2_0, STRIDES_X2_1, STRIDES_X2_2, STRIDES_G2_0, STRIDES_G2_1, STRIDES_G2_2,
-                    STRIDES_Q_0, STRIDES_Q_1, STRIDES_Q_2, STRIDES_QI2_0, STRIDES_QI2_1, STRIDES_QI2_2,
-                    STRIDES_M01_0, STRIDES_M01_1, STRIDES_M01_2, STRIDES_LA_0, STRIDES_LA_1, STRIDES_LA_2,
-                    STRIDES_ETA_0, STRIDES_ETA_1, STRIDES_ETA_2, STRIDES_LM_0, STRIDES_LM_1, STRIDES_LM_2,
-                    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr, MOMENTUM: tl.constexpr,
-                    HAS_Q: tl.constexpr, HAS_QI: tl.constexpr, HAS_M01: tl.constexpr, NORM_X1: tl.constexpr,
-                    EPS: tl.constexpr, PRECISION: tl.constexpr):
+def _anchor_tiles(s1, s2, m1, m2, D, HID, BD: tl.constexpr, BH: tl.constexpr, HAS_M: tl.constexpr):
+    """The anchor's layers W1 = S1 (+ M1) [BD, BH] and W2 = S2 (+ M2) [BH, BD] (the carried deviation plus the
+    initial state under retention toward M_0)."""
+    rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+    m_dh, m_hd = (rd < D)[:, None] & (rh < HID)[None, :], (rh < HID)[:, None] & (rd < D)[None, :]
+    p_dh, p_hd = rd[:, None] * HID + rh[None, :], rh[:, None] * D + rd[None, :]
+    w1 = tl.load(s1 + p_dh, mask=m_dh, other=0.)
+    w2 = tl.load(s2 + p_hd, mask=m_hd, other=0.)
+    if HAS_M:
+        w1 += tl.load(m1 + p_dh, mask=m_dh, other=0.)
+        w2 += tl.load(m2 + p_hd, mask=m_hd, other=0.)
+    return w1, w2
+
+
+@triton.jit
+def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END, P1_END, S2_END, P2_END, SCR,
+                       C, D, HID, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
+                       ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
+                       ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1,
+                       ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2,
+                       BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr, MOMENTUM: tl.constexpr,
+                       HAS_Q: tl.constexpr, HAS_M: tl.constexpr, SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr,
+                       EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    s1 = S1 + batch_offset(n, N1, N2, STRIDES_S1_0, STRIDES_S1_1, STRIDES_S1_2)
-    p1 = P1 + batch_offset(n, N1, N2, STRIDES_P1_0, STRIDES_P1_1, STRIDES_P1_2)
-    s2 = S2 + batch_offset(n, N1, N2, STRIDES_S2_0, STRIDES_S2_1, STRIDES_S2_2)
-    p2 = P2 + batch_offset(n, N1, N2, STRIDES_P2_0, STRIDES_P2_1, STRIDES_P2_2)
-    x1 = X1 + batch_offset(n, N1, N2, STRIDES_X1_0, STRIDES_X1_1, STRIDES_X1_2)
-    g1 = G1 + batch_offset(n, N1, N2, STRIDES_G1_0, STRIDES_G1_1, STRIDES_G1_2)
-    x2 = X2 + batch_offset(n, N1, N2, STRIDES_X2_0, STRIDES_X2_1, STRIDES_X2_2)
-    g2 = G2 + batch_offset(n, N1, N2, STRIDES_G2_0, STRIDES_G2_1, STRIDES_G2_2)
-    q = Q + batch_offset(n, N1, N2, STRIDES_Q_0, STRIDES_Q_1, STRIDES_Q_2)
-    la = LA + batch_offset(n, N1, N2, STRIDES_LA_0, STRIDES_LA_1, STRIDES_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, STRIDES_ETA_0, STRIDES_ETA_1, STRIDES_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, STRIDES_LM_0, STRIDES_LM_1, STRIDES_LM_2)
-    pre, hq = PRE + n * C * HID, HQ + n * C * HID
-    # W2 (input k): its read of q is the hidden pre-activation of the memory's read
-    _dgd_fwd_tile(s2, p2, x2, g2, x2, q, la, eta, lm, pre, S2_END + n * HID * D, P2_END + n * HID * D, C, D, HID,
-                  BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS, PRECISION)
+    s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
+    p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
+    s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
+    p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
+    m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
+    m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
+    k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
+    v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
+    q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
+    la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
+    eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
+    lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+    # this program's scratch: h, g2, pre_q, h_q [C, HID] and g1 [C, D]
+    h_s = SCR + n * C * (4 * HID + D)
+    g2_s, pre_s, hq_s, g1_s = h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
+    # the gradient factors at the anchor (`mlp_grad_factors`)
+    w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
+    kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
+    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
+                                                                 PRECISION)
+    tl.store(h_s + p_ch, h, mask=m_ch)
+    tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
+    tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
+    tl.debug_barrier()  # the tiles stored above are read back by other threads of the program
+    # W2 (input k): its read of q is the hidden pre-activation of the memory's read
+    _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, S2_END + n * HID * D, P2_END + n * HID * D, C, D, HID,
+                  BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS, PRECISION)
     if HAS_Q:
-        tl.debug_barrier()  # the tile stored above is read back by other threads of the program
-        a = tl.load(pre + p_ch, mask=m_ch, other=0.)
-        if HAS_QI:  # + q M0_2^T (retention toward M_0: the layer is M0_2 + the deviation the step carries)
-            a += tl.load(QI2 + batch_offset(n, N1, N2, STRIDES_QI2_0, STRIDES_QI2_1, STRIDES_QI2_2) + p_ch,
-                         mask=m_ch, other=0.)
-        tl.store(hq + p_ch, a * tl.sigmoid(a), mask=m_ch)  # h_q = silu(.)
         tl.debug_barrier()
-    # W1 (input h): its read of h_q
-    _dgd_fwd_tile(s1, p1, x1, g1, x1, hq, la, eta, lm, OUT + n * C * D, S1_END + n * D * HID, P1_END + n * D * HID,
-                  C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORM_X1, EPS, PRECISION)
+        a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
+        if HAS_M:  # + q M0_2^T: the layer is M0_2 + the deviation the step carries
+            m02 = tl.load(m2 + rh[:, None] * D + rd[None, :], mask=(rh < HID)[:, None] & (rd < D)[None, :], other=0.)
+            a += tl.dot(tl.load(q + p_cd, mask=m_cd, other=0.), tl.trans(m02), input_precision=PRECISION)
+        tl.store(hq_s + p_ch, a * tl.sigmoid(a), mask=m_ch)  # h_q = silu(.)
+        tl.debug_barrier()
+    # W1 (input h, the normalised step's layer): its read of h_q
+    _dgd_fwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, OUT + n * C * D, S1_END + n * D * HID,
+                  P1_END + n * D * HID, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION)
     if HAS_Q:
         tl.debug_barrier()
         o = tl.load(OUT + n * C * D + p_cd, mask=m_cd, other=0.) + tl.load(q + p_cd, mask=m_cd, other=0.)
-        if HAS_M01:  # + h_q M0_1^T
-            m01 = tl.load(M01 + batch_offset(n, N1, N2, STRIDES_M01_0, STRIDES_M01_1, STRIDES_M01_2)
-                          + rd[:, None] * HID + rh[None, :], mask=(rd < D)[:, None] & (rh < HID)[None, :], other=0.)
-            o += tl.dot(tl.load(hq + p_ch, mask=m_ch, other=0.), tl.trans(m01), input_precision=PRECISION)
+        if HAS_M:  # + h_q M0_1^T
+            m01 = tl.load(m1 + rd[:, None] * HID + rh[None, :], mask=(rd < D)[:, None] & (rh < HID)[None, :], other=0.)
+            o += tl.dot(tl.load(hq_s + p_ch, mask=m_ch, other=0.), tl.trans(m01), input_precision=PRECISION)
         tl.store(OUT + n * C * D + p_cd, o, mask=m_cd)
 
 
 @triton.jit
-def _mlp_dgd_bwd_kernel(S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, LA, ETA, LM, DOUT, DS1, DP1, DS2, DP2,
-                        dS1, dP1, dS2, dP2, dX1, dG1, dX2, dG2, dQ, dQI2, dM01, dLA, dETA, dLM, PRE, HQ, DHQ, SCR,
-                        C, D, HID, N1, N2, STRIDES_S1_0, STRIDES_S1_1, STRIDES_S1_2, STRIDES_P1_0, STRIDES_P1_1,
-                        STRIDES_P1_2, STRIDES_S2_0, STRIDES_S2_1, STRIDES_S2_2, STRIDES_P2_0, STRIDES_P2_1,
-                        STRIDES_P2_2, STRIDES_X1_0, STRIDES_X1_1, STRIDES_X1_2, STRIDES_G1_0, STRIDES_G1_1,
-                        STRIDES_G1_2, STRIDES_X2_0, STRIDES_X2_1, STRIDES_X2_2, STRIDES_G2_0, STRIDES_G2_1,
-                        STRIDES_G2_2, STRIDES_Q_0, STRIDES_Q_1, STRIDES_Q_2, STRIDES_QI2_0, STRIDES_QI2_1,
-                        STRIDES_QI2_2, STRIDES_M01_0, STRIDES_M01_1, STRIDES_M01_2, STRIDES_LA_0, STRIDES_LA_1,
-                        STRIDES_LA_2, STRIDES_ETA_0, STRIDES_ETA_1, STRIDES_ETA_2, STRIDES_LM_0, STRIDES_LM_1,
-                        STRIDES_LM_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
-                        MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_QI: tl.constexpr, HAS_M01: tl.constexpr,
-                        NORM_X1: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
-    """The read chain recomputed (W2's read of q, h_q), then W1's backward (its read of h_q), the chain's
-    gradient back to W2's read output, and W2's backward adding its q and gate gradients to W1's."""
+def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, DS1, DP1, DS2, DP2,
+                           dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM, SCR,
+                           C, D, HID, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
+                           ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
+                           ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1,
+                           ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2,
+                           BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
+                           MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_M: tl.constexpr,
+                           SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr, EPS: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """The forward recomputed into scratch (gradient factors, W2's read of q, h_q), then in reverse: W1's backward
+    (its read of h_q), the read chain back to W2's read output, W2's backward (adding its q and gate gradients to
+    W1's), and the gradient factors' backward, whose anchor gradient goes to the carried layers and to M_0."""
     n = tl.program_id(0)
-    s1 = S1 + batch_offset(n, N1, N2, STRIDES_S1_0, STRIDES_S1_1, STRIDES_S1_2)
-    p1 = P1 + batch_offset(n, N1, N2, STRIDES_P1_0, STRIDES_P1_1, STRIDES_P1_2)
-    s2 = S2 + batch_offset(n, N1, N2, STRIDES_S2_0, STRIDES_S2_1, STRIDES_S2_2)
-    p2 = P2 + batch_offset(n, N1, N2, STRIDES_P2_0, STRIDES_P2_1, STRIDES_P2_2)
-    x1 = X1 + batch_offset(n, N1, N2, STRIDES_X1_0, STRIDES_X1_1, STRIDES_X1_2)
-    g1 = G1 + batch_offset(n, N1, N2, STRIDES_G1_0, STRIDES_G1_1, STRIDES_G1_2)
-    x2 = X2 + batch_offset(n, N1, N2, STRIDES_X2_0, STRIDES_X2_1, STRIDES_X2_2)
-    g2 = G2 + batch_offset(n, N1, N2, STRIDES_G2_0, STRIDES_G2_1, STRIDES_G2_2)
-    q = Q + batch_offset(n, N1, N2, STRIDES_Q_0, STRIDES_Q_1, STRIDES_Q_2)
-    la = LA + batch_offset(n, N1, N2, STRIDES_LA_0, STRIDES_LA_1, STRIDES_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, STRIDES_ETA_0, STRIDES_ETA_1, STRIDES_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, STRIDES_LM_0, STRIDES_LM_1, STRIDES_LM_2)
-    pre, hq, dhq = PRE + n * C * HID, HQ + n * C * HID, DHQ + n * C * HID
+    s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
+    p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
+    s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
+    p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
+    m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
+    m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
+    k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
+    v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
+    q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
+    la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
+    eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
+    lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+    # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
+    h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
+    g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
+                                            h_s + 5 * C * HID, h_s + 6 * C * HID)
+    g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
     m_dh, p_dh = (rd < D)[:, None] & (rh < HID)[None, :], rd[:, None] * HID + rh[None, :]
-    if HAS_Q:  # recompute W2's read and h_q (its end state goes to scratch)
-        scr = SCR + n * HID * D
-        _dgd_fwd_tile(s2, p2, x2, g2, x2, q, la, eta, lm, pre, scr, scr, C, D, HID, BC, BD, BH, DGD, MOMENTUM, True,
-                      False, False, EPS, PRECISION)
+    m_hd, p_hd = (rh < HID)[:, None] & (rd < D)[None, :], rh[:, None] * D + rd[None, :]
+    w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
+    kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
+    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
+                                                                 PRECISION)
+    tl.store(h_s + p_ch, h, mask=m_ch)
+    tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
+    tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
+    tl.debug_barrier()
+    if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
+        _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
+                      True, False, False, EPS, PRECISION)
         tl.debug_barrier()
-        a = tl.load(pre + p_ch, mask=m_ch, other=0.)
-        if HAS_QI:
-            a += tl.load(QI2 + batch_offset(n, N1, N2, STRIDES_QI2_0, STRIDES_QI2_1, STRIDES_QI2_2) + p_ch,
-                         mask=m_ch, other=0.)
-        tl.store(pre + p_ch, a, mask=m_ch)
-        tl.store(hq + p_ch, a * tl.sigmoid(a), mask=m_ch)
+        a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
+        if HAS_M:
+            m02 = tl.load(m2 + p_hd, mask=m_hd, other=0.)
+            a += tl.dot(tl.load(q + p_cd, mask=m_cd, other=0.), tl.trans(m02), input_precision=PRECISION)
+        tl.store(pre_s + p_ch, a, mask=m_ch)
+        tl.store(hq_s + p_ch, a * tl.sigmoid(a), mask=m_ch)
         tl.debug_barrier()
     # W1: o = q + read_1(h_q) (+ h_q M0_1^T)
-    _dgd_bwd_tile(s1, p1, x1, g1, x1, hq, la, eta, lm, DOUT + n * C * D, DS1 + n * D * HID, DP1 + n * D * HID,
-                  dS1 + n * D * HID, dP1 + n * D * HID, dX1 + n * C * HID, dG1 + n * C * D, dX1 + n * C * HID, dhq,
-                  dLA + n * C, dETA + n * C, dLM + n * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False,
-                  NORM_X1, EPS, PRECISION, False, False)
+    _dgd_bwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, DOUT + n * C * D, DS1 + n * D * HID, DP1 + n * D * HID,
+                  dS1 + n * D * HID, dP1 + n * D * HID, dh_s, dg1_s, dh_s, dhq_s, dLA + n * C, dETA + n * C,
+                  dLM + n * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION,
+                  False, False)
+    dm1 = tl.zeros([BD, BH], dtype=w1.dtype)
+    dm2 = tl.zeros([BH, BD], dtype=w1.dtype)
     if HAS_Q:
         tl.debug_barrier()
         do = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
-        g = tl.load(dhq + p_ch, mask=m_ch, other=0.)
-        if HAS_M01:
-            h = tl.load(hq + p_ch, mask=m_ch, other=0.)
-            m01 = tl.load(M01 + batch_offset(n, N1, N2, STRIDES_M01_0, STRIDES_M01_1, STRIDES_M01_2) + p_dh,
-                          mask=m_dh, other=0.)
+        g = tl.load(dhq_s + p_ch, mask=m_ch, other=0.)
+        dq = do  # the residual q
+        if HAS_M:
+            m01 = tl.load(m1 + p_dh, mask=m_dh, other=0.)
             g += tl.dot(do, m01, input_precision=PRECISION)
-            tl.store(dM01 + n * D * HID + p_dh, tl.dot(tl.trans(do), h, input_precision=PRECISION), mask=m_dh)
-        a = tl.load(pre + p_ch, mask=m_ch, other=0.)
+            dm1 += tl.dot(tl.trans(do), tl.load(hq_s + p_ch, mask=m_ch, other=0.), input_precision=PRECISION)
+        a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
         s = tl.sigmoid(a)
-        g = g * s * (1 + a * (1 - s))  # silu'(a)
-        tl.store(dhq + p_ch, g, mask=m_ch)  # now W2's read-output gradient
-        if HAS_QI:
-            tl.store(dQI2 + n * C * HID + p_ch, g, mask=m_ch)
-        tl.store(dQ + n * C * D + p_cd, do, mask=m_cd)  # the residual q; W2's share is added to it
+        g = g * s * (1 + a * (1 - s))  # silu'(a): now the gradient of W2's read output (+ q M0_2^T)
+        tl.store(dhq_s + p_ch, g, mask=m_ch)
+        if HAS_M:
+            dq += tl.dot(g, tl.load(m2 + p_hd, mask=m_hd, other=0.), input_precision=PRECISION)
+            dm2 += tl.dot(tl.trans(g), tl.load(q + p_cd, mask=m_cd, other=0.), input_precision=PRECISION)
+        tl.store(dQ + n * C * D + p_cd, dq, mask=m_cd)  # W2's share is added to it
     tl.debug_barrier()
-    _dgd_bwd_tile(s2, p2, x2, g2, x2, q, la, eta, lm, dhq, DS2 + n * HID * D, DP2 + n * HID * D, dS2 + n * HID * D,
-                  dP2 + n * HID * D, dX2 + n * C * D, dG2 + n * C * HID, dX2 + n * C * D, dQ + n * C * D, dLA + n * C,
+    _dgd_bwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, dhq_s, DS2 + n * HID * D, DP2 + n * HID * D, dS2 + n * HID * D,
+                  dP2 + n * HID * D, dK + n * C * D, dg2_s, dK + n * C * D, dQ + n * C * D, dLA + n * C,
                   dETA + n * C, dLM + n * C, C, D, HID, BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS,
                   PRECISION, True, True)
+    tl.debug_barrier()
+    # the gradient factors (h, g1 -> W1's step; k, g2 -> W2's): their anchor gradient to S and M_0
+    dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, kt, vt, tl.load(dg1_s + p_cd, mask=m_cd, other=0.),
+                                          tl.load(dg2_s + p_ch, mask=m_ch, other=0.),
+                                          tl.load(dh_s + p_ch, mask=m_ch, other=0.), kt, pre, BC, BH, BD,
+                                          SELF_TARGET, NORMALIZED, True, False, False, PRECISION)
+    tl.store(dK + n * C * D + p_cd, dk + tl.load(dK + n * C * D + p_cd, mask=m_cd, other=0.), mask=m_cd)
+    tl.store(dV + n * C * D + p_cd, dv, mask=m_cd)
+    tl.store(dS1 + n * D * HID + p_dh, dw1 + tl.load(dS1 + n * D * HID + p_dh, mask=m_dh, other=0.), mask=m_dh)
+    tl.store(dS2 + n * HID * D + p_hd, dw2 + tl.load(dS2 + n * HID * D + p_hd, mask=m_hd, other=0.), mask=m_hd)
+    if HAS_M:
+        tl.store(dM1 + n * D * HID + p_dh, dw1 + dm1, mask=m_dh)
+        tl.store(dM2 + n * HID * D + p_hd, dw2 + dm2, mask=m_hd)
 
 
-def _mlp_dgd_batch(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
+def _mlp_memory_batch(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
     batch = torch.broadcast_shapes(*[t.shape[:-1] if k in _GATES else t.shape[:-2]
                                      for k, t in tensors.items() if t is not None])
     if len(batch) > 3:
-        raise ValueError(f"mlp_dgd_chunk: at most 3 batch dims (batch, generator, head), got {tuple(batch)}")
+        raise ValueError(f"mlp_memory_chunk: at most 3 batch dims (batch, generator, head), got {tuple(batch)}")
     return batch
 
 
-def _mlp_dgd_prepare(tensors: dict[str, torch.Tensor | None]):
+def _mlp_memory_prepare(tensors: dict[str, torch.Tensor | None]):
     """(batch, kernel args, strides, C, D, HID); checks shapes and dtypes."""
-    S1, S2, X1, X2 = tensors["S1"], tensors["S2"], tensors["X1"], tensors["X2"]
+    S1 = tensors["S1"]
     D, HID = S1.shape[-2:]
-    C = X2.shape[-2]
-    want = {"S1": (D, HID), "P1": (D, HID), "S2": (HID, D), "P2": (HID, D), "X1": (C, HID), "G1": (C, D),
-            "X2": (C, D), "G2": (C, HID), "Q": (C, D), "QI2": (C, HID), "M01": (D, HID)}
-    for k, t in tensors.items():
+    C = tensors["K"].shape[-2]
+    want = {"S1": (D, HID), "P1": (D, HID), "S2": (HID, D), "P2": (HID, D), "M1": (D, HID), "M2": (HID, D),
+            "K": (C, D), "V": (C, D), "Q": (C, D)}
+    for key, t in tensors.items():
         if t is None:
             continue
-        shape = tuple(t.shape[-1:]) if k in _GATES else tuple(t.shape[-2:])
-        if shape != ((C,) if k in _GATES else want[k]):
-            raise ValueError(f"mlp_dgd_chunk: {k} has trailing shape {shape}, expected {(C,) if k in _GATES else want[k]} "
+        shape, expected = (tuple(t.shape[-1:]), (C,)) if key in _GATES else (tuple(t.shape[-2:]), want[key])
+        if shape != expected:
+            raise ValueError(f"mlp_memory_chunk: {key} has trailing shape {shape}, expected {expected} "
                              f"(W1 [d, hidden] = {(D, HID)}, chunk {C})")
         if t.dtype != S1.dtype or t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"mlp_dgd_chunk: float32 or float64 inputs of one dtype, got {k} {t.dtype}, S1 {S1.dtype}")
-    if (tensors["P1"] is None) != (tensors["P2"] is None) or (tensors["P1"] is None) != (tensors["log_mu"] is None):
-        raise ValueError("mlp_dgd_chunk: P1, P2 and log_mu together (momentum) or none of them")
-    batch = _mlp_dgd_batch(tensors)
+            raise TypeError(f"mlp_memory_chunk: float32 or float64 inputs of one dtype, got {key} {t.dtype}, "
+                            f"S1 {S1.dtype}")
+    if len({tensors[key] is None for key in ("P1", "P2", "log_mu")}) != 1:
+        raise ValueError("mlp_memory_chunk: P1, P2 and log_mu together (momentum) or none of them")
+    if (tensors["M1"] is None) != (tensors["M2"] is None):
+        raise ValueError("mlp_memory_chunk: M1 and M2 together (retention toward M_0) or neither")
+    batch = _mlp_memory_batch(tensors)
     args, strides = [], []
-    for k in MLP_INPUTS:
-        t = tensors[k]
-        t, st = (S1, [0, 0, 0]) if t is None else batch_strided(t, 1 if k in _GATES else 2)
+    for key in MLP_INPUTS:
+        t = tensors[key]
+        t, st = (S1, [0, 0, 0]) if t is None else batch_strided(t, 1 if key in _GATES else 2)
         args.append(t)
         strides += st
     return batch, args, strides, C, D, HID
 
 
-def _mlp_dgd_flags(tensors, dgd: bool, normalize_x1: bool, D: int, HID: int, C: int) -> dict:
+def _mlp_memory_flags(tensors, dgd: bool, self_target: bool, normalized: bool, C: int, D: int, HID: int) -> dict:
     return dict(BC=_block(C), BD=_block(D), BH=_block(HID), DGD=dgd, MOMENTUM=tensors["P1"] is not None,
-                HAS_Q=tensors["Q"] is not None, HAS_QI=tensors["QI2"] is not None, HAS_M01=tensors["M01"] is not None,
-                NORM_X1=normalize_x1, EPS=INPUT_NORM_EPS, PRECISION="ieee")
+                HAS_Q=tensors["Q"] is not None, HAS_M=tensors["M1"] is not None, SELF_TARGET=self_target,
+                NORMALIZED=normalized, EPS=INPUT_NORM_EPS, PRECISION="ieee")
 
 
-def _mlp_dgd_outputs(S1: torch.Tensor, batch: torch.Size, C: int, D: int, HID: int, read: bool, momentum: bool):
+def _mlp_memory_outputs(S1: torch.Tensor, batch: torch.Size, C: int, D: int, HID: int, read: bool, momentum: bool):
     return (S1.new_empty(*batch, C, D) if read else S1.new_empty(0), S1.new_empty(*batch, D, HID),
             S1.new_empty(*batch, D, HID) if momentum else S1.new_empty(0), S1.new_empty(*batch, HID, D),
             S1.new_empty(*batch, HID, D) if momentum else S1.new_empty(0))  # no two outputs may alias
 
 
-@torch.library.custom_op("nl::mlp_dgd_chunk", mutates_args=())
-def mlp_dgd_chunk(S1: torch.Tensor, P1: torch.Tensor | None, S2: torch.Tensor, P2: torch.Tensor | None,
-                  X1: torch.Tensor, G1: torch.Tensor, X2: torch.Tensor, G2: torch.Tensor, Q: torch.Tensor | None,
-                  QI2: torch.Tensor | None, M01: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
-                  log_mu: torch.Tensor | None, dgd: bool, normalize_x1: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both layers of an MLP memory M(z) = z + W1 silu(W2 z) over one chunk, and its read, in one kernel.
+@torch.library.custom_op("nl::mlp_memory_chunk", mutates_args=())
+def mlp_memory_chunk(S1: torch.Tensor, P1: torch.Tensor | None, S2: torch.Tensor, P2: torch.Tensor | None,
+                     M1: torch.Tensor | None, M2: torch.Tensor | None, K: torch.Tensor, V: torch.Tensor,
+                     Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None,
+                     dgd: bool, self_target: bool, normalized: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of an MLP memory M(z) = z + W1 silu(W2 z) in one kernel: gradient factors, both layers' DGD step,
+    and the read (`titans._ChunkMemory` with kernel=triton).
 
-    Each layer is `dgd_chunk`'s step (the same code, `_dgd_fwd_tile`) with the shared gates: W1 from S1 (P1)
-    [*, d, hidden] on X1 [*, C, hidden] with gradient factors G1 [*, C, d] (normalize_x1: the normalised step),
-    W2 from S2 (P2) [*, hidden, d] on X2 [*, C, d] with G2 [*, C, hidden]; log_alpha, eta, log_mu [*, C]; the
-    anchor's outputs on X are formed on chip. With a query Q [*, C, d], the read before write (`_ChunkMemory.read`):
-        pre = read_W2(q) (+ QI2),  h_q = silu(pre),  o = q + read_W1(h_q) (+ h_q M01^T)
-    where QI2 = q M0_2^T [*, C, hidden] and M01 = M0_1 [*, d, hidden] are the initial state's terms when the layers
-    carried are deviations from it (retention toward M_0). Batch dims (up to 3) broadcast to [*b], read in place.
-    Returns (o [*b, C, d] | empty, S1_C, P1_C | empty, S2_C, P2_C | empty), contiguous.
-    Raises ValueError on mismatched shapes, TypeError on dtypes other than one of float32/float64."""
-    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu)))
-    batch, args, strides, C, D, HID = _mlp_dgd_prepare(tensors)
+    S1 (P1) [*, d, hidden], S2 (P2) [*, hidden, d]: what the chunk loop carries for W1 and W2 (and their momenta),
+    the layers themselves or, given the initial state M1 [*, d, hidden], M2 [*, hidden, d] (retention toward M_0),
+    their deviation from it: the anchor is W = S (+ M). K, V [*, C, d]: keys and values; log_alpha, eta, log_mu
+    [*, C]: the gates. In one program per batch element:
+        (h, g1), (k, g2) = the gradient factors at the anchor (`mlp_grad_factors`; self_target: target M(v), else v;
+                           normalized: the whole-MLP normalised step, and W1's input h enters as h / ||h||)
+        each layer: one `dgd_chunk` step with the shared gates (the same code, `_dgd_fwd_tile`)
+        with Q [*, C, d] the read before write:  o = q + read_W1(h_q) (+ h_q M1^T),
+                                                 h_q = silu(read_W2(q) (+ q M2^T))
+    Batch dims (up to 3) broadcast to [*b]; shared inputs are read in place. Returns (o [*b, C, d] | empty, S1_C,
+    P1_C | empty, S2_C, P2_C | empty), contiguous. Raises ValueError on mismatched shapes, TypeError on dtypes other
+    than one of float32/float64."""
+    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
+    batch, args, strides, C, D, HID = _mlp_memory_prepare(tensors)
     N, N1, N2 = grid(batch)
     momentum = P1 is not None
-    out, s1, p1, s2, p2 = _mlp_dgd_outputs(S1, batch, C, D, HID, Q is not None, momentum)
-    scratch = S1.new_empty(2, *batch, C, HID) if Q is not None else S1.new_empty(2, 1)  # pre, h_q
-    _mlp_dgd_kernel[(N,)](*args, out if Q is not None else s1, s1, p1 if momentum else s1, s2, p2 if momentum else s2,
-                          scratch[0], scratch[1], C, D, HID, N1, N2, *strides,
-                          **_mlp_dgd_flags(tensors, dgd, normalize_x1, D, HID, C))
+    out, s1, p1, s2, p2 = _mlp_memory_outputs(S1, batch, C, D, HID, Q is not None, momentum)
+    scratch = S1.new_empty(N * C * (4 * HID + D))
+    _mlp_memory_kernel[(N,)](*args, out if Q is not None else s1, s1, p1 if momentum else s1, s2,
+                             p2 if momentum else s2, scratch, C, D, HID, N1, N2, *strides,
+                             **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
     return out, s1, p1, s2, p2
 
 
-@mlp_dgd_chunk.register_fake
-def _(S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu, dgd, normalize_x1):
-    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu)))
+@mlp_memory_chunk.register_fake
+def _(S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu, dgd, self_target, normalized):
+    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
     D, HID = S1.shape[-2:]
-    return _mlp_dgd_outputs(S1, _mlp_dgd_batch(tensors), X2.shape[-2], D, HID, Q is not None, P1 is not None)
+    return _mlp_memory_outputs(S1, _mlp_memory_batch(tensors), K.shape[-2], D, HID, Q is not None, P1 is not None)
 
 
-def _mlp_dgd_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> list[torch.Tensor]:
+def _mlp_memory_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> list[torch.Tensor]:
     """Gradient buffers over the whole batch [*b, ...] per input (empty for an absent one)."""
     S1 = tensors["S1"]
     return [S1.new_empty(0) if t is None else t.new_empty(*batch, *(t.shape[-1:] if k in _GATES else t.shape[-2:]))
             for k, t in tensors.items()]
 
 
-@torch.library.custom_op("nl::mlp_dgd_chunk_backward", mutates_args=())
-def mlp_dgd_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: torch.Tensor, P2: torch.Tensor | None,
-                           X1: torch.Tensor, G1: torch.Tensor, X2: torch.Tensor, G2: torch.Tensor,
-                           Q: torch.Tensor | None, QI2: torch.Tensor | None, M01: torch.Tensor | None,
-                           log_alpha: torch.Tensor, eta: torch.Tensor, log_mu: torch.Tensor | None, dgd: bool,
-                           normalize_x1: bool, g_out: torch.Tensor, g_S1: torch.Tensor, g_P1: torch.Tensor,
-                           g_S2: torch.Tensor, g_P2: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of `mlp_dgd_chunk` w.r.t. every input (in MLP_INPUTS order), each over the whole batch [*b, ...]
+@torch.library.custom_op("nl::mlp_memory_chunk_backward", mutates_args=())
+def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: torch.Tensor, P2: torch.Tensor | None,
+                              M1: torch.Tensor | None, M2: torch.Tensor | None, K: torch.Tensor, V: torch.Tensor,
+                              Q: torch.Tensor | None, log_alpha: torch.Tensor, eta: torch.Tensor,
+                              log_mu: torch.Tensor | None, dgd: bool, self_target: bool, normalized: bool,
+                              g_out: torch.Tensor, g_S1: torch.Tensor, g_P1: torch.Tensor, g_S2: torch.Tensor,
+                              g_P2: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of `mlp_memory_chunk` w.r.t. every input (MLP_INPUTS order), each over the whole batch [*b, ...]
     (the caller sums a broadcast input's); empty for an absent input. Output gradients contiguous [*b, ...] (g_out,
     g_P1, g_P2 empty without a read / momentum). One kernel; the forward is recomputed from the inputs."""
-    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu)))
-    batch, args, strides, C, D, HID = _mlp_dgd_prepare(tensors)
+    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
+    batch, args, strides, C, D, HID = _mlp_memory_prepare(tensors)
     N, N1, N2 = grid(batch)
-    momentum = P1 is not None
-    grads = _mlp_dgd_grads(tensors, batch)
-    dS1, dP1, dS2, dP2, dX1, dG1, dX2, dG2, dQ, dQI2, dM01, dLA, dETA, dLM = grads
-    scratch = S1.new_empty(3, *batch, C, HID) if Q is not None else S1.new_empty(3, 1)  # pre, h_q, dh_q
-    end = S1.new_empty(*batch, HID, D) if Q is not None else S1.new_empty(1)  # W2's recomputed end state: unused
-    _mlp_dgd_bwd_kernel[(N,)](*args, g_out if Q is not None else g_S1, g_S1, g_P1 if momentum else g_S1, g_S2,
-                              g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2, dP2 if momentum else dS2,
-                              dX1, dG1, dX2, dG2, dQ if Q is not None else dX2, dQI2 if QI2 is not None else dX2,
-                              dM01 if M01 is not None else dS1, dLA, dETA, dLM if momentum else dETA,
-                              scratch[0], scratch[1], scratch[2], end, C, D, HID, N1, N2, *strides,
-                              **_mlp_dgd_flags(tensors, dgd, normalize_x1, D, HID, C))
+    momentum, has_m = P1 is not None, M1 is not None
+    grads = _mlp_memory_grads(tensors, batch)
+    dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM = grads
+    scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + HID * D))
+    _mlp_memory_bwd_kernel[(N,)](*args, g_out if Q is not None else g_S1, g_S1, g_P1 if momentum else g_S1, g_S2,
+                                 g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2,
+                                 dP2 if momentum else dS2, dM1 if has_m else dS1, dM2 if has_m else dS2, dK, dV,
+                                 dQ if Q is not None else dK, dLA, dETA, dLM if momentum else dETA, scratch,
+                                 C, D, HID, N1, N2, *strides,
+                                 **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
     return grads
 
 
-@mlp_dgd_chunk_backward.register_fake
-def _(S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu, dgd, normalize_x1, g_out, g_S1, g_P1,
+@mlp_memory_chunk_backward.register_fake
+def _(S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu, dgd, self_target, normalized, g_out, g_S1, g_P1,
       g_S2, g_P2):
-    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, X1, G1, X2, G2, Q, QI2, M01, log_alpha, eta, log_mu)))
-    return _mlp_dgd_grads(tensors, _mlp_dgd_batch(tensors))
+    tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
+    return _mlp_memory_grads(tensors, _mlp_memory_batch(tensors))
 
 
-def _mlp_dgd_setup(ctx, inputs, output) -> None:
-    *tensors, ctx.dgd, ctx.normalize_x1 = inputs
+def _mlp_memory_setup(ctx, inputs, output) -> None:
+    *tensors, ctx.dgd, ctx.self_target, ctx.normalized = inputs
     ctx.absent = [t is None for t in tensors]
     ctx.shapes = [None if t is None else t.shape for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
@@ -606,11 +680,11 @@ def reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.view(shape) if g.numel() == shape.numel() else g.sum_to_size(shape)
 
 
-def _mlp_dgd_bwd(ctx, g_out, g_S1, g_P1, g_S2, g_P2):
+def _mlp_memory_bwd(ctx, g_out, g_S1, g_P1, g_S2, g_P2):
     saved = iter(ctx.saved_tensors)
     tensors = [None if absent else next(saved) for absent in ctx.absent]
-    S1, P1, S2, Q = tensors[0], tensors[1], tensors[2], tensors[8]
-    batch = _mlp_dgd_batch(dict(zip(MLP_INPUTS, tensors)))
+    S1, P1, Q = tensors[0], tensors[1], tensors[8]
+    batch = _mlp_memory_batch(dict(zip(MLP_INPUTS, tensors)))
     C = tensors[6].shape[-2]
     D, HID = S1.shape[-2:]
 
@@ -618,11 +692,12 @@ def _mlp_dgd_bwd(ctx, g_out, g_S1, g_P1, g_S2, g_P2):
         return S1.new_zeros(*batch, *shape) if g is None else g.contiguous()
 
     empty = S1.new_empty(0)
-    grads = mlp_dgd_chunk_backward(*tensors, ctx.dgd, ctx.normalize_x1, grad(g_out, C, D) if Q is not None else empty,
-                                   grad(g_S1, D, HID), grad(g_P1, D, HID) if P1 is not None else empty,
-                                   grad(g_S2, HID, D), grad(g_P2, HID, D) if P1 is not None else empty)
+    grads = mlp_memory_chunk_backward(
+        *tensors, ctx.dgd, ctx.self_target, ctx.normalized, grad(g_out, C, D) if Q is not None else empty,
+        grad(g_S1, D, HID), grad(g_P1, D, HID) if P1 is not None else empty, grad(g_S2, HID, D),
+        grad(g_P2, HID, D) if P1 is not None else empty)
     grads = [None if absent else reduce_to(g, shape) for g, absent, shape in zip(grads, ctx.absent, ctx.shapes)]
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
-mlp_dgd_chunk.register_autograd(_mlp_dgd_bwd, setup_context=_mlp_dgd_setup)
+mlp_memory_chunk.register_autograd(_mlp_memory_bwd, setup_context=_mlp_memory_setup)
