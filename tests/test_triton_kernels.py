@@ -276,7 +276,8 @@ def test_qkv_gates_kernel_equals_derive(static, retention, momentum, normalize_v
         else:
             outs = titans._derive(dict(zip(names, gen.unbind(1))), statics, readout, cfg)
             outs = outs[:5] + ((outs[5],) if momentum else ())
-        loss = sum((o * dy.to(o)).sum() for o, dy in zip(outs, dys))
+        # through a concatenation along the sequence, as the chunk loop does: the gradients arrive as strided slices
+        loss = sum((torch.cat([o, o.detach()], dim=2)[:, :, :C] * dy.to(o)).sum() for o, dy in zip(outs, dys))
         leaves = [gen, *statics.values(), *readout.values()]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves)]
@@ -327,7 +328,10 @@ def test_mlp_memory_chunk_equals_torch_chunk_memory(momentum, dgd, read, init, n
     def loss_of(out, S1, P1, S2, P2):
         loss = (S1 * w["S1"]).sum() + (S2 * w["S2"]).sum()
         loss = loss + ((P1 * w["S1"]).sum() + (P2 * w["S2"]).sum() if momentum else 0)
-        return loss + ((out * w["out"]).sum() if read else 0)
+        if not read:
+            return loss
+        # through a concatenation, as the chunk loop does: o's gradient arrives as a strided slice
+        return loss + (torch.cat([out, out.detach()], dim=-2)[..., :C, :] * w["out"]).sum()
 
     results = []
     for fused in (False, True):

@@ -296,12 +296,14 @@ def _l2norm_rows_bwd(x, dy, EPS: tl.constexpr):
 @triton.jit
 def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dXQ, dXK, dXV, dXE, dXA, dWB,
                           B, H, C, D, s_q0, s_q1, s_k0, s_k1, s_v0, s_v1, s_e0, s_e1, s_a0, s_a1,
-                          t_q0, t_k0, t_v0, t_e0, t_a0, scale, EPS: tl.constexpr, NORM_V: tl.constexpr,
+                          t_q0, t_k0, t_v0, t_e0, t_a0, u_q0, u_q1, u_k0, u_k1, u_v0, u_v1, u_e0, u_e1, u_a0, u_a1,
+                          u_m0, u_m1, scale, EPS: tl.constexpr, NORM_V: tl.constexpr,
                           RETENTION: tl.constexpr, HAS_A: tl.constexpr, MOMENTUM: tl.constexpr,
                           BC: tl.constexpr, BD: tl.constexpr):
     """One program per head, looping over the sequences: the readout's gradient (shared by them) is summed on
     chip, in a fixed order (no atomics, no second launch). Source gradients dX* [B, H, C, D] with sequence
-    stride t_*0 and head stride C D (slots of one contiguous [B, G, H, C, D] stack, or a contiguous static's)."""
+    stride t_*0 and head stride C D (slots of one contiguous [B, G, H, C, D] stack, or a contiguous static's). The
+    output gradients are read through their (sequence, head) strides u_* (rows contiguous): slices, read in place."""
     h = tl.program_id(0)
     rd = tl.arange(0, BD)
     md = rd < D
@@ -325,25 +327,24 @@ def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dX
             mc = rc < C
             m = mc[:, None] & md[None, :]
             p = rc[:, None] * D + rd[None, :]
-            out = n * C * D + p
             dst = h * C * D + p
             x = tl.load(XQ + b * s_q0 + h * s_q1 + p, mask=m, other=0.)
-            tl.store(dXQ + b * t_q0 + dst, _l2norm_rows_bwd(x, tl.load(dQ + out, mask=m, other=0.), EPS), mask=m)
+            tl.store(dXQ + b * t_q0 + dst, _l2norm_rows_bwd(x, tl.load(dQ + b * u_q0 + h * u_q1 + p, mask=m, other=0.), EPS), mask=m)
             x = tl.load(XK + b * s_k0 + h * s_k1 + p, mask=m, other=0.)
-            tl.store(dXK + b * t_k0 + dst, _l2norm_rows_bwd(x, tl.load(dK + out, mask=m, other=0.), EPS), mask=m)
-            dv = tl.load(dV + out, mask=m, other=0.)
+            tl.store(dXK + b * t_k0 + dst, _l2norm_rows_bwd(x, tl.load(dK + b * u_k0 + h * u_k1 + p, mask=m, other=0.), EPS), mask=m)
+            dv = tl.load(dV + b * u_v0 + h * u_v1 + p, mask=m, other=0.)
             if NORM_V:
                 dv = _l2norm_rows_bwd(tl.load(XV + b * s_v0 + h * s_v1 + p, mask=m, other=0.), dv, EPS)
             tl.store(dXV + b * t_v0 + dst, dv, mask=m)
             x = tl.load(XE + b * s_e0 + h * s_e1 + p, mask=m, other=0.)
             s = tl.sigmoid(tl.sum(x * w_e[None, :], 1) + b_e)
-            dz = tl.load(dETA + n * C + rc, mask=mc, other=0.) * scale * s * (1 - s)
+            dz = tl.load(dETA + b * u_e0 + h * u_e1 + rc, mask=mc, other=0.) * scale * s * (1 - s)
             dx = dz[:, None] * w_e[None, :]
             dw_e += tl.sum(dz[:, None] * x, 0)
             db_e += dz
             if MOMENTUM:  # d logsigmoid(z) / dz = 1 - sigmoid(z)
                 s = tl.sigmoid(tl.sum(x * w_m[None, :], 1) + b_m)
-                dz = tl.load(dLM + n * C + rc, mask=mc, other=0.) * (1 - s)
+                dz = tl.load(dLM + b * u_m0 + h * u_m1 + rc, mask=mc, other=0.) * (1 - s)
                 dx += dz[:, None] * w_m[None, :]
                 dw_m += tl.sum(dz[:, None] * x, 0)
                 db_m += dz
@@ -351,7 +352,7 @@ def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dX
             if RETENTION:
                 x = tl.load(XA + b * s_a0 + h * s_a1 + p, mask=m, other=0.)
                 s = tl.sigmoid(tl.sum(x * w_a[None, :], 1) + b_a)
-                dz = tl.load(dLA + n * C + rc, mask=mc, other=0.) * (1 - s)
+                dz = tl.load(dLA + b * u_a0 + h * u_a1 + rc, mask=mc, other=0.) * (1 - s)
                 tl.store(dXA + b * t_a0 + dst, dz[:, None] * w_a[None, :], mask=m)
                 dw_a += tl.sum(dz[:, None] * x, 0)
                 db_a += dz
@@ -392,6 +393,7 @@ def _qkv_gates_check(gen, statics, wb, index, retention):
 
 
 def _row_strided(x: torch.Tensor, D: int) -> torch.Tensor:
+    """x [..., C, D] as the kernels read it: rows of D contiguous one after the other, any strides before."""
     return x if x.stride(-1) == 1 and x.stride(-2) == D else x.contiguous()
 
 
@@ -439,7 +441,8 @@ def qkv_gates_backward(gen: torch.Tensor, q: torch.Tensor | None, k: torch.Tenso
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `qkv_gates` w.r.t. gen (contiguous [B, G, H, C, d]; every slot written), the statics q, k, v
     (contiguous [B, H, C, d]; empty where generated) and wb ([H, 3, d + 1], summed over the sequences on chip).
-    Output gradients contiguous like the outputs (dla, dlm unread without retention / momentum)."""
+    Output gradients shaped like the outputs, rows contiguous, any (sequence, head) strides (dla, dlm unread without
+    retention / momentum)."""
     B, H, C, D, sources = _qkv_gates_check(gen, [q, k, v], wb, index, retention)
     sources = [None if s is None else _row_strided(s, D) for s in sources]
     strides = [st for s in sources for st in ((s.stride(0), s.stride(1)) if s is not None else (0, 0))]
@@ -450,9 +453,12 @@ def qkv_gates_backward(gen: torch.Tensor, q: torch.Tensor | None, k: torch.Tenso
     dsrc[4] = dsrc[4] if dsrc[4] is not None else dsrc[3]  # absent alpha: never written
     xe = sources[3]
     # an absent gate's gradient (empty) is never read: the kernel gets deta in its place, a valid pointer
-    _qkv_gates_bwd_kernel[(H,)](*sources[:4], sources[4] if sources[4] is not None else xe, wb.contiguous(), dq, dk,
-                                dv, deta, dla if retention else deta, dlm if momentum else deta, *dsrc, dwb,
-                                B, H, C, D, *strides, *[d.stride(0) for d in dsrc], eta_max, EPS=eps,
+    dla, dlm = dla if retention else deta, dlm if momentum else deta
+    douts = [*[_row_strided(g, D) for g in (dq, dk, dv)], *[g if g.stride(-1) == 1 else g.contiguous()
+                                                            for g in (deta, dla, dlm)]]
+    _qkv_gates_bwd_kernel[(H,)](*sources[:4], sources[4] if sources[4] is not None else xe, wb.contiguous(), *douts,
+                                *dsrc, dwb, B, H, C, D, *strides, *[d.stride(0) for d in dsrc],
+                                *[st for g in douts for st in g.stride()[:2]], eta_max, EPS=eps,
                                 NORM_V=normalize_v, RETENTION=retention, HAS_A=index[4] >= 0, MOMENTUM=momentum,
                                 BC=_rows(C), BD=_block(D))
     return dgen, *dstatic, dwb
@@ -478,8 +484,8 @@ def _qkv_gates_bwd(ctx, dq, dk, dv, deta, dla, dlm):
     statics = [None if absent else next(rest) for absent in ctx.absent]
     B, _, H, C, D = gen.shape
 
-    def grad(g, *shape):  # None (that output unused): zeros, as the kernel reads every gradient it needs
-        return gen.new_zeros(*shape) if g is None else g.contiguous()
+    def grad(g, *shape):  # None (that output unused): zeros, as the kernel reads every gradient it needs; a slice
+        return gen.new_zeros(*shape) if g is None else g  # (from the loop's concatenation) is read in place
 
     empty = gen.new_empty(0)
     dgen, dq_s, dk_s, dv_s, dwb = qkv_gates_backward(

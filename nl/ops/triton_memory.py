@@ -442,8 +442,8 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
                            C, D, HID, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
                            ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
                            ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1,
-                           ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2,
-                           BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
+                           ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2, ST_DO_0, ST_DO_1,
+                           ST_DO_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
                            MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_M: tl.constexpr,
                            SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr, EPS: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -463,6 +463,7 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
     la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
     eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
     lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+    dout = DOUT + batch_offset(n, N1, N2, ST_DO_0, ST_DO_1, ST_DO_2)  # read in place (e.g. a slice of o's gradient)
     # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
     h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
     g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
@@ -493,7 +494,7 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
         tl.store(hq_s + p_ch, a * tl.sigmoid(a), mask=m_ch)
         tl.debug_barrier()
     # W1: o = q + read_1(h_q) (+ h_q M0_1^T)
-    _dgd_bwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, DOUT + n * C * D, DS1 + n * D * HID, DP1 + n * D * HID,
+    _dgd_bwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, dout, DS1 + n * D * HID, DP1 + n * D * HID,
                   dS1 + n * D * HID, dP1 + n * D * HID, dh_s, dg1_s, dh_s, dhq_s, dLA + n * C, dETA + n * C,
                   dLM + n * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION,
                   False, False)
@@ -501,7 +502,7 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
     dm2 = tl.zeros([BH, BD], dtype=w1.dtype)
     if HAS_Q:
         tl.debug_barrier()
-        do = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
+        do = tl.load(dout + p_cd, mask=m_cd, other=0.)
         g = tl.load(dhq_s + p_ch, mask=m_ch, other=0.)
         dq = do  # the residual q
         if HAS_M:
@@ -643,7 +644,8 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
                               g_P2: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `mlp_memory_chunk` w.r.t. every input (MLP_INPUTS order), each over the whole batch [*b, ...]
     (the caller sums a broadcast input's); empty for an absent input. Output gradients contiguous [*b, ...] (g_out,
-    g_P1, g_P2 empty without a read / momentum). One kernel; the forward is recomputed from the inputs."""
+    g_P1, g_P2 empty without a read / momentum; g_out is read through its batch strides, rows of d contiguous). One
+    kernel; the forward is recomputed from the inputs."""
     tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
     batch, args, strides, C, D, HID = _mlp_memory_prepare(tensors)
     N, N1, N2 = grid(batch)
@@ -651,11 +653,12 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
     grads = _mlp_memory_grads(tensors, batch)
     dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM = grads
     scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + HID * D))
-    _mlp_memory_bwd_kernel[(N,)](*args, g_out if Q is not None else g_S1, g_S1, g_P1 if momentum else g_S1, g_S2,
+    g_out, st_do = batch_strided(g_out, 2) if Q is not None else (g_S1, [0, 0, 0])
+    _mlp_memory_bwd_kernel[(N,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
                                  g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2,
                                  dP2 if momentum else dS2, dM1 if has_m else dS1, dM2 if has_m else dS2, dK, dV,
                                  dQ if Q is not None else dK, dLA, dETA, dLM if momentum else dETA, scratch,
-                                 C, D, HID, N1, N2, *strides,
+                                 C, D, HID, N1, N2, *strides, *st_do,
                                  **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
     return grads
 
@@ -692,8 +695,10 @@ def _mlp_memory_bwd(ctx, g_out, g_S1, g_P1, g_S2, g_P2):
         return S1.new_zeros(*batch, *shape) if g is None else g.contiguous()
 
     empty = S1.new_empty(0)
+    # o's gradient as it comes (a slice of the sequence's, read in place by the kernel: no copy)
+    g_out = (S1.new_zeros(*batch, C, D) if g_out is None else g_out) if Q is not None else empty
     grads = mlp_memory_chunk_backward(
-        *tensors, ctx.dgd, ctx.self_target, ctx.normalized, grad(g_out, C, D) if Q is not None else empty,
+        *tensors, ctx.dgd, ctx.self_target, ctx.normalized, g_out,
         grad(g_S1, D, HID), grad(g_P1, D, HID) if P1 is not None else empty, grad(g_S2, HID, D),
         grad(g_P2, HID, D) if P1 is not None else empty)
     grads = [None if absent else reduce_to(g, shape) for g, absent, shape in zip(grads, ctx.absent, ctx.shapes)]
