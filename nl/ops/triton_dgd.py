@@ -179,12 +179,13 @@ def _dgd_bwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, dout_p, ds
                   dxs_p, dq_p, dla_p, deta_p, dlm_p, C, I, O, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
                   DGD: tl.constexpr, MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
                   NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr, ACC_Q: tl.constexpr,
-                  ACC_GATES: tl.constexpr):
+                  ACC_GATES: tl.constexpr, ACC_X: tl.constexpr):
     """Gradients of one chunk step: the forward's intermediates are recomputed on chip (nothing was saved
     but the inputs), then every product of the forward is transposed in reverse order. Inputs are read through
     their batch strides (as the forward); the output gradients and gradients are contiguous over the whole batch
-    (the caller sums those of broadcast inputs). Every pointer is at this batch element's tile. ACC_Q, ACC_GATES: add
-    dq and the gates' gradients to what the pointers hold (a second layer's share) instead of overwriting it."""
+    (the caller sums those of broadcast inputs). Every pointer is at this batch element's tile. ACC_Q, ACC_GATES, ACC_X:
+    add dq, the gates' and dx to what the pointers hold (a second layer's share, or another batch element's where the
+    input is shared) instead of overwriting it."""
     rc, ri, ro = tl.arange(0, BC), tl.arange(0, BI), tl.arange(0, BO)
     mc, mi, mo = rc < C, ri < I, ro < O
     m_ci, m_co, m_oi = mc[:, None] & mi[None, :], mc[:, None] & mo[None, :], mo[:, None] & mi[None, :]
@@ -326,6 +327,8 @@ def _dgd_bwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, dout_p, ds
         dg = dg * sc[:, None]
         dx = dx * sc[:, None] - tl.where(norm > EPS, dsc * sc * sc * sc, 0.)[:, None] * x_in
     tl.store(dg_p + p_co, dg, mask=m_co)
+    if ACC_X:  # an input shared along a batch dim, its gradient summed in the program
+        dx += tl.load(dx_p + p_ci, mask=m_ci, other=0.)
     tl.store(dx_p + p_ci, dx, mask=m_ci)
     tl.store(ds0_p + p_oi, ds0, mask=m_oi)
     # Gates: Ep = Dp Mu, cp = Dp m, E_end = D_end Mu, c_end = D_end . m; Mu, m, Mu_end, m_end from cumsum(log_mu).
@@ -376,7 +379,7 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
     _dgd_bwd_tile(s0, p0, x, g, xs, q, la, eta, lm, DOUT + n * C * O, DS + n * O * I, DP + n * O * I,
                   dS0 + n * O * I, dP0 + n * O * I, dX + n * C * I, dG + n * C * O, dXS + n * C * O, dQ + n * C * I,
                   dLA + n * C, dETA + n * C, dLM + n * C, C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X,
-                  EPS, PRECISION, False, False)
+                  EPS, PRECISION, False, False, False)
 
 
 def _block(n: int) -> int:

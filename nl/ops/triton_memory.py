@@ -280,25 +280,33 @@ def _mlp_apply_kernel(W1, W2, Z, OUT, C, D, HID, N1, N2, s_W1_0, s_W1_1, s_W1_2,
 
 
 @triton.jit
-def _mlp_apply_bwd_kernel(W1, W2, Z, DOUT, dW1, dW2, dZ, C, D, HID, N1, N2, s_W1_0, s_W1_1, s_W1_2,
+def _mlp_apply_bwd_kernel(W1, W2, Z, DOUT, dW1, dW2, dZ, C, D, HID, N1, N2, NJ, s_W1_0, s_W1_1, s_W1_2,
                           s_W2_0, s_W2_1, s_W2_2, s_Z_0, s_Z_1, s_Z_2, BC: tl.constexpr, BD: tl.constexpr,
-                          BH: tl.constexpr, PRECISION: tl.constexpr):
-    """out = z + h W1^T, h = silu(pre), pre = z W2^T, recomputed, then reversed."""
-    n = tl.program_id(0)
+                          BH: tl.constexpr, PRECISION: tl.constexpr, RED1: tl.constexpr):
+    """out = z + h W1^T, h = silu(pre), pre = z W2^T, recomputed, then reversed. RED1: z is shared along batch
+    dim 1 (the stacked generators' input): one program per element of the other batch dims loops over dim 1 (NJ
+    elements) and sums z's gradient in registers, stored once (dZ [b0, 1, b2, C, D]); else NJ = 1."""
+    r = tl.program_id(0)
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     mc, md, mh = rc < C, rd < D, rh < HID
     m_cd, m_dh, m_hd = mc[:, None] & md[None, :], md[:, None] & mh[None, :], mh[:, None] & md[None, :]
     p_cd, p_dh, p_hd = rc[:, None] * D + rd[None, :], rd[:, None] * HID + rh[None, :], rh[:, None] * D + rd[None, :]
-    w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + p_dh, mask=m_dh, other=0.)
-    w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + p_hd, mask=m_hd, other=0.)
-    z = tl.load(Z + batch_offset(n, N1, N2, s_Z_0, s_Z_1, s_Z_2) + p_cd, mask=m_cd, other=0.)
-    dout = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
-    pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
-    sg = tl.sigmoid(pre)
-    dpre = tl.dot(dout, w1, input_precision=PRECISION) * sg * (1 + pre * (1 - sg))
-    tl.store(dW1 + n * D * HID + p_dh, tl.dot(tl.trans(dout), pre * sg, input_precision=PRECISION), mask=m_dh)
-    tl.store(dW2 + n * HID * D + p_hd, tl.dot(tl.trans(dpre), z, input_precision=PRECISION), mask=m_hd)
-    tl.store(dZ + n * C * D + p_cd, dout + tl.dot(dpre, w2, input_precision=PRECISION), mask=m_cd)
+    dz = tl.zeros([BC, BD], dtype=dZ.dtype.element_ty)
+    for j in range(0, NJ):
+        n = r
+        if RED1:
+            n = (r // N2) * N1 * N2 + j * N2 + r % N2
+        w1 = tl.load(W1 + batch_offset(n, N1, N2, s_W1_0, s_W1_1, s_W1_2) + p_dh, mask=m_dh, other=0.)
+        w2 = tl.load(W2 + batch_offset(n, N1, N2, s_W2_0, s_W2_1, s_W2_2) + p_hd, mask=m_hd, other=0.)
+        z = tl.load(Z + batch_offset(n, N1, N2, s_Z_0, s_Z_1, s_Z_2) + p_cd, mask=m_cd, other=0.)
+        dout = tl.load(DOUT + n * C * D + p_cd, mask=m_cd, other=0.)
+        pre = tl.dot(z, tl.trans(w2), input_precision=PRECISION)
+        sg = tl.sigmoid(pre)
+        dpre = tl.dot(dout, w1, input_precision=PRECISION) * sg * (1 + pre * (1 - sg))
+        tl.store(dW1 + n * D * HID + p_dh, tl.dot(tl.trans(dout), pre * sg, input_precision=PRECISION), mask=m_dh)
+        tl.store(dW2 + n * HID * D + p_hd, tl.dot(tl.trans(dpre), z, input_precision=PRECISION), mask=m_hd)
+        dz += dout + tl.dot(dpre, w2, input_precision=PRECISION)
+    tl.store(dZ + r * C * D + p_cd, dz, mask=m_cd)
 
 
 def _apply_prepare(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor):
@@ -326,20 +334,32 @@ def _(W1, W2, z):
 @torch.library.custom_op("nl::mlp_apply_backward", mutates_args=())
 def mlp_apply_backward(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor,
                        g_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `mlp_apply` w.r.t. W1, W2 and z over the whole batch [*b, ...]; g_out [*b, C, d] contiguous."""
+    """Gradients of `mlp_apply` w.r.t. W1, W2 and z over the whole batch [*b, ...] (z's summed in the kernel along
+    batch dim 1 where z is shared along it: [b0, 1, b2, C, d]); g_out [*b, C, d] contiguous."""
     batch, args, strides, C, D, HID = _apply_prepare(W1, W2, z)
     N, N1, N2 = grid(batch)
-    dW1, dW2, dz = W1.new_empty(*batch, D, HID), W2.new_empty(*batch, HID, D), z.new_empty(*batch, C, D)
-    _mlp_apply_bwd_kernel[(N,)](*args, g_out, dW1, dW2, dz, C, D, HID, N1, N2, *strides, BC=_block(C),
-                                BD=_block(D), BH=_block(HID), PRECISION="ieee")
+    red1, b3 = _z_reduced(z, batch)
+    dW1, dW2 = W1.new_empty(*batch, D, HID), W2.new_empty(*batch, HID, D)
+    dz = z.new_empty(b3[0], 1, b3[2], C, D) if red1 else z.new_empty(*batch, C, D)
+    _mlp_apply_bwd_kernel[(N // N1 if red1 else N,)](*args, g_out, dW1, dW2, dz, C, D, HID, N1, N2, N1 if red1 else 1,
+                                                     *strides, BC=_block(C), BD=_block(D), BH=_block(HID),
+                                                     PRECISION="ieee", RED1=red1)
     return dW1, dW2, dz
+
+
+def _z_reduced(z: torch.Tensor, batch: torch.Size) -> tuple[bool, tuple[int, ...]]:
+    """(whether z is shared along batch dim 1 of 3, which has more than one element; the padded batch)."""
+    b3 = (1,) * (3 - len(batch)) + tuple(batch)
+    lead = (1,) * (3 - (z.dim() - 2)) + tuple(z.shape[:-2])
+    return b3[1] > 1 and lead[1] == 1, b3
 
 
 @mlp_apply_backward.register_fake
 def _(W1, W2, z, g_out):
     batch = torch.broadcast_shapes(W1.shape[:-2], W2.shape[:-2], z.shape[:-2])
+    red1, b3 = _z_reduced(z, batch)
     return (W1.new_empty(*batch, *W1.shape[-2:]), W2.new_empty(*batch, *W2.shape[-2:]),
-            z.new_empty(*batch, *z.shape[-2:]))
+            z.new_empty(b3[0], 1, b3[2], *z.shape[-2:]) if red1 else z.new_empty(*batch, *z.shape[-2:]))
 
 
 def _apply_setup(ctx, inputs, output) -> None:
@@ -349,7 +369,7 @@ def _apply_setup(ctx, inputs, output) -> None:
 def _apply_bwd(ctx, g_out):
     W1, W2, z = ctx.saved_tensors
     grads = mlp_apply_backward(W1, W2, z, g_out.contiguous())
-    return tuple(g.sum_to_size(t.shape) for g, t in zip(grads, (W1, W2, z)))
+    return tuple(reduce_to(g, t.shape) for g, t in zip(grads, (W1, W2, z)))
 
 
 mlp_apply.register_autograd(_apply_bwd, setup_context=_apply_setup)
@@ -439,102 +459,122 @@ def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END
 @triton.jit
 def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, DS1, DP1, DS2, DP2,
                            dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM, SCR,
-                           C, D, HID, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
+                           C, D, HID, N1, N2, NJ, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
                            ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
                            ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1,
                            ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2, ST_DO_0, ST_DO_1,
                            ST_DO_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
                            MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_M: tl.constexpr,
                            SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr, EPS: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, RED1: tl.constexpr):
     """The forward recomputed into scratch (gradient factors, W2's read of q, h_q), then in reverse: W1's backward
     (its read of h_q), the read chain back to W2's read output, W2's backward (adding its q and gate gradients to
-    W1's), and the gradient factors' backward, whose anchor gradient goes to the carried layers and to M_0."""
-    n = tl.program_id(0)
-    s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
-    p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
-    s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
-    p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
-    m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
-    m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
-    k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
-    v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
-    q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
-    la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
-    dout = DOUT + batch_offset(n, N1, N2, ST_DO_0, ST_DO_1, ST_DO_2)  # read in place (e.g. a slice of o's gradient)
-    # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
-    h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
-    g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
-                                            h_s + 5 * C * HID, h_s + 6 * C * HID)
-    g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
+    W1's), and the gradient factors' backward, whose anchor gradient goes to the carried layers and to M_0.
+    RED1: k, v and the gates are shared along batch dim 1 (the stacked generators' k and gates): one program per
+    element of the other batch dims loops over dim 1 (NJ = N1 elements) and sums their gradients on chip, stored
+    once per program (no second launch to sum them); else NJ = 1 and the program is one batch element."""
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
     m_dh, p_dh = (rd < D)[:, None] & (rh < HID)[None, :], rd[:, None] * HID + rh[None, :]
     m_hd, p_hd = (rh < HID)[:, None] & (rd < D)[None, :], rh[:, None] * D + rd[None, :]
-    w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
-    kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
-    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
-                                                                 PRECISION)
-    tl.store(h_s + p_ch, h, mask=m_ch)
-    tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
-    tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
-    tl.debug_barrier()
-    if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
-        _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
-                      True, False, False, EPS, PRECISION)
+    r = tl.program_id(0)  # the program: one batch element, or with RED1 one row of them along dim 1
+    if RED1:  # the sums start at zero
+        z_cd = tl.zeros([BC, BD], dtype=S1.dtype.element_ty)
+        tl.store(dK + r * C * D + p_cd, z_cd, mask=m_cd)
+        tl.store(dV + r * C * D + p_cd, z_cd, mask=m_cd)
+        z_c = tl.zeros([BC], dtype=S1.dtype.element_ty)
+        tl.store(dLA + r * C + rc, z_c, mask=rc < C)
+        tl.store(dETA + r * C + rc, z_c, mask=rc < C)
+        if MOMENTUM:
+            tl.store(dLM + r * C + rc, z_c, mask=rc < C)
         tl.debug_barrier()
-        a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
-        if HAS_M:
-            m02 = tl.load(m2 + p_hd, mask=m_hd, other=0.)
-            a += tl.dot(tl.load(q + p_cd, mask=m_cd, other=0.), tl.trans(m02), input_precision=PRECISION)
-        tl.store(pre_s + p_ch, a, mask=m_ch)
-        tl.store(hq_s + p_ch, a * tl.sigmoid(a), mask=m_ch)
+    for j in range(0, NJ):
+        n = r
+        if RED1:
+            n = (r // N2) * N1 * N2 + j * N2 + r % N2
+        s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
+        p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
+        s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
+        p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
+        m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
+        m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
+        k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
+        v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
+        q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
+        la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
+        eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
+        lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+        dout = DOUT + batch_offset(n, N1, N2, ST_DO_0, ST_DO_1, ST_DO_2)  # read in place (e.g. a slice of o's gradient)
+        # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
+        h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
+        g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
+                                                h_s + 5 * C * HID, h_s + 6 * C * HID)
+        g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
+        w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
+        kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
+        pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
+                                                                     PRECISION)
+        tl.store(h_s + p_ch, h, mask=m_ch)
+        tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
+        tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
         tl.debug_barrier()
-    # W1: o = q + read_1(h_q) (+ h_q M0_1^T)
-    _dgd_bwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, dout, DS1 + n * D * HID, DP1 + n * D * HID,
-                  dS1 + n * D * HID, dP1 + n * D * HID, dh_s, dg1_s, dh_s, dhq_s, dLA + n * C, dETA + n * C,
-                  dLM + n * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION,
-                  False, False)
-    dm1 = tl.zeros([BD, BH], dtype=w1.dtype)
-    dm2 = tl.zeros([BH, BD], dtype=w1.dtype)
-    if HAS_Q:
+        if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
+            _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
+                          True, False, False, EPS, PRECISION)
+            tl.debug_barrier()
+            a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
+            if HAS_M:
+                m02 = tl.load(m2 + p_hd, mask=m_hd, other=0.)
+                a += tl.dot(tl.load(q + p_cd, mask=m_cd, other=0.), tl.trans(m02), input_precision=PRECISION)
+            tl.store(pre_s + p_ch, a, mask=m_ch)
+            tl.store(hq_s + p_ch, a * tl.sigmoid(a), mask=m_ch)
+            tl.debug_barrier()
+        # W1: o = q + read_1(h_q) (+ h_q M0_1^T)
+        _dgd_bwd_tile(s1, p1, h_s, g1_s, h_s, hq_s, la, eta, lm, dout, DS1 + n * D * HID, DP1 + n * D * HID,
+                      dS1 + n * D * HID, dP1 + n * D * HID, dh_s, dg1_s, dh_s, dhq_s, dLA + r * C, dETA + r * C,
+                      dLM + r * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION,
+                      False, RED1, False)
+        dm1 = tl.zeros([BD, BH], dtype=w1.dtype)
+        dm2 = tl.zeros([BH, BD], dtype=w1.dtype)
+        if HAS_Q:
+            tl.debug_barrier()
+            do = tl.load(dout + p_cd, mask=m_cd, other=0.)
+            g = tl.load(dhq_s + p_ch, mask=m_ch, other=0.)
+            dq = do  # the residual q
+            if HAS_M:
+                m01 = tl.load(m1 + p_dh, mask=m_dh, other=0.)
+                g += tl.dot(do, m01, input_precision=PRECISION)
+                dm1 += tl.dot(tl.trans(do), tl.load(hq_s + p_ch, mask=m_ch, other=0.), input_precision=PRECISION)
+            a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
+            s = tl.sigmoid(a)
+            g = g * s * (1 + a * (1 - s))  # silu'(a): now the gradient of W2's read output (+ q M0_2^T)
+            tl.store(dhq_s + p_ch, g, mask=m_ch)
+            if HAS_M:
+                dq += tl.dot(g, tl.load(m2 + p_hd, mask=m_hd, other=0.), input_precision=PRECISION)
+                dm2 += tl.dot(tl.trans(g), tl.load(q + p_cd, mask=m_cd, other=0.), input_precision=PRECISION)
+            tl.store(dQ + n * C * D + p_cd, dq, mask=m_cd)  # W2's share is added to it
         tl.debug_barrier()
-        do = tl.load(dout + p_cd, mask=m_cd, other=0.)
-        g = tl.load(dhq_s + p_ch, mask=m_ch, other=0.)
-        dq = do  # the residual q
+        _dgd_bwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, dhq_s, DS2 + n * HID * D, DP2 + n * HID * D, dS2 + n * HID * D,
+                      dP2 + n * HID * D, dK + r * C * D, dg2_s, dK + r * C * D, dQ + n * C * D, dLA + r * C,
+                      dETA + r * C, dLM + r * C, C, D, HID, BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS,
+                      PRECISION, True, True, RED1)
+        tl.debug_barrier()
+        # the gradient factors (h, g1 -> W1's step; k, g2 -> W2's): their anchor gradient to S and M_0
+        dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, kt, vt, tl.load(dg1_s + p_cd, mask=m_cd, other=0.),
+                                              tl.load(dg2_s + p_ch, mask=m_ch, other=0.),
+                                              tl.load(dh_s + p_ch, mask=m_ch, other=0.), kt, pre, BC, BH, BD,
+                                              SELF_TARGET, NORMALIZED, True, False, False, PRECISION)
+        tl.store(dK + r * C * D + p_cd, dk + tl.load(dK + r * C * D + p_cd, mask=m_cd, other=0.), mask=m_cd)
+        if RED1:
+            dv += tl.load(dV + r * C * D + p_cd, mask=m_cd, other=0.)
+        tl.store(dV + r * C * D + p_cd, dv, mask=m_cd)
+        tl.debug_barrier()  # the next element of the loop adds to the sums stored above
+        tl.store(dS1 + n * D * HID + p_dh, dw1 + tl.load(dS1 + n * D * HID + p_dh, mask=m_dh, other=0.), mask=m_dh)
+        tl.store(dS2 + n * HID * D + p_hd, dw2 + tl.load(dS2 + n * HID * D + p_hd, mask=m_hd, other=0.), mask=m_hd)
         if HAS_M:
-            m01 = tl.load(m1 + p_dh, mask=m_dh, other=0.)
-            g += tl.dot(do, m01, input_precision=PRECISION)
-            dm1 += tl.dot(tl.trans(do), tl.load(hq_s + p_ch, mask=m_ch, other=0.), input_precision=PRECISION)
-        a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
-        s = tl.sigmoid(a)
-        g = g * s * (1 + a * (1 - s))  # silu'(a): now the gradient of W2's read output (+ q M0_2^T)
-        tl.store(dhq_s + p_ch, g, mask=m_ch)
-        if HAS_M:
-            dq += tl.dot(g, tl.load(m2 + p_hd, mask=m_hd, other=0.), input_precision=PRECISION)
-            dm2 += tl.dot(tl.trans(g), tl.load(q + p_cd, mask=m_cd, other=0.), input_precision=PRECISION)
-        tl.store(dQ + n * C * D + p_cd, dq, mask=m_cd)  # W2's share is added to it
-    tl.debug_barrier()
-    _dgd_bwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, dhq_s, DS2 + n * HID * D, DP2 + n * HID * D, dS2 + n * HID * D,
-                  dP2 + n * HID * D, dK + n * C * D, dg2_s, dK + n * C * D, dQ + n * C * D, dLA + n * C,
-                  dETA + n * C, dLM + n * C, C, D, HID, BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS,
-                  PRECISION, True, True)
-    tl.debug_barrier()
-    # the gradient factors (h, g1 -> W1's step; k, g2 -> W2's): their anchor gradient to S and M_0
-    dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, kt, vt, tl.load(dg1_s + p_cd, mask=m_cd, other=0.),
-                                          tl.load(dg2_s + p_ch, mask=m_ch, other=0.),
-                                          tl.load(dh_s + p_ch, mask=m_ch, other=0.), kt, pre, BC, BH, BD,
-                                          SELF_TARGET, NORMALIZED, True, False, False, PRECISION)
-    tl.store(dK + n * C * D + p_cd, dk + tl.load(dK + n * C * D + p_cd, mask=m_cd, other=0.), mask=m_cd)
-    tl.store(dV + n * C * D + p_cd, dv, mask=m_cd)
-    tl.store(dS1 + n * D * HID + p_dh, dw1 + tl.load(dS1 + n * D * HID + p_dh, mask=m_dh, other=0.), mask=m_dh)
-    tl.store(dS2 + n * HID * D + p_hd, dw2 + tl.load(dS2 + n * HID * D + p_hd, mask=m_hd, other=0.), mask=m_hd)
-    if HAS_M:
-        tl.store(dM1 + n * D * HID + p_dh, dw1 + dm1, mask=m_dh)
-        tl.store(dM2 + n * HID * D + p_hd, dw2 + dm2, mask=m_hd)
+            tl.store(dM1 + n * D * HID + p_dh, dw1 + dm1, mask=m_dh)
+            tl.store(dM2 + n * HID * D + p_hd, dw2 + dm2, mask=m_hd)
 
 
 def _mlp_memory_batch(tensors: dict[str, torch.Tensor | None]) -> torch.Size:
@@ -628,11 +668,39 @@ def _(S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu, dgd, self_target,
     return _mlp_memory_outputs(S1, _mlp_memory_batch(tensors), K.shape[-2], D, HID, Q is not None, P1 is not None)
 
 
-def _mlp_memory_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> list[torch.Tensor]:
-    """Gradient buffers over the whole batch [*b, ...] per input (empty for an absent one)."""
+# Inputs whose gradient the backward kernel sums along batch dim 1 where they are all shared along it (RED1).
+_REDUCED = ("K", "V", "log_alpha", "eta", "log_mu")
+
+
+def _reduce_dim1(tensors: dict[str, torch.Tensor | None], batch: torch.Size) -> bool:
+    """Whether k, v and the gates are all shared along batch dim 1 of the 3 (left-padded) batch dims, which has
+    more than one element: the stacked generators' k, v and gates."""
+    b3 = (1,) * (3 - len(batch)) + tuple(batch)
+    if b3[1] == 1:
+        return False
+    for key in _REDUCED:
+        t = tensors[key]
+        if t is not None:
+            dims = t.dim() - (1 if key in _GATES else 2)
+            lead = (1,) * (3 - dims) + tuple(t.shape[:dims])
+            if lead[1] != 1:
+                return False
+    return True
+
+
+def _mlp_memory_grads(tensors: dict[str, torch.Tensor | None], batch: torch.Size, red1: bool) -> list[torch.Tensor]:
+    """Gradient buffers over the whole batch [*b, ...] per input (empty for an absent one); with red1, those of
+    _REDUCED over the batch with dim 1 (of 3) summed away, [b0, 1, b2, ...]."""
     S1 = tensors["S1"]
-    return [S1.new_empty(0) if t is None else t.new_empty(*batch, *(t.shape[-1:] if k in _GATES else t.shape[-2:]))
-            for k, t in tensors.items()]
+    b3 = (1,) * (3 - len(batch)) + tuple(batch)
+    grads = []
+    for k, t in tensors.items():
+        if t is None:
+            grads.append(S1.new_empty(0))
+            continue
+        lead = (b3[0], 1, b3[2]) if red1 and k in _REDUCED else batch
+        grads.append(t.new_empty(*lead, *(t.shape[-1:] if k in _GATES else t.shape[-2:])))
+    return grads
 
 
 @torch.library.custom_op("nl::mlp_memory_chunk_backward", mutates_args=())
@@ -643,22 +711,24 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
                               g_out: torch.Tensor, g_S1: torch.Tensor, g_P1: torch.Tensor, g_S2: torch.Tensor,
                               g_P2: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `mlp_memory_chunk` w.r.t. every input (MLP_INPUTS order), each over the whole batch [*b, ...]
-    (the caller sums a broadcast input's); empty for an absent input. Output gradients contiguous [*b, ...] (g_out,
+    (the caller sums a broadcast input's), except that where k, v and the gates are all shared along batch dim 1
+    (`_reduce_dim1`) theirs come summed along it, in the kernel; empty for an absent input. Output gradients contiguous [*b, ...] (g_out,
     g_P1, g_P2 empty without a read / momentum; g_out is read through its batch strides, rows of d contiguous). One
     kernel; the forward is recomputed from the inputs."""
     tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
     batch, args, strides, C, D, HID = _mlp_memory_prepare(tensors)
     N, N1, N2 = grid(batch)
     momentum, has_m = P1 is not None, M1 is not None
-    grads = _mlp_memory_grads(tensors, batch)
+    red1 = _reduce_dim1(tensors, batch)
+    grads = _mlp_memory_grads(tensors, batch, red1)
     dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM = grads
     scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + HID * D))
     g_out, st_do = batch_strided(g_out, 2) if Q is not None else (g_S1, [0, 0, 0])
-    _mlp_memory_bwd_kernel[(N,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
+    _mlp_memory_bwd_kernel[(N // N1 if red1 else N,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
                                  g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2,
                                  dP2 if momentum else dS2, dM1 if has_m else dS1, dM2 if has_m else dS2, dK, dV,
                                  dQ if Q is not None else dK, dLA, dETA, dLM if momentum else dETA, scratch,
-                                 C, D, HID, N1, N2, *strides, *st_do,
+                                 C, D, HID, N1, N2, N1 if red1 else 1, *strides, *st_do, RED1=red1,
                                  **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
     return grads
 
@@ -667,7 +737,8 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
 def _(S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu, dgd, self_target, normalized, g_out, g_S1, g_P1,
       g_S2, g_P2):
     tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
-    return _mlp_memory_grads(tensors, _mlp_memory_batch(tensors))
+    batch = _mlp_memory_batch(tensors)
+    return _mlp_memory_grads(tensors, batch, _reduce_dim1(tensors, batch))
 
 
 def _mlp_memory_setup(ctx, inputs, output) -> None:
