@@ -417,16 +417,17 @@ def test_chunk_kernel_reads_broadcast_inputs_in_place():
         assert b.abs().sum() > 0 and rel(a.cpu(), b) < 1e-10, (k, rel(a.cpu(), b))
 
 
-@pytest.mark.parametrize("memory_type,momentum,chunk,extra", [
-    ("linear", True, 4, {}), ("mlp", True, 4, {}), ("mlp", False, 1, {}), ("mlp", True, 1, {}),
-    ("linear", False, 1, {}),
-    ("mlp", True, 4, {"target": "value", "normalized_step": False})])
-def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, extra, monkeypatch):
+@pytest.mark.parametrize("memory_type,momentum,chunk,extra,B", [
+    ("linear", True, 4, {}, 1), ("mlp", True, 4, {}, 1), ("mlp", False, 1, {}, 1), ("mlp", True, 1, {}, 1),
+    ("linear", False, 1, {}, 1),
+    ("mlp", True, 4, {"target": "value", "normalized_step": False}, 1), ("mlp", True, 4, {}, 2)])
+def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, extra, B, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
     kernel=triton == titans_reference token by token in float64, outputs, final states, every gradient;
-    T=7 at chunk 4: a partial last chunk; extra: Titans' target v_t without the normalised step. One sequence
-    and one head: the interpreter runs each program of the grid in Python (~0.1 s each)."""
-    monkeypatch.setattr(test_hope_ops, "B", 1)
+    T=7 at chunk 4: a partial last chunk; extra: Titans' target v_t without the normalised step; B=2: the initial
+    states shared by two sequences (their gradients summed over them once, after the loop). One head: the
+    interpreter runs each program of the grid in Python (~0.1 s each)."""
+    monkeypatch.setattr(test_hope_ops, "B", B)
     monkeypatch.setattr(test_hope_ops, "H", 1)
     inputs = make_inputs(memory_type, HOPE, ("q",), T=7 if chunk > 1 else 4, seed=5)
     cfg = RecurrenceConfig(chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.8, momentum=momentum, **extra)

@@ -350,6 +350,17 @@ def _fused_mlp(layers: Memory, x: torch.Tensor, cfg: RecurrenceConfig) -> bool:
     return len(layers) == 2 and resolve_kernel(cfg.kernel, x) == "triton"
 
 
+def _per_sequence(init: Memory, B: int, cfg: RecurrenceConfig, x: torch.Tensor, batched: bool) -> Memory:
+    """For the fused MLP step (`_fused_mlp`): initial states as views with a leading batch dim of B sequences
+    (stride 0, no copy), so each chunk's kernels return M_0's gradient per sequence and the sum over the sequences
+    runs once, in the view's backward, not once per chunk. batched: the layers' leading dim is a batch dim (of 1 or
+    B) already; else [H, O, I] gets one. Otherwise the states as they are (the torch path's products with M_0 take
+    the shared form)."""
+    if not _fused_mlp(init, x, cfg):
+        return init
+    return tuple(w.expand(B, *w.shape[1:]) if batched else w.expand(B, *w.shape) for w in init)
+
+
 def _split_chunks(tensors: dict[str, torch.Tensor], C: int, T: int) -> list[dict[str, torch.Tensor]]:
     """Per chunk of C tokens, the slices of every [B, H, T, ...] tensor along T (dim 2)."""
     parts = {n: t.split(C, dim=2) for n, t in tensors.items()}
@@ -421,7 +432,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         S = tuple(torch.stack([w if w.dim() == 4 else w[None] for w in
                                torch.broadcast_tensors(*[states[n][i] for n in gen_names])], dim=1)
                   for i in range(n_layers))
-        S_init = S
+        S_init = _per_sequence(S, z.shape[0], cfg, z, batched=True)
         P = tuple(torch.zeros_like(w) for w in S) if cfg.momentum else None
         gen_dev_init = S_init if cfg.retention_target == "init" else None  # the loop carries S - M_0 (_ChunkMemory)
         if gen_dev_init is not None:
@@ -473,7 +484,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
         fused = _fused_mlp(S, c["k"], cfg)  # the kernel forms the anchor S (+ M_0) on chip
         A = None if fused and cfg.chunk_read == "in_chunk" else \
             S if dev_init is None else _layers_from_deviation(S, dev_init)
-        mem = _ChunkMemory(A, S, P, states["memory"], c["k"], c["v"], gates, cfg, c.get("k_init"))
+        mem = _ChunkMemory(A, S, P, mem_init, c["k"], c["v"], gates, cfg, c.get("k_init"))
         o = mem.read(c["q"], c.get("q_init")) if cfg.chunk_read == "in_chunk" else _apply(A, c["q"], cfg)
         return (o, *mem.ends(cfg.momentum))
 
@@ -493,7 +504,8 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
     if use_fla(cfg, len(S), q.device, trace):  # the online Titans rule is fla's gated delta rule: one call
         o, S_T = titans_memory_fla(q, k, v, eta, log_alpha, S[0], cfg)
         outs, chunks, S, anchor = [o], [], (S_T,), (S_T,)  # chunk 1: S_T is the next token's anchor
-    dev_init = states["memory"] if cfg.retention_target == "init" and chunks else None  # the loop carries S - M_0
+    mem_init = _per_sequence(states["memory"], q.shape[0], cfg, q, batched=states["memory"][0].dim() == 4)
+    dev_init = mem_init if cfg.retention_target == "init" and chunks else None  # the loop carries S - M_0
     if dev_init is not None:
         S = tuple(torch.zeros_like(w) for w in S)
     for c in chunks:

@@ -772,7 +772,9 @@ def _mlp_memory_bwd(ctx, g_out, g_S1, g_P1, g_S2, g_P2):
         *tensors, ctx.dgd, ctx.self_target, ctx.normalized, g_out,
         grad(g_S1, D, HID), grad(g_P1, D, HID) if P1 is not None else empty, grad(g_S2, HID, D),
         grad(g_P2, HID, D) if P1 is not None else empty)
-    grads = [None if absent else reduce_to(g, shape) for g, absent, shape in zip(grads, ctx.absent, ctx.shapes)]
+    # (an input that needs no gradient, e.g. the first chunk's zero deviation, gets none: no reduction launched)
+    grads = [None if absent or not needed else reduce_to(g, shape)
+             for g, absent, needed, shape in zip(grads, ctx.absent, ctx.needs_input_grad, ctx.shapes)]
     return (*grads, None, None, None)
 
 
