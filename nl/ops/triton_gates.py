@@ -14,6 +14,12 @@ the inputs: l2norm's dx = r (dy - y (y . dy)), r = (||x||^2 + eps)^-1/2; the gat
 dx = dz w, and per program dw = sum_t dz_t x_t and db = sum_t dz_t (summed over the sequences that share w
 by the caller). Registered with torch.library.custom_op (`nl::l2norm`, `nl::gate` and their backward ops):
 one opaque call each for torch.compile and FSDP2. Triton is imported here: import this module lazily.
+
+`qkv_gates` (`nl::qkv_gates`) does all of a generator chunk's in one kernel, read from the stacked generator
+outputs: q, k, v (l2norm) and eta, alpha, mu (gates), one program per (sequence, head); its backward runs one
+program per head and sums the readout's gradient over the sequences in the program. The chunk loop
+(`titans_chunked`) uses it; `l2norm` and `gate` serve the rest of `_derive` with kernel=triton: the static
+inputs of the Titans baseline and the per-token decoding step (`titans_step`).
 """
 
 from __future__ import annotations

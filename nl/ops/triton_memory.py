@@ -22,6 +22,12 @@ products (no TF32). Registered with torch.library.custom_op (`nl::mlp_grad_facto
 `nl::mlp_grad_factors_backward`): one opaque call each for torch.compile and FSDP2. Also here:
 `nl::mlp_apply`, M(z) itself (the generators' outputs), forward and backward kernels. Triton is imported here,
 so import this module lazily (`titans._grad_factors` does).
+
+`mlp_memory_chunk` (`nl::mlp_memory_chunk`) is what the chunk loop runs for an MLP memory: these gradient
+factors, both layers' DGD chunk steps (`triton_dgd`'s `_dgd_fwd_tile` / `_dgd_bwd_tile`, with the shared gates)
+and the read, in one kernel forward and one backward per memory and chunk; intermediates pass between the
+stages through per-program scratch in global memory. `mlp_grad_factors` alone serves the per-token decoding
+step (`titans_step`).
 """
 
 from __future__ import annotations
