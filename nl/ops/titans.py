@@ -165,7 +165,8 @@ def _packed_readout(readout: dict[str, torch.Tensor], gen_names: list[str], z: t
     """The gates' readout packed for `triton_gates.qkv_gates`, [H, 3, d + 1] (w | b of eta, alpha, mu; zeros for
     a gate the config does not use), formed once per sequence; None where that kernel does not apply (kernel
     torch, or eta, or with retention alpha, not generated: `_derive` then runs per quantity)."""
-    if resolve_kernel(cfg.kernel, z) != "triton" or "eta" not in gen_names or (cfg.retention and "alpha" not in gen_names):
+    if resolve_kernel(cfg.kernel, z) != "triton" or "eta" not in gen_names or (
+            cfg.retention and "alpha" not in gen_names):
         return None
     w_eta = readout["w_eta"]
     rows = []

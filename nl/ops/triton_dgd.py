@@ -152,6 +152,23 @@ def _dgd_fwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, out_p, sen
     tl.store(send_p + ro[:, None] * I + ri[None, :], s_end, mask=mo[:, None] & mi[None, :])
 
 
+@triton.jit
+def _dgd_pointers(n, N1, N2, S0, P0, X, G, XS, Q, LA, ETA, LM, s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0,
+                  s_X_1, s_X_2, s_G_0, s_G_1, s_G_2, s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1,
+                  s_LA_2, s_ETA_0, s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2):
+    """Each input's pointer at batch element n, through its own batch strides (`batch_offset`; 0 where it is
+    broadcast: k and the gates shared by the generators, the initial state shared by the sequences)."""
+    return (S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2),
+            P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2),
+            X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2),
+            G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2),
+            XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2),
+            Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2),
+            LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2),
+            ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2),
+            LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2))
+
+
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 2)], key=["BC", "BI", "BO"])
 @triton.jit
 def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I, O, N1, N2,
@@ -162,14 +179,10 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
                       MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr, NORM_X: tl.constexpr,
                       EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    # Each input is read through its own batch strides (`batch_offset`; 0 where it is broadcast: k and the
-    # gates shared by the generators, the initial state shared by the sequences).
-    s0, p0 = S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2), P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2)
-    x, g = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2), G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2)
-    xs, q = XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2), Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2)
-    la = LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2)
+    s0, p0, x, g, xs, q, la, eta, lm = _dgd_pointers(
+        n, N1, N2, S0, P0, X, G, XS, Q, LA, ETA, LM, s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1,
+        s_X_2, s_G_0, s_G_1, s_G_2, s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0,
+        s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2)
     _dgd_fwd_tile(s0, p0, x, g, xs, q, la, eta, lm, OUT + n * C * O, S_END + n * O * I, P_END + n * O * I,
                   C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X, EPS, PRECISION)
 
@@ -370,12 +383,10 @@ def _dgd_chunk_bwd_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, DOUT, DS, DP, dS0, d
                           MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_XS: tl.constexpr,
                           NORM_X: tl.constexpr, EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    s0, p0 = S0 + batch_offset(n, N1, N2, s_S0_0, s_S0_1, s_S0_2), P0 + batch_offset(n, N1, N2, s_P0_0, s_P0_1, s_P0_2)
-    x, g = X + batch_offset(n, N1, N2, s_X_0, s_X_1, s_X_2), G + batch_offset(n, N1, N2, s_G_0, s_G_1, s_G_2)
-    xs, q = XS + batch_offset(n, N1, N2, s_XS_0, s_XS_1, s_XS_2), Q + batch_offset(n, N1, N2, s_Q_0, s_Q_1, s_Q_2)
-    la = LA + batch_offset(n, N1, N2, s_LA_0, s_LA_1, s_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, s_ETA_0, s_ETA_1, s_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, s_LM_0, s_LM_1, s_LM_2)
+    s0, p0, x, g, xs, q, la, eta, lm = _dgd_pointers(
+        n, N1, N2, S0, P0, X, G, XS, Q, LA, ETA, LM, s_S0_0, s_S0_1, s_S0_2, s_P0_0, s_P0_1, s_P0_2, s_X_0, s_X_1,
+        s_X_2, s_G_0, s_G_1, s_G_2, s_XS_0, s_XS_1, s_XS_2, s_Q_0, s_Q_1, s_Q_2, s_LA_0, s_LA_1, s_LA_2, s_ETA_0,
+        s_ETA_1, s_ETA_2, s_LM_0, s_LM_1, s_LM_2)
     _dgd_bwd_tile(s0, p0, x, g, xs, q, la, eta, lm, DOUT + n * C * O, DS + n * O * I, DP + n * O * I,
                   dS0 + n * O * I, dP0 + n * O * I, dX + n * C * I, dG + n * C * O, dXS + n * C * O, dQ + n * C * I,
                   dLA + n * C, dETA + n * C, dLM + n * C, C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X,

@@ -253,6 +253,14 @@ def _logsigmoid(z):
 
 
 @triton.jit
+def _readout(wb, rd, md, D):
+    """Head h's packed readout row by row (`GATE_ROWS`): (w_eta [BD], b_eta, w_alpha, b_alpha, w_mu, b_mu)."""
+    return (tl.load(wb + rd, mask=md, other=0.), tl.load(wb + D),
+            tl.load(wb + (D + 1) + rd, mask=md, other=0.), tl.load(wb + (D + 1) + D),
+            tl.load(wb + 2 * (D + 1) + rd, mask=md, other=0.), tl.load(wb + 2 * (D + 1) + D))
+
+
+@triton.jit
 def _qkv_gates_kernel(XQ, XK, XV, XE, XA, WB, Qo, Ko, Vo, ETAo, LAo, LMo, H, C, D, s_q0, s_q1, s_k0, s_k1,
                       s_v0, s_v1, s_e0, s_e1, s_a0, s_a1, scale, offset, EPS: tl.constexpr, NORM_V: tl.constexpr,
                       RETENTION: tl.constexpr, MOMENTUM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
@@ -260,13 +268,7 @@ def _qkv_gates_kernel(XQ, XK, XV, XE, XA, WB, Qo, Ko, Vo, ETAo, LAo, LMo, H, C, 
     b, h = n // H, n % H
     rd = tl.arange(0, BD)
     md = rd < D
-    wb = WB + h * 3 * (D + 1)
-    w_e = tl.load(wb + rd, mask=md, other=0.)
-    b_e = tl.load(wb + D)
-    w_a = tl.load(wb + (D + 1) + rd, mask=md, other=0.)
-    b_a = tl.load(wb + (D + 1) + D)
-    w_m = tl.load(wb + 2 * (D + 1) + rd, mask=md, other=0.)
-    b_m = tl.load(wb + 2 * (D + 1) + D)
+    w_e, b_e, w_a, b_a, w_m, b_m = _readout(WB + h * 3 * (D + 1), rd, md, D)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         mc = rc < C
@@ -313,13 +315,7 @@ def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dX
     h = tl.program_id(0)
     rd = tl.arange(0, BD)
     md = rd < D
-    wb = WB + h * 3 * (D + 1)
-    w_e = tl.load(wb + rd, mask=md, other=0.)
-    b_e = tl.load(wb + D)
-    w_a = tl.load(wb + (D + 1) + rd, mask=md, other=0.)
-    b_a = tl.load(wb + (D + 1) + D)
-    w_m = tl.load(wb + 2 * (D + 1) + rd, mask=md, other=0.)
-    b_m = tl.load(wb + 2 * (D + 1) + D)
+    w_e, b_e, w_a, b_a, w_m, b_m = _readout(WB + h * 3 * (D + 1), rd, md, D)
     dw_e = tl.zeros([BD], dtype=w_e.dtype)
     dw_a = tl.zeros([BD], dtype=w_e.dtype)
     dw_m = tl.zeros([BD], dtype=w_e.dtype)
@@ -327,7 +323,6 @@ def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dX
     db_a = tl.zeros([BC], dtype=w_e.dtype)
     db_m = tl.zeros([BC], dtype=w_e.dtype)
     for b in range(0, B):
-        n = b * H + h
         for c0 in range(0, C, BC):
             rc = c0 + tl.arange(0, BC)
             mc = rc < C
@@ -335,9 +330,11 @@ def _qkv_gates_bwd_kernel(XQ, XK, XV, XE, XA, WB, dQ, dK, dV, dETA, dLA, dLM, dX
             p = rc[:, None] * D + rd[None, :]
             dst = h * C * D + p
             x = tl.load(XQ + b * s_q0 + h * s_q1 + p, mask=m, other=0.)
-            tl.store(dXQ + b * t_q0 + dst, _l2norm_rows_bwd(x, tl.load(dQ + b * u_q0 + h * u_q1 + p, mask=m, other=0.), EPS), mask=m)
+            dy = tl.load(dQ + b * u_q0 + h * u_q1 + p, mask=m, other=0.)
+            tl.store(dXQ + b * t_q0 + dst, _l2norm_rows_bwd(x, dy, EPS), mask=m)
             x = tl.load(XK + b * s_k0 + h * s_k1 + p, mask=m, other=0.)
-            tl.store(dXK + b * t_k0 + dst, _l2norm_rows_bwd(x, tl.load(dK + b * u_k0 + h * u_k1 + p, mask=m, other=0.), EPS), mask=m)
+            dy = tl.load(dK + b * u_k0 + h * u_k1 + p, mask=m, other=0.)
+            tl.store(dXK + b * t_k0 + dst, _l2norm_rows_bwd(x, dy, EPS), mask=m)
             dv = tl.load(dV + b * u_v0 + h * u_v1 + p, mask=m, other=0.)
             if NORM_V:
                 dv = _l2norm_rows_bwd(tl.load(XV + b * s_v0 + h * s_v1 + p, mask=m, other=0.), dv, EPS)

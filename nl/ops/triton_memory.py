@@ -403,6 +403,48 @@ def _anchor_tiles(s1, s2, m1, m2, D, HID, BD: tl.constexpr, BH: tl.constexpr, HA
 
 
 @triton.jit
+def _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC: tl.constexpr, BD: tl.constexpr,
+                        BH: tl.constexpr, HAS_M: tl.constexpr, SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """The gradient factors at the anchor (`mlp_grad_factors`' h, g1, g2) stored to the program's scratch for the
+    layers' steps, then a barrier (other threads of the program read them back). Returns the anchor's tiles
+    (w1, w2), k, v and pre = k W2^T, for the backward."""
+    rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
+    m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
+    p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
+    w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
+    kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
+    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
+                                                                 PRECISION)
+    tl.store(h_s + p_ch, h, mask=m_ch)
+    tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
+    tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
+    tl.debug_barrier()
+    return w1, w2, kt, vt, pre
+
+
+@triton.jit
+def _mlp_memory_pointers(n, N1, N2, S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0,
+                         ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1, ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1,
+                         ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2, ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0,
+                         ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1, ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1,
+                         ST_LM_2):
+    """Each input's pointer at batch element n (through its batch strides: 0 along a dim it is shared on)."""
+    return (S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2),
+            P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2),
+            S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2),
+            P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2),
+            M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2),
+            M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2),
+            K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2),
+            V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2),
+            Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2),
+            LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2),
+            ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2),
+            LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2))
+
+
+@triton.jit
 def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END, P1_END, S2_END, P2_END, SCR,
                        C, D, HID, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
                        ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
@@ -412,33 +454,19 @@ def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END
                        HAS_Q: tl.constexpr, HAS_M: tl.constexpr, SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr,
                        EPS: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
-    s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
-    p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
-    s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
-    p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
-    m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
-    m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
-    k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
-    v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
-    q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
-    la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
-    eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
-    lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+    s1, p1, s2, p2, m1, m2, k, v, q, la, eta, lm = _mlp_memory_pointers(
+        n, N1, N2, S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2,
+        ST_S2_0, ST_S2_1, ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
+        ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1, ST_LA_2, ST_ETA_0,
+        ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2)
     # this program's scratch: h, g2, pre_q, h_q [C, HID] and g1 [C, D]
     h_s = SCR + n * C * (4 * HID + D)
     g2_s, pre_s, hq_s, g1_s = h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
-    # the gradient factors at the anchor (`mlp_grad_factors`)
-    w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
-    kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
-    pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
-                                                                 PRECISION)
-    tl.store(h_s + p_ch, h, mask=m_ch)
-    tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
-    tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
-    tl.debug_barrier()  # the tiles stored above are read back by other threads of the program
+    w1, w2, kt, vt, pre = _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M,
+                                               SELF_TARGET, NORMALIZED, PRECISION)
     # W2 (input k): its read of q is the hidden pre-activation of the memory's read
     _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, S2_END + n * HID * D, P2_END + n * HID * D, C, D, HID,
                   BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS, PRECISION)
@@ -465,10 +493,10 @@ def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END
 @triton.jit
 def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, DS1, DP1, DS2, DP2,
                            dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM, SCR,
-                           C, D, HID, N1, N2, NJ, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0, ST_S2_1,
-                           ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1, ST_M2_2,
-                           ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0, ST_LA_1,
-                           ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2, ST_DO_0, ST_DO_1,
+                           C, D, HID, N1, N2, NJ, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1, ST_P1_2, ST_S2_0,
+                           ST_S2_1, ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0, ST_M2_1,
+                           ST_M2_2, ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0,
+                           ST_LA_1, ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2, ST_DO_0, ST_DO_1,
                            ST_DO_2, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DGD: tl.constexpr,
                            MOMENTUM: tl.constexpr, HAS_Q: tl.constexpr, HAS_M: tl.constexpr,
                            SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr, EPS: tl.constexpr,
@@ -499,32 +527,19 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
         n = r
         if RED1:
             n = (r // N2) * N1 * N2 + j * N2 + r % N2
-        s1 = S1 + batch_offset(n, N1, N2, ST_S1_0, ST_S1_1, ST_S1_2)
-        p1 = P1 + batch_offset(n, N1, N2, ST_P1_0, ST_P1_1, ST_P1_2)
-        s2 = S2 + batch_offset(n, N1, N2, ST_S2_0, ST_S2_1, ST_S2_2)
-        p2 = P2 + batch_offset(n, N1, N2, ST_P2_0, ST_P2_1, ST_P2_2)
-        m1 = M1 + batch_offset(n, N1, N2, ST_M1_0, ST_M1_1, ST_M1_2)
-        m2 = M2 + batch_offset(n, N1, N2, ST_M2_0, ST_M2_1, ST_M2_2)
-        k = K + batch_offset(n, N1, N2, ST_K_0, ST_K_1, ST_K_2)
-        v = V + batch_offset(n, N1, N2, ST_V_0, ST_V_1, ST_V_2)
-        q = Q + batch_offset(n, N1, N2, ST_Q_0, ST_Q_1, ST_Q_2)
-        la = LA + batch_offset(n, N1, N2, ST_LA_0, ST_LA_1, ST_LA_2)
-        eta = ETA + batch_offset(n, N1, N2, ST_ETA_0, ST_ETA_1, ST_ETA_2)
-        lm = LM + batch_offset(n, N1, N2, ST_LM_0, ST_LM_1, ST_LM_2)
+        s1, p1, s2, p2, m1, m2, k, v, q, la, eta, lm = _mlp_memory_pointers(
+            n, N1, N2, S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, ST_S1_0, ST_S1_1, ST_S1_2, ST_P1_0, ST_P1_1,
+            ST_P1_2, ST_S2_0, ST_S2_1, ST_S2_2, ST_P2_0, ST_P2_1, ST_P2_2, ST_M1_0, ST_M1_1, ST_M1_2, ST_M2_0,
+            ST_M2_1, ST_M2_2, ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0,
+            ST_LA_1, ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2)
         dout = DOUT + batch_offset(n, N1, N2, ST_DO_0, ST_DO_1, ST_DO_2)  # read in place (e.g. a slice of o's gradient)
         # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
         h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
         g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
                                                 h_s + 5 * C * HID, h_s + 6 * C * HID)
         g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
-        w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)
-        kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
-        pre, sg, sp, h, hout, e, ew1, hv, pv, scale = _forward_tiles(w1, w2, kt, vt, BC, SELF_TARGET, NORMALIZED,
-                                                                     PRECISION)
-        tl.store(h_s + p_ch, h, mask=m_ch)
-        tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
-        tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
-        tl.debug_barrier()
+        w1, w2, kt, vt, pre = _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M,
+                                                   SELF_TARGET, NORMALIZED, PRECISION)
         if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
             _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
                           True, False, False, EPS, PRECISION)
@@ -561,10 +576,10 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
                 dm2 += tl.dot(tl.trans(g), tl.load(q + p_cd, mask=m_cd, other=0.), input_precision=PRECISION)
             tl.store(dQ + n * C * D + p_cd, dq, mask=m_cd)  # W2's share is added to it
         tl.debug_barrier()
-        _dgd_bwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, dhq_s, DS2 + n * HID * D, DP2 + n * HID * D, dS2 + n * HID * D,
-                      dP2 + n * HID * D, dK + r * C * D, dg2_s, dK + r * C * D, dQ + n * C * D, dLA + r * C,
-                      dETA + r * C, dLM + r * C, C, D, HID, BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS,
-                      PRECISION, True, True, RED1)
+        _dgd_bwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, dhq_s, DS2 + n * HID * D, DP2 + n * HID * D,
+                      dS2 + n * HID * D, dP2 + n * HID * D, dK + r * C * D, dg2_s, dK + r * C * D, dQ + n * C * D,
+                      dLA + r * C, dETA + r * C, dLM + r * C, C, D, HID, BC, BD, BH, DGD, MOMENTUM, HAS_Q, False,
+                      False, EPS, PRECISION, True, True, RED1)
         tl.debug_barrier()
         # the gradient factors (h, g1 -> W1's step; k, g2 -> W2's): their anchor gradient to S and M_0
         dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, kt, vt, tl.load(dg1_s + p_cd, mask=m_cd, other=0.),
@@ -718,9 +733,9 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
                               g_P2: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `mlp_memory_chunk` w.r.t. every input (MLP_INPUTS order), each over the whole batch [*b, ...]
     (the caller sums a broadcast input's), except that where k, v and the gates are all shared along batch dim 1
-    (`_reduce_dim1`) theirs come summed along it, in the kernel; empty for an absent input. Output gradients contiguous [*b, ...] (g_out,
-    g_P1, g_P2 empty without a read / momentum; g_out is read through its batch strides, rows of d contiguous). One
-    kernel; the forward is recomputed from the inputs."""
+    (`_reduce_dim1`) theirs come summed along it, in the kernel; empty for an absent input. Output gradients
+    contiguous [*b, ...] (g_out, g_P1, g_P2 empty without a read / momentum; g_out is read through its batch strides,
+    rows of d contiguous). One kernel; the forward is recomputed from the inputs."""
     tensors = dict(zip(MLP_INPUTS, (S1, P1, S2, P2, M1, M2, K, V, Q, log_alpha, eta, log_mu)))
     batch, args, strides, C, D, HID = _mlp_memory_prepare(tensors)
     N, N1, N2 = grid(batch)
@@ -730,12 +745,13 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
     dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM = grads
     scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + HID * D))
     g_out, st_do = batch_strided(g_out, 2) if Q is not None else (g_S1, [0, 0, 0])
-    _mlp_memory_bwd_kernel[(N // N1 if red1 else N,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
-                                 g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2,
-                                 dP2 if momentum else dS2, dM1 if has_m else dS1, dM2 if has_m else dS2, dK, dV,
-                                 dQ if Q is not None else dK, dLA, dETA, dLM if momentum else dETA, scratch,
-                                 C, D, HID, N1, N2, N1 if red1 else 1, *strides, *st_do, RED1=red1,
-                                 **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
+    programs = N // N1 if red1 else N  # with red1 one program per row along dim 1, looping over it
+    _mlp_memory_bwd_kernel[(programs,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
+                                        g_P2 if momentum else g_S2, dS1, dP1 if momentum else dS1, dS2,
+                                        dP2 if momentum else dS2, dM1 if has_m else dS1, dM2 if has_m else dS2, dK,
+                                        dV, dQ if Q is not None else dK, dLA, dETA, dLM if momentum else dETA, scratch,
+                                        C, D, HID, N1, N2, N1 if red1 else 1, *strides, *st_do, RED1=red1,
+                                        **_mlp_memory_flags(tensors, dgd, self_target, normalized, C, D, HID))
     return grads
 
 
