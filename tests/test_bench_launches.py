@@ -82,8 +82,8 @@ def test_counter_counts_each_call_of_a_compiled_graph_without_building_kernels(b
 def test_compiled_hope_count_keeps_the_graphs_and_cuts_launches(bench):
     """Tiny HOPE mixer, train.compile-style: 2 and 3 chunks compile the same graphs (the chunk loop is not
     unrolled), launches stay below eager's, and one more chunk adds chunk-body launches, fewer than eager's
-    per-chunk increment. kernel=triton: one nl::dgd_chunk per memory layer and chunk in the forward
-    (2 generator layers + 2 memory layers)."""
+    per-chunk increment. kernel=triton: 4 custom ops per chunk in the forward (an nl::mlp_memory_chunk each for
+    the stacked generators and the memory, nl::mlp_apply, nl::qkv_gates), opaque calls in the graphs."""
     from test_hope_model import small
 
     cfg = small(chunk=4, kernel="torch", recompute_chunks=False)
