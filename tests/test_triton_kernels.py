@@ -425,11 +425,13 @@ def test_chunk_kernel_reads_broadcast_inputs_in_place():
 @pytest.mark.parametrize("memory_type,momentum,chunk,extra,B", [
     ("linear", True, 4, {}, 1), ("mlp", True, 4, {}, 1), ("mlp", False, 1, {}, 1), ("mlp", True, 1, {}, 1),
     ("linear", False, 1, {}, 1),
-    ("mlp", True, 4, {"target": "value", "normalized_step": False}, 1), ("mlp", True, 4, {}, 2)])
+    ("mlp", True, 4, {"target": "value", "normalized_step": False}, 1), ("mlp", True, 4, {}, 2),
+    ("mlp", True, 4, {"chunk_read": "anchor", "retention_target": "zero"}, 1), ("mlp", False, 4, {"dgd": False}, 1)])
 def test_titans_chunked_on_the_kernel_equals_reference(memory_type, momentum, chunk, extra, B, monkeypatch):
     """The whole recurrence (generators k, v, eta, alpha and the memory, layer-wise MLP DGD) with
     kernel=triton == titans_reference token by token in float64, outputs, final states, every gradient;
-    T=7 at chunk 4: a partial last chunk; extra: Titans' target v_t without the normalised step; B=2: the initial
+    T=7 at chunk 4: a partial last chunk; extra: Titans' target v_t without the normalised step, the anchor read
+    with Eq. 88's retention toward zero, the plain gradient step (no DGD decay); B=2: the initial
     states shared by two sequences (their gradients summed over them once, after the loop). One head: the
     interpreter runs each program of the grid in Python (~0.1 s each)."""
     monkeypatch.setattr(test_hope_ops, "B", B)
