@@ -407,8 +407,8 @@ def _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC: tl
                         BH: tl.constexpr, HAS_M: tl.constexpr, SELF_TARGET: tl.constexpr, NORMALIZED: tl.constexpr,
                         PRECISION: tl.constexpr):
     """The gradient factors at the anchor (`mlp_grad_factors`' h, g1, g2) stored to the program's scratch for the
-    layers' steps, then a barrier (other threads of the program read them back). Returns the anchor's tiles
-    (w1, w2), k, v and pre = k W2^T, for the backward."""
+    layers' steps, then a barrier (other threads of the program read them back). Nothing is returned: a caller
+    that needs the anchor's tiles again reloads them rather than holding them live across the layers' steps."""
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
@@ -420,7 +420,6 @@ def _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC: tl
     tl.store(g1_s + p_cd, e * scale[:, None], mask=m_cd)
     tl.store(g2_s + p_ch, ew1 * sp * scale[:, None], mask=m_ch)
     tl.debug_barrier()
-    return w1, w2, kt, vt, pre
 
 
 @triton.jit
@@ -465,8 +464,8 @@ def _mlp_memory_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, OUT, S1_END
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
     m_ch, m_cd = (rc < C)[:, None] & (rh < HID)[None, :], (rc < C)[:, None] & (rd < D)[None, :]
     p_ch, p_cd = rc[:, None] * HID + rh[None, :], rc[:, None] * D + rd[None, :]
-    w1, w2, kt, vt, pre = _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M,
-                                               SELF_TARGET, NORMALIZED, PRECISION)
+    _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M, SELF_TARGET,
+                        NORMALIZED, PRECISION)
     # W2 (input k): its read of q is the hidden pre-activation of the memory's read
     _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, S2_END + n * HID * D, P2_END + n * HID * D, C, D, HID,
                   BC, BD, BH, DGD, MOMENTUM, HAS_Q, False, False, EPS, PRECISION)
@@ -538,8 +537,8 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
         g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
                                                 h_s + 5 * C * HID, h_s + 6 * C * HID)
         g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
-        w1, w2, kt, vt, pre = _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M,
-                                                   SELF_TARGET, NORMALIZED, PRECISION)
+        _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M, SELF_TARGET,
+                            NORMALIZED, PRECISION)
         if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
             _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
                           True, False, False, EPS, PRECISION)
@@ -556,8 +555,8 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
                       dS1 + n * D * HID, dP1 + n * D * HID, dh_s, dg1_s, dh_s, dhq_s, dLA + r * C, dETA + r * C,
                       dLM + r * C, C, HID, D, BC, BH, BD, DGD, MOMENTUM, HAS_Q, False, NORMALIZED, EPS, PRECISION,
                       False, RED1, False)
-        dm1 = tl.zeros([BD, BH], dtype=w1.dtype)
-        dm2 = tl.zeros([BH, BD], dtype=w1.dtype)
+        dm1 = tl.zeros([BD, BH], dtype=S1.dtype.element_ty)
+        dm2 = tl.zeros([BH, BD], dtype=S1.dtype.element_ty)
         if HAS_Q:
             tl.debug_barrier()
             do = tl.load(dout + p_cd, mask=m_cd, other=0.)
@@ -582,9 +581,11 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
                       False, EPS, PRECISION, True, True, RED1)
         tl.debug_barrier()
         # the gradient factors (h, g1 -> W1's step; k, g2 -> W2's): their anchor gradient to S and M_0
+        w1, w2 = _anchor_tiles(s1, s2, m1, m2, D, HID, BD, BH, HAS_M)  # reloaded (see _factors_to_scratch)
+        kt, vt = tl.load(k + p_cd, mask=m_cd, other=0.), tl.load(v + p_cd, mask=m_cd, other=0.)
+        dh = tl.load(dh_s + p_ch, mask=m_ch, other=0.)
         dw1, dw2, dk, dv = _factors_bwd_tiles(w1, w2, kt, vt, tl.load(dg1_s + p_cd, mask=m_cd, other=0.),
-                                              tl.load(dg2_s + p_ch, mask=m_ch, other=0.),
-                                              tl.load(dh_s + p_ch, mask=m_ch, other=0.), kt, pre, BC, BH, BD,
+                                              tl.load(dg2_s + p_ch, mask=m_ch, other=0.), dh, kt, dh, BC, BH, BD,
                                               SELF_TARGET, NORMALIZED, True, False, False, PRECISION)
         tl.store(dK + r * C * D + p_cd, dk + tl.load(dK + r * C * D + p_cd, mask=m_cd, other=0.), mask=m_cd)
         if RED1:
