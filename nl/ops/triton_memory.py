@@ -522,7 +522,7 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
         if MOMENTUM:
             tl.store(dLM + r * C + rc, z_c, mask=rc < C)
         tl.debug_barrier()
-    for j in range(0, NJ):
+    for j in tl.range(0, NJ, num_stages=1):  # not pipelined: each element reads back scratch it stored
         n = r
         if RED1:
             n = (r // N2) * N1 * N2 + j * N2 + r % N2
@@ -532,16 +532,17 @@ def _mlp_memory_bwd_kernel(S1, P1, S2, P2, M1, M2, K, V, Q, LA, ETA, LM, DOUT, D
             ST_M2_1, ST_M2_2, ST_K_0, ST_K_1, ST_K_2, ST_V_0, ST_V_1, ST_V_2, ST_Q_0, ST_Q_1, ST_Q_2, ST_LA_0,
             ST_LA_1, ST_LA_2, ST_ETA_0, ST_ETA_1, ST_ETA_2, ST_LM_0, ST_LM_1, ST_LM_2)
         dout = DOUT + batch_offset(n, N1, N2, ST_DO_0, ST_DO_1, ST_DO_2)  # read in place (e.g. a slice of o's gradient)
-        # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state [HID, D]
-        h_s = SCR + n * (C * (7 * HID + 2 * D) + HID * D)
+        # scratch: h, g2, pre_q, h_q, dh, dg2, dh_q [C, HID]; g1, dg1 [C, D]; W2's recomputed end state and
+        # momentum [HID, D] each (never read)
+        h_s = SCR + n * (C * (7 * HID + 2 * D) + 2 * HID * D)
         g2_s, pre_s, hq_s, dh_s, dg2_s, dhq_s = (h_s + C * HID, h_s + 2 * C * HID, h_s + 3 * C * HID, h_s + 4 * C * HID,
                                                 h_s + 5 * C * HID, h_s + 6 * C * HID)
         g1_s, dg1_s, end_s = h_s + 7 * C * HID, h_s + 7 * C * HID + C * D, h_s + 7 * C * HID + 2 * C * D
         _factors_to_scratch(s1, s2, m1, m2, k, v, h_s, g1_s, g2_s, C, D, HID, BC, BD, BH, HAS_M, SELF_TARGET,
                             NORMALIZED, PRECISION)
         if HAS_Q:  # W2's read of q and h_q, recomputed (its end state goes to scratch)
-            _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s, C, D, HID, BC, BD, BH, DGD, MOMENTUM,
-                          True, False, False, EPS, PRECISION)
+            _dgd_fwd_tile(s2, p2, k, g2_s, k, q, la, eta, lm, pre_s, end_s, end_s + HID * D, C, D, HID, BC, BD, BH,
+                          DGD, MOMENTUM, True, False, False, EPS, PRECISION)
             tl.debug_barrier()
             a = tl.load(pre_s + p_ch, mask=m_ch, other=0.)
             if HAS_M:
@@ -744,7 +745,7 @@ def mlp_memory_chunk_backward(S1: torch.Tensor, P1: torch.Tensor | None, S2: tor
     red1 = _reduce_dim1(tensors, batch)
     grads = _mlp_memory_grads(tensors, batch, red1)
     dS1, dP1, dS2, dP2, dM1, dM2, dK, dV, dQ, dLA, dETA, dLM = grads
-    scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + HID * D))
+    scratch = S1.new_empty(N * (C * (7 * HID + 2 * D) + 2 * HID * D))
     g_out, st_do = batch_strided(g_out, 2) if Q is not None else (g_S1, [0, 0, 0])
     programs = N // N1 if red1 else N  # with red1 one program per row along dim 1, looping over it
     _mlp_memory_bwd_kernel[(programs,)](*args, g_out, g_S1, g_P1 if momentum else g_S1, g_S2,
