@@ -22,7 +22,7 @@ X, G, Q, log_alpha, eta and log_mu.
 
 Both are registered with torch.library.custom_op (`nl::dgd_chunk`, `nl::dgd_chunk_backward`), so
 torch.compile and FSDP2 see one opaque call each. Inputs are float32 or float64 (the recurrence runs in
-fp32, issue 14 item 1); fp32 products use IEEE precision, not TF32 (the solve amplifies errors).
+fp32, issue 14 item 1); fp32 products are 3xTF32 (`dot_precision`: ~fp32 accuracy on tensor cores).
 Triton is imported here, so import this module lazily (`delta_rule.chunk_layer` does).
 """
 
@@ -397,6 +397,17 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for the kernels' products of `dtype` tiles: "tf32x3" for float32 (each product
+    as three TF32 tensor-core products, hi*hi + hi*lo + lo*hi of the operands split into TF32 parts: about fp32
+    accuracy), "ieee" for float64 (the interpreter's runs in the tests).
+    Neither plain TF32 (10-bit mantissa; the chunk's triangular solve amplifies its errors) nor IEEE fp32: Triton
+    lowers an IEEE fp32 dot to FMA loops that ptxas compiles with spills of 6 KB per thread for one [64x64]x[64x128]
+    product, and took over 45 minutes for `mlp_memory_chunk`'s backward at the 340m shape (docs/BENCHMARKS.md,
+    "Kernels compiled for sm_90")."""
+    return "ieee" if dtype == torch.float64 else "tf32x3"
+
+
 INPUTS = ("S0", "P0", "X", "G", "XS", "Q", "log_alpha", "eta", "log_mu")
 _MATRIX = {"S0", "P0", "X", "G", "XS", "Q"}  # [..., rows, cols]; the gates are [..., C]
 
@@ -479,7 +490,7 @@ def dgd_chunk(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tensor, G: tor
     _dgd_chunk_kernel[(N,)](*args, out, S_end, P_end if momentum else S_end, C, I, O, N1, N2, *strides,
                             BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
                             HAS_Q=Q is not None, HAS_XS=XS is not None, NORM_X=normalize_x,
-                            EPS=INPUT_NORM_EPS, PRECISION="ieee")
+                            EPS=INPUT_NORM_EPS, PRECISION=dot_precision(X.dtype))
     return out, S_end, P_end
 
 
@@ -527,7 +538,7 @@ def dgd_chunk_backward(S0: torch.Tensor, P0: torch.Tensor | None, X: torch.Tenso
                                 dQ if Q is not None else dX, dLA, dETA, dLM if momentum else dETA, C, I, O, N1, N2,
                                 *strides, BC=_block(C), BI=_block(I), BO=_block(O), DGD=dgd, MOMENTUM=momentum,
                                 HAS_Q=Q is not None, HAS_XS=XS is not None, NORM_X=normalize_x, EPS=INPUT_NORM_EPS,
-                                PRECISION="ieee")
+                                PRECISION=dot_precision(X.dtype))
     return grads
 
 

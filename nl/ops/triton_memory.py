@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from nl.ops.delta_rule import INPUT_NORM_EPS
-from nl.ops.triton_dgd import _block, _dgd_bwd_tile, _dgd_fwd_tile, batch_offset, batch_strided, grid
+from nl.ops.triton_dgd import _block, _dgd_bwd_tile, _dgd_fwd_tile, batch_offset, batch_strided, dot_precision, grid
 
 
 @triton.jit
@@ -202,7 +202,8 @@ def mlp_grad_factors(W1: torch.Tensor, W2: torch.Tensor, k: torch.Tensor, v: tor
     h, g2, pre = (k.new_empty(*batch, C, HID) for _ in range(3))
     g1, hout = (k.new_empty(*batch, C, D) for _ in range(2))
     _mlp_factors_kernel[(N,)](*args, h, g1, hout, g2, pre, C, D, HID, N1, N2, *strides, BC=_block(C), BD=_block(D),
-                              BH=_block(HID), SELF_TARGET=self_target, NORMALIZED=normalized, PRECISION="ieee")
+                              BH=_block(HID), SELF_TARGET=self_target, NORMALIZED=normalized,
+                              PRECISION=dot_precision(k.dtype))
     return h, g1, hout, g2, pre
 
 
@@ -230,7 +231,7 @@ def mlp_grad_factors_backward(W1: torch.Tensor, W2: torch.Tensor, k: torch.Tenso
                                   g_g2, g_g2 if g_pre is None else g_pre, dW1, dW2, dk, dv, C, D, HID, N1, N2,
                                   *strides, BC=_block(C), BD=_block(D), BH=_block(HID), SELF_TARGET=self_target,
                                   NORMALIZED=normalized, HAS_DH=g_h is not None, HAS_DHOUT=g_hout is not None,
-                                  HAS_DPRE=g_pre is not None, PRECISION="ieee")
+                                  HAS_DPRE=g_pre is not None, PRECISION=dot_precision(k.dtype))
     return dW1, dW2, dk, dv
 
 
@@ -328,7 +329,7 @@ def mlp_apply(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor) -> torch.Tens
     N, N1, N2 = grid(batch)
     out = z.new_empty(*batch, C, D)
     _mlp_apply_kernel[(N,)](*args, out, C, D, HID, N1, N2, *strides, BC=_block(C), BD=_block(D), BH=_block(HID),
-                            PRECISION="ieee")
+                            PRECISION=dot_precision(z.dtype))
     return out
 
 
@@ -349,7 +350,7 @@ def mlp_apply_backward(W1: torch.Tensor, W2: torch.Tensor, z: torch.Tensor,
     dz = z.new_empty(b3[0], 1, b3[2], C, D) if red1 else z.new_empty(*batch, C, D)
     _mlp_apply_bwd_kernel[(N // N1 if red1 else N,)](*args, g_out, dW1, dW2, dz, C, D, HID, N1, N2, N1 if red1 else 1,
                                                      *strides, BC=_block(C), BD=_block(D), BH=_block(HID),
-                                                     PRECISION="ieee", RED1=red1)
+                                                     PRECISION=dot_precision(z.dtype), RED1=red1)
     return dW1, dW2, dz
 
 
@@ -642,7 +643,8 @@ def _mlp_memory_prepare(tensors: dict[str, torch.Tensor | None]):
 def _mlp_memory_flags(tensors, dgd: bool, self_target: bool, normalized: bool, C: int, D: int, HID: int) -> dict:
     return dict(BC=_block(C), BD=_block(D), BH=_block(HID), DGD=dgd, MOMENTUM=tensors["P1"] is not None,
                 HAS_Q=tensors["Q"] is not None, HAS_M=tensors["M1"] is not None, SELF_TARGET=self_target,
-                NORMALIZED=normalized, EPS=INPUT_NORM_EPS, PRECISION="ieee")
+                NORMALIZED=normalized, EPS=INPUT_NORM_EPS,
+                PRECISION=dot_precision(tensors["S1"].dtype))
 
 
 def _mlp_memory_outputs(S1: torch.Tensor, batch: torch.Size, C: int, D: int, HID: int, read: bool, momentum: bool):
