@@ -403,8 +403,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     accuracy), "ieee" for float64 (the interpreter's runs in the tests).
     Neither plain TF32 (10-bit mantissa; the chunk's triangular solve amplifies its errors) nor IEEE fp32: Triton
     lowers an IEEE fp32 dot to FMA loops that ptxas compiles with spills of 6 KB per thread for one [64x64]x[64x128]
-    product, and took over 45 minutes for `mlp_memory_chunk`'s backward at the 340m shape (docs/BENCHMARKS.md,
-    "Kernels compiled for sm_90")."""
+    product, and had not finished `mlp_memory_chunk`'s backward at the 340m shape after 46 minutes on a 2-core
+    machine (docs/BENCHMARKS.md, "Kernels compiled for sm_90")."""
     return "ieee" if dtype == torch.float64 else "tf32x3"
 
 
