@@ -9,11 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HOME", "/tmp/nl-test-hf-home")  # never touch the user's HF cache
 os.environ.setdefault("WANDB_MODE", "offline")
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET once, when triton.language is first imported (its own @jit functions
+    # included): set it before any test module imports triton, so the kernel tests run on the interpreter
+    # whichever file imports triton first (a late setting breaks them: "Cannot call @triton.jit'd outside
+    # of the scope of a kernel").
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def run_script(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -23,8 +23,8 @@ def tiny(arch: str, chunk: int = 4, **hope) -> ModelConfig:
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    # torch._dynamo is imported here, not at collection: it imports triton, which must first be imported
-    # after tests/test_fla_dispatch.py and test_triton_kernels.py set TRITON_INTERPRET=1 (without CUDA)
+    # torch._dynamo is imported here, not at collection: it imports triton (conftest.py sets TRITON_INTERPRET=1
+    # before that without CUDA; kept lazy all the same)
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
