@@ -177,6 +177,7 @@ def main() -> None:
                          f"launched: {sorted({r['kernel'] for r in launches})}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
+    env["TRITON_ALWAYS_COMPILE"] = "1"  # a cold compile each time, not Triton's on-disk cache of an earlier run
     import triton
     print(f"`python benchmarks/bench_kernel_compile.py --preset {args.preset} --arch {args.arch}"
           f"{' --kernels ' + ' '.join(args.kernels) if args.kernels else ''}"
