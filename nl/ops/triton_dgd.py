@@ -74,6 +74,8 @@ def _chunk_decays(la, lmu, mc, BC: tl.constexpr, MOMENTUM: tl.constexpr, PRECISI
     return lg_prev, lg_end, Dp, D_end, Ep, E_end, Mu, m, cp, c_end, Mu_end, lm_end
 
 
+# noinline: a function of its own in the PTX, its registers allocated apart from its caller's: the two-layer
+# kernels compile in ~0.7x the time with fewer spills (docs/BENCHMARKS.md "Kernels compiled for sm_90").
 @triton.jit(noinline=True)
 def _dgd_fwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, out_p, send_p, pend_p, C, I, O,
                   BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, DGD: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -187,6 +189,7 @@ def _dgd_chunk_kernel(S0, P0, X, G, XS, Q, LA, ETA, LM, OUT, S_END, P_END, C, I,
                   C, I, O, BC, BI, BO, DGD, MOMENTUM, HAS_Q, HAS_XS, NORM_X, EPS, PRECISION)
 
 
+# noinline: as _dgd_fwd_tile.
 @triton.jit(noinline=True)
 def _dgd_bwd_tile(s0_p, p0_p, x_p, g_p, xs_p, q_p, la_p, eta_p, lm_p, dout_p, ds_p, dp_p, ds0_p, dp0_p, dx_p, dg_p,
                   dxs_p, dq_p, dla_p, deta_p, dlm_p, C, I, O, BC: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
