@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# Not imported here: triton.language reads TRITON_INTERPRET when it is first imported, and the kernel tests
-# (test_triton_kernels.py) set it before that; the children below import triton themselves.
+# Not imported here: the children below import triton themselves, each with the TRITON_INTERPRET it needs
+# (conftest.py sets it for this process before any test module imports triton).
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 ROOT = Path(__file__).resolve().parents[1]
