@@ -70,9 +70,18 @@ def single_memories(run_dir: Path, scratch: Path) -> list[torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]):
+    """Runs a and b took the same steps: per tensor, ||a - b|| <= 1e-3 ||b - start|| (Frobenius).
+    Measured on the tiny HOPE, 10 steps (2026-12-01, AMD EPYC VM): reordering the sums alone (single
+    process, micro-batches of 1 or 8 instead of 2) moves the final weights by up to 1.2e-4 of how far
+    training moved them, FSDP and ZeRO by up to 7e-5; an FSDP rank that skips shard_sum's all-reduce
+    gives 3.4e-2 (dmgd) and 0.81 (delta_momentum). An elementwise |a - b| <= 2e-5 + 2e-4 |b| was both
+    too strict and too loose: Adam-normalised rules turn that reordering noise into 2.7e-5 on single
+    elements (the CPU decides which), and a norm weight near 1 may differ by 2e-4, more than a step."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        diff, moved = (a[name] - b[name]).double().norm(), (b[name] - start[name]).double().norm()
+        assert diff <= 1e-3 * moved + 1e-7 * b[name].double().norm(), \
+            f"{name}: the runs differ by {diff:.3g}, {diff / moved:.3g} of the {moved:.3g} training moved it (at most 1e-3)"
     # the comparison means something: CMS levels moved (slow ones included) and the runs trained
     moved = [n for n in a if ".cms.levels.2." in n and not torch.equal(a[n], start[n])]
     assert moved, "the slowest CMS level never stepped"
