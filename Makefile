@@ -47,12 +47,17 @@ demo-compare: setup
 # One intra-op thread per process unless set: the distributed tests run 2 ranks per test on the 2 cores, and
 # torch's default threads oversubscribe them (default suite 1,164 s vs 812 s with one thread, 2026-12-01).
 TEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+# Test files run on TEST_WORKERS pytest-xdist processes, a file's tests all on one (its module fixtures, e.g. the
+# shared training runs, are built once): one per core of the 2-core VMs (default suite 1,875 s -> 1,211 s,
+# docs/BENCHMARKS.md "The default test suite"). TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+PYTEST = $(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: setup
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(PYTEST)
 
 bench: setup
 	$(PY) benchmarks/bench_data.py
