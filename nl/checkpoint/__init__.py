@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+# torch.distributed.checkpoint is imported where a checkpoint is written or read: it costs ~1.6 s per process
+# (DTensor's ops and sympy), which the CLIs that only read exports (nl.generate, nl.evaluate, nl.memory_health)
+# would pay at every start.
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEEPSPEED_MARKER = "deepspeed.json"  # marks (and describes) a dist.strategy=deepspeed checkpoint
@@ -97,6 +97,8 @@ def _barrier() -> None:
 
 def _root_cause(e: BaseException) -> BaseException:
     """The first rank's original exception inside DCP's CheckpointException wrapper."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException) and e.failures:
         return next(iter(e.failures.values()))[0]
     return e
@@ -111,6 +113,8 @@ def atomic_save(run_dir: str | Path, step: int, write: Callable[[Path], None], c
     a full disk inside `write` leaves the previous checkpoints untouched and no partial step_X.
     Pruning keeps the `keep_last` newest checkpoints up to this step, this one included; it never
     deletes the checkpoint just written nor any of a later step."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -154,6 +158,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], confi
                     keep_last: int = 2, info: dict | None = None) -> Path:
     """Write `state` in DCP format as checkpoint `step` (collective: every rank passes its shards)."""
 
+    import torch.distributed.checkpoint as dcp
+
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP warns when no process group is initialised
@@ -164,6 +170,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], confi
 
 def _check_shapes(path: Path, state: dict[str, Any]) -> None:
     """Compare saved tensor shapes with the live state before DCP loads anything."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
         saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means a corrupt checkpoint
@@ -192,6 +201,9 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise CheckpointError(f"checkpoint {path} was written by dist.strategy=deepspeed: resume it with "
                               f"dist.strategy=deepspeed (same ZeRO stage and world size), or export it "
                               f"(python -m nl.export) and start a new run.dir; conversion is not supported")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     _check_shapes(path, state)
     try:
         with warnings.catch_warnings():
