@@ -17,7 +17,7 @@ PROMPT  ?= The history of
 DEMO_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: setup demo demo-compare test test-all bench clean-demo
+.PHONY: setup demo demo-compare test test-all gpu-wheels bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,14 @@ test: setup
 
 test-all: setup
 	$(PYTEST)
+
+# Wheels of the pure-Python packages a GPU image without package access tends to lack, in .whl/ (git-ignored),
+# which benchmarks/gpu_session.sh installs before its checks. antlr4's runtime (omegaconf's parser) is an sdist
+# only: built into a wheel here.
+gpu-wheels: setup
+	mkdir -p .whl
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: -d .whl omegaconf==2.3.0 fla-core==0.6.0
+	$(VENV)/bin/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 bench: setup
 	$(PY) benchmarks/bench_data.py

@@ -176,7 +176,7 @@ def measure(cfg, device: torch.device, bf16: bool, steps: int, warmup: int, cap:
     return row
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["configs/hope_340m.yaml", "configs/transformer_340m.yaml"])
     ap.add_argument("--all", action="store_true", help="also the 760m and 1.3b presets")
@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
     ap.add_argument("--dry-run", action="store_true", help="tiny shape, few steps, on CPU (CI)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every preset")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
 
     presets = list(args.presets)
     if args.all:

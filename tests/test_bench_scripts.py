@@ -202,3 +202,31 @@ def test_bench_budget_mixer_mode_times_both_trees_in_one_process():
     assert [c.strip() for c in row[1:4]] == ["16", "1", "2"], out.stdout
     now_over_base = float(row[6])
     assert 0 < now_over_base < 10, out.stdout
+
+
+def test_gpu_session_runs_every_step_and_writes_a_summary(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in for python that records its arguments and fails the kernel
+    tests: every step still runs, each logs to OUT, the summary gives each step's exit status, the kernel tests
+    are the Triton ones, and every bench_gpu.py call parses with bench_gpu's own arguments and names presets
+    that exist."""
+    import os
+    import subprocess
+    calls, stub = tmp_path / "calls.txt", tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\ncase "$*" in *test_triton_kernels*) exit 3;; esac\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(out)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": str(stub)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = ["versions", "kernel_tests", "transformer_340m", "hope_340m_torch", "hope_tiny_kernels"]
+    summary = (out / "summary.md").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == [f"- {s}" for s in steps]
+    assert "kernel_tests: exit 3 " in summary[1] and all(": exit 0 " in line for line in summary[2:]), summary
+    assert all((out / f"{s}.log").exists() for s in steps)
+    lines = calls.read_text().splitlines()
+    assert any(line.startswith("-m pytest") and line.endswith("tests/test_triton_kernels.py") for line in lines)
+    bench = [line.split()[1:] for line in lines if line.startswith("benchmarks/bench_gpu.py")]
+    assert len(bench) == 3
+    for argv in bench:
+        args = bench_gpu.parser().parse_args(argv)
+        assert args.compile == ["off"] and all((ROOT / p).exists() for p in args.presets), argv
