@@ -203,6 +203,20 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def triton_compile_notice(cfg, device: torch.device) -> str | None:
+    """The line printed at start when HOPE's chunk step will run as compiled Triton kernels (model.hope.kernel
+    triton or auto, on CUDA, Triton installed), else None: the first step compiles them for each new shape, and
+    at the 340m-1.3b shapes that takes many minutes of ptxas (docs/BENCHMARKS.md "Kernels compiled for sm_90"),
+    which would otherwise look like a hung run."""
+    from nl.ops.delta_rule import triton_available
+
+    if cfg.model.arch != "hope" or cfg.model.hope.kernel == "torch" or device.type != "cuda" or not triton_available():
+        return None  # (kernel=triton without CUDA runs in Triton's interpreter: nothing is compiled)
+    return ("model.hope.kernel: HOPE's Triton kernels compile during the first step for each new shape (at the "
+            "340m shape over 20 minutes on a 2-core host from a cold cache); they are cached in TRITON_CACHE_DIR "
+            "(default ~/.triton/cache): set it to shared storage on a cluster, or use model.hope.kernel=torch")
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`; returns a summary of the final state.
 
@@ -289,6 +303,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
 
     say(f"model {cfg.model.arch}: {n_params / 1e6:.2f}M parameters | {device} | "
         f"{'resumed from ' + str(resume_from) if resume_from else 'fresh start'} | run {run_dir}")
+    if (notice := triton_compile_notice(cfg, device)) is not None:
+        say(notice)
     _announce_changes(say, changes, saved, cfg, step)
     unvalidated = [s.name for s in sources if s.name not in val_data]
     if cfg.data.sources and cfg.eval.every > 0 and unvalidated:

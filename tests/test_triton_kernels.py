@@ -518,6 +518,25 @@ def test_kernel_choice_is_validated(monkeypatch):
             recurrence_config(small(kernel="triton"))
 
 
+def test_trainer_says_when_triton_kernels_will_compile():
+    """The trainer's start line for a run whose first step compiles the Triton kernels (HOPE, kernel auto or
+    triton, CUDA): it names the cache and the way out; nothing for the torch code, CPU or a Transformer++."""
+    from conftest import REPO
+    from nl.config import load_config
+    from nl.trainer import triton_compile_notice
+
+    def cfg(*overrides):
+        return load_config(REPO / "configs" / "hope_tiny.yaml", list(overrides))
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for kernel in ("auto", "triton"):
+        line = triton_compile_notice(cfg(f"model.hope.kernel={kernel}"), cuda)
+        assert "first step" in line and "TRITON_CACHE_DIR" in line and "model.hope.kernel=torch" in line
+    assert triton_compile_notice(cfg("model.hope.kernel=torch"), cuda) is None
+    assert triton_compile_notice(cfg("model.hope.kernel=triton"), cpu) is None  # the interpreter compiles nothing
+    assert triton_compile_notice(cfg("model.arch=transformer"), cuda) is None
+
+
 def test_auto_is_torch_on_cpu_tensors():
     from nl.ops.delta_rule import ChunkGates, ChunkLayer, chunk_layer
     from nl.ops.triton_dgd import FusedChunkLayer
