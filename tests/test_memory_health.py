@@ -121,10 +121,11 @@ def test_alive_after_training(token_dir, tmp_path):
         "train.micro_batch_size=8", "train.warmup_steps=4", "eval.every=0", "checkpoint.every=25",
         f"run.dir={run}"])
     train(cfg)
-    run_script("-m", "nl.export", "--run", str(run), "--output", str(tmp_path / "export"))
+    from nl.export import export, load_pretrained
+
+    export(run, tmp_path / "export")  # in this process: the CLI is tested elsewhere, a subprocess costs ~6 s
     val = TokenShards(token_dir, "val")
     T = 4 * cfg.data.seq_len
-    from nl.export import load_pretrained
 
     model = load_pretrained(tmp_path / "export").double().eval()
     trace = memory_trace(model, torch.as_tensor(val.window(0, 2 * T).astype("int64")).view(2, T))
@@ -135,6 +136,7 @@ def test_alive_after_training(token_dir, tmp_path):
 def test_memory_health_cli_plots_and_reports(token_dir, tmp_path, small_corpus):
     """python -m nl.memory_health on an export over a text file: a PNG and a JSON summary; one-line
     errors for a model without memories and for too little text."""
+    from nl.export import export
     from nl.trainer import train
 
     cfgs = {}
@@ -144,7 +146,7 @@ def test_memory_health_cli_plots_and_reports(token_dir, tmp_path, small_corpus):
             f"model.arch={arch}", "model.dim=32", "model.n_layers=1", "model.n_heads=2", f"data.dir={token_dir}",
             "data.seq_len=32", "train.steps=1", "train.batch_size=4", "train.micro_batch_size=4", "eval.every=0",
             "checkpoint.every=1", f"run.dir={run}", *extra]))
-        run_script("-m", "nl.export", "--run", str(run), "--output", str(tmp_path / f"{arch}_export"))
+        export(run, tmp_path / f"{arch}_export")
         cfgs[arch] = tmp_path / f"{arch}_export"
     png = tmp_path / "health.png"
     out = run_script("-m", "nl.memory_health", "--model", str(cfgs["hope"]), "--text", str(small_corpus),
