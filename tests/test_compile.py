@@ -62,7 +62,7 @@ def batches(n: int, T: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (2, T + 1), generator=torch.Generator().manual_seed(seed))] * n
 
 
-# recompute_chunks=false (not the default) is slow-marked: ~27 s, and the default suite is over its 20 minutes
+# recompute_chunks=false (not the default) is slow-marked: ~27 s, to keep the default suite under its 20 minutes
 @pytest.mark.parametrize("arch, recompute", [pytest.param("hope", False, marks=pytest.mark.slow), ("hope", True),
                                              ("transformer", False)])
 def test_compiled_losses_equal_eager_and_no_recompiles_across_steps(arch, recompute):
