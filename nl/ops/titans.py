@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nl.ops.delta_rule import (KERNELS, ChunkGates, chunk_layer, dgd_step, input_norm, memory_apply,
-                              memory_grad_factors, resolve_kernel, times_silu_grad)
+                              memory_grad_factors, resolve_kernel)
 from nl.ops.fla_dispatch import titans_memory_fla, use_fla
 
 GENERATORS = ("q", "k", "v", "eta", "alpha")
@@ -217,7 +217,10 @@ def _grad_factors(A: Memory, k: torch.Tensor, v: torch.Tensor, cfg: RecurrenceCo
         return factors
     with torch.no_grad():
         pre = factors[1][2]  # W2 k, [..., N, hidden]
-        jac_sq = times_silu_grad(pre.new_ones(()), pre).square_() @ A[0].square().sum(-2)[..., None]
+        # silu'(W2 k)^2 . (W1's squared column norms): a product and a row sum, not a [hidden] x 1 matmul (1.6
+        # against 2.4 ms at the generator shape [4, 4, 4, 64, 128])
+        jac_sq = (torch.ops.aten.silu_backward(pre.new_ones(()).expand_as(pre), pre).square_()
+                  .mul_(A[0].square().sum(-2)[..., None, :]).sum(-1, keepdim=True))
         scale = jac_sq.add_(1).reciprocal_()  # [..., N, 1]
     return [(x, g * scale, xs) for x, g, xs in factors]
 
