@@ -317,8 +317,7 @@ class SelfModifyingTitans(nn.Module):
         c = self.rcfg
         mm, solve = chunked_matmul_flops(seq_len, self.head_dim, self.memory_hidden, self.memory_type,
                                          len(self.generators), c.chunk_size, c.memory_chunk_size, c.dgd, c.momentum,
-                                         c.retention_target == "init", c.chunk_read == "anchor", c.target == "self",
-                                         c.normalized_step)
+                                         c.retention_target == "init", c.chunk_read == "anchor", c.target == "self")
         return self.n_heads * (mm + solve) / seq_len
 
     def _layer_shapes(self) -> list[tuple[int, int]]:

@@ -534,8 +534,7 @@ def titans_chunked(z: torch.Tensor | None, static: dict[str, torch.Tensor], stat
 
 def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_generators: int, chunk_size: int,
                          memory_chunk_size: int, dgd: bool, momentum: bool, init_retention: bool = False,
-                         anchor_read: bool = False, self_target: bool = True,
-                         normalized_step: bool = False) -> tuple[int, int]:
+                         anchor_read: bool = False, self_target: bool = True) -> tuple[int, int]:
     """Forward FLOPs of `titans_chunked` for ONE sequence of T tokens and ONE head, as written.
 
     Returns (matmul, triangular_solve) FLOPs; every matrix product of the chunk form is counted
@@ -556,13 +555,13 @@ def chunked_matmul_flops(T: int, d: int, hidden: int, memory_type: str, n_genera
       init_retention (retention_target=init): with DGD per layer X (S_0 - M_0)^T (2 c I O; without it the
           anchor's own output on X comes free), and in the read Q M_0^T;
       anchor_read: the read is one memory application A on q instead of the in-chunk read;
-      self_target False (Titans' target v_t): the memory's A on v is not computed;
-      normalized_step with an MLP: ||J||_F^2 per token for the whole-MLP step (2 c hidden per memory)."""
+      self_target False (Titans' target v_t): the memory's A on v is not computed.
+    The whole-MLP normalised step's ||J||_F^2 (normalized_step) is elementwise work (a product and a row sum
+    per token), not counted."""
     mlp = memory_type == "mlp"
     layers = [(hidden, d), (d, hidden)] if mlp else [(d, d)]
     apply = (lambda c: 4 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
-    factors = (lambda c: 6 * c * d * hidden + (2 * c * hidden if normalized_step else 0)) if mlp else \
-        (lambda c: 2 * c * d * d)
+    factors = (lambda c: 6 * c * d * hidden) if mlp else (lambda c: 2 * c * d * d)
 
     def update(c: int) -> tuple[int, int]:  # without the X X^T of the layer that reads k (k_gram)
         mm = solve = 0
