@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -68,17 +69,20 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     Indexing lm-eval's ~15K bundled task YAMLs takes tens of seconds on a slow CPU: when every
     task is found under include_path alone, that smaller index is used."""
     _lm_eval()
+    # lm-eval's own warnings (e.g. per-task config notes) stay quiet, as TaskManager(verbosity="ERROR") kept them
+    # before lm-eval deprecated that argument in favour of the logging configuration
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise UsageError(f"--include-path {include_path} is not a directory: pass the folder of your task YAMLs")
     manager = None
     if include_path is not None:
-        manager = TaskManager(include_path=include_path, include_defaults=False, verbosity="ERROR")
+        manager = TaskManager(include_path=include_path, include_defaults=False)
         if not all(t in manager.all_tasks for t in tasks):
             manager = None
     if manager is None:
-        manager = TaskManager(include_path=include_path, verbosity="ERROR")
+        manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" nor under {include_path}" if include_path else ""
@@ -110,7 +114,7 @@ def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, b
         lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                   prefix_token_id=tokenizer.eos_token_id, trust_remote_code=True)
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, num_fewshot=0,
-                              log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                              log_samples=False, bootstrap_iters=0)
     finally:
         hf_model.train(was_training)
     return out["results"]

@@ -244,6 +244,17 @@ def test_cli_bad_input_is_one_line(exports, local_tasks, tmp_path):
               "--batch-size", "0"])
 
 
+def test_task_manager_uses_no_deprecated_lm_eval_argument(local_tasks):
+    """lm-eval 0.4.13 deprecates TaskManager's verbosity argument (a DeprecationWarning on every run of the CLI)."""
+    import warnings
+
+    from nl.lm_eval import task_manager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert "tiny_mc" in task_manager(["tiny_mc"], str(local_tasks)).all_tasks
+
+
 @pytest.mark.slow  # indexes lm-eval's ~15K bundled task YAMLs: ~45 s on 2 busy cores
 def test_unknown_task_is_one_line(exports, local_tasks):
     from nl.lm_eval import main
