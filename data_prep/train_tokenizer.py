@@ -59,8 +59,11 @@ def _lines(inputs: list[str], text_field: str, max_chars: int, stats: dict, stri
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output: str | Path, text_field: str = "text",
-                    max_chars: int = 100_000_000, strict_text: bool = False) -> dict:
+                    max_chars: int = 100_000_000, strict_text: bool = False, overwrite: bool = False) -> dict:
     """Train and write `output` (PREFIX.model, plus PREFIX.vocab); returns counts of what was used.
+
+    An existing `output` is refused unless overwrite (as tokenize_corpus refuses an existing shard folder): token
+    shards and runs made with the old tokenizer would no longer match it.
 
     strict_text: refuse text that is not valid UTF-8 (DataError naming file and line) instead of
     replacing it with U+FFFD and a warning. Raises DataError for any input problem."""
@@ -73,6 +76,9 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str | Path, text
     if vocab_size < 260:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback needs 256 byte pieces "
                         f"plus unk/bos/eos; use at least 512")
+    if output.exists() and not overwrite:
+        raise DataError(f"--output {output} exists (shards and runs made with it would no longer match a new one): "
+                        f"pass --overwrite to replace it, or choose another path")
     output.parent.mkdir(parents=True, exist_ok=True)
     stats: dict = {"documents": 0, "lines": 0, "chars": 0, "where": None, "error": None}
     start = time.perf_counter()
@@ -120,12 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-field", default="text", help="jsonl key / parquet or datasets column (default: text)")
     ap.add_argument("--max-chars", type=int, default=100_000_000,
                     help="train on at most this many characters (default: 100M)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output tokenizer")
     ap.add_argument("--strict-text", action="store_true",
                     help="refuse text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
     with one_line_errors():  # DataError, or an output path that cannot be created
         s = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field, args.max_chars,
-                            strict_text=args.strict_text)
+                            strict_text=args.strict_text, overwrite=args.overwrite)
     print(f"trained BPE tokenizer (vocab {args.vocab_size}) on {s['chars'] / 1e6:.1f}M chars "
           f"({s['documents']} documents, {s['lines']} lines) in {s['seconds']:.1f}s -> {s['output']}")
 

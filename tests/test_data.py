@@ -138,6 +138,17 @@ def test_tokenizer_round_trips_text_and_falls_back_to_bytes(token_dir, docs, tmp
     assert Tokenizer(tmp_path / "other.model").fingerprint != tok.fingerprint
 
 
+def test_train_tokenizer_refuses_an_existing_output_without_overwrite(tmp_path, docs):
+    corpus = [str(write_jsonl(tmp_path / "c.jsonl", docs))]
+    out = tmp_path / "tok.model"
+    out.write_bytes(b"the tokenizer some shards were made with")
+    with pytest.raises(DataError, match=r"--output .*tok.model exists .*pass --overwrite"):
+        train_tokenizer(corpus, 512, out)
+    assert out.read_bytes() == b"the tokenizer some shards were made with"  # nothing lost
+    train_tokenizer(corpus, 512, out, overwrite=True)
+    assert Tokenizer(out).vocab_size == 512
+
+
 def test_tokenizer_errors(tmp_path, docs):
     import sentencepiece as spm
 
