@@ -147,6 +147,8 @@ def test_train_tokenizer_refuses_an_existing_output_without_overwrite(tmp_path, 
     assert out.read_bytes() == b"the tokenizer some shards were made with"  # nothing lost
     train_tokenizer(corpus, 512, out, overwrite=True)
     assert Tokenizer(out).vocab_size == 512
+    with pytest.raises(DataError, match=r"<= \d+.*: lower --vocab-size or give more text"):  # what it can train
+        train_tokenizer(corpus, 60000, tmp_path / "big.model")
 
 
 def test_tokenizer_errors(tmp_path, docs):
