@@ -1,11 +1,14 @@
 """Validation loss and perplexity of a model.
 
     python -m nl.evaluate --model EXPORT_DIR --data TOKEN_DIR        # val split of token shards
+    python -m nl.evaluate --model EXPORT_DIR --data TOKEN_DIR OTHER  # several: pooled, and each reported
     python -m nl.evaluate --model EXPORT_DIR --data notes.txt more/  # raw text, model's tokenizer
+    python -m nl.evaluate --model EXPORT_DIR --data posts.jsonl --text-field body
 
 Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len", "document_boundaries",
-"data"}. A model trained with data.document_boundaries=reset is evaluated that way unless
---document-boundaries says otherwise.
+"data"}, plus "per_data" (each token directory's "val_loss" and "tokens") for several token directories;
+the pooled loss weighs every token alike, and --max-batches counts per directory. A model trained
+with data.document_boundaries=reset is evaluated that way unless --document-boundaries says otherwise.
 User mistakes (missing export or data, bad arguments) end in one line `error: ...`.
 """
 
@@ -15,7 +18,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -69,28 +71,67 @@ def text_windows(token_stream: np.ndarray, seq_len: int, batch_size: int,
         yield w[:, :-1], w[:, 1:]
 
 
-def _tokenize_text(paths: list[str], tokenizer, strict_text: bool = False) -> np.ndarray:
-    """Token stream of raw text files (EOS after each document), decoded by the policy of nl.text."""
+def _tokenize_text(paths: list[str], tokenizer, strict_text: bool = False, text_field: str = "text") -> np.ndarray:
+    """Token stream of raw text files (EOS after each document), decoded by the policy of nl.text.
+
+    text_field: the .jsonl key / parquet or datasets column holding the text."""
     from nl.data.sources import iter_documents
 
     ids: list[int] = []
-    for doc in iter_documents(paths, strict=strict_text):
+    for doc in iter_documents(paths, text_field=text_field, strict=strict_text):
         ids.extend(tokenizer.encode(doc))
         ids.append(tokenizer.eos_id)
     return np.asarray(ids, dtype=np.int64)
 
 
-@one_line_errors()
-def main(argv: list[str] | None = None) -> dict:
+def check_export_dir(path: str | Path) -> None:
+    """Raise DataError when --model is a training run (config.yaml, checkpoints/) rather than an export:
+    the fix exports it beside the other exports, never into the run folder itself."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        return  # an export, or neither: load_export_config's message covers a missing one
+    raise DataError(f"{path} is a training run, not an exported model: export it with `python -m nl.export "
+                    f"--run {path} --output {Path('exports') / path.resolve().name}` and pass that as --model")
+
+
+def _check_split_fits(shards, seq_len: int) -> None:
+    """Raise DataError (with the --split / --seq-len that would work) unless the split fills one window."""
+    if shards.num_windows(seq_len) >= 1:
+        return
+    fixes = [f"--split {name}" for name, entry in sorted(shards.manifest["splits"].items())
+             if name != shards.split and (int(entry["num_tokens"]) - 1) // seq_len >= 1]
+    if shards.num_tokens >= 2:
+        fixes.append(f"--seq-len {shards.num_tokens - 1}")
+    fix = f"pass {' or '.join(fixes)}" if fixes else "pass more data (or raw text files)"
+    raise DataError(f"split {shards.split!r} of {shards.dir} has {shards.num_tokens} tokens, fewer than "
+                    f"seq_len+1={seq_len + 1}: {fix}")
+
+
+def _token_dir_batches(data: str, args, tokenizer, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Eval batches of one token directory, after checking its tokenizer and size (one-line errors)."""
     from nl.data.loader import iter_eval_batches
     from nl.data.shards import TokenShards
+
+    shards = TokenShards(data, split=args.split)
+    if shards.fingerprint != tokenizer.fingerprint:
+        raise DataError(f"{data} was tokenized with a different tokenizer than the model's "
+                        f"({shards.fingerprint[:12]} vs {tokenizer.fingerprint[:12]}); re-tokenize it "
+                        f"with {Path(args.model) / 'tokenizer.model'} or pass raw text files")
+    _check_split_fits(shards, seq_len)
+    return iter_eval_batches(shards, seq_len, args.batch_size, max_batches=args.max_batches)
+
+
+@one_line_errors()
+def main(argv: list[str] | None = None) -> dict:
+    from nl.data.shards import MANIFEST_FILE
     from nl.export import load_pretrained, load_export_config
     from nl.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a directory written by `python -m nl.export`")
     ap.add_argument("--data", required=True, nargs="+",
-                    help="a tokenize_corpus output dir (its val split), or text/.jsonl files")
+                    help="tokenize_corpus output dirs (their --split, pooled; each also reported), or "
+                         ".txt/.jsonl/.parquet files and folders of them")
     ap.add_argument("--split", default="val", help="split of a token dir (default: val)")
     ap.add_argument("--seq-len", type=int, default=0, help="default: the training seq_len")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -99,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--document-boundaries", choices=("none", "reset"), default=None,
                     help="reset: each EOS-terminated document of a window on its own (memories, conv caches, "
                          "attention); default: what the model was trained with (the export's config.json)")
+    ap.add_argument("--text-field", default="text",
+                    help="the .jsonl key / parquet column holding the text of raw --data (default: text)")
     ap.add_argument("--strict-text", action="store_true",
                     help="refuse raw text that is not valid UTF-8 instead of replacing it with U+FFFD (and a warning)")
     args = ap.parse_args(argv)
@@ -107,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
     device = parse_device(args.device)
+    check_export_dir(args.model)
     export_cfg = load_export_config(args.model)
     model = load_pretrained(args.model, device=device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
@@ -120,23 +164,31 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             raise DataError(f"--document-boundaries reset: {e}") from None
 
-    first = Path(args.data[0])
-    if len(args.data) == 1 and (first / "manifest.json").is_file():
-        shards = TokenShards(first, split=args.split)
-        if shards.fingerprint != tokenizer.fingerprint:
-            sys.exit(f"error: {first} was tokenized with a different tokenizer than the model's "
-                     f"({shards.fingerprint[:12]} vs {tokenizer.fingerprint[:12]}); re-tokenize it "
-                     f"with {Path(args.model) / 'tokenizer.model'} or pass raw text files")
-        batches = iter_eval_batches(shards, seq_len, args.batch_size, max_batches=args.max_batches)
+    token_dirs = [d for d in args.data if (Path(d) / MANIFEST_FILE).is_file()]
+    if token_dirs and len(token_dirs) < len(args.data):
+        text = next(d for d in args.data if d not in token_dirs)
+        raise DataError(f"--data mixes token directories ({token_dirs[0]}) and raw text ({text}): "
+                        f"evaluate them in separate runs")
+    per_data = []
+    if token_dirs:  # each directory on its own, then pooled: token-weighted over all their windows
+        checked = [(d, _token_dir_batches(d, args, tokenizer, seq_len)) for d in token_dirs]  # all, before any runs
+        loss_sum = count = 0
+        for d, batches in checked:
+            d_sum, d_count = evaluate_loss(model, batches, device)
+            per_data.append({"data": d, "val_loss": (d_sum / d_count).item(), "tokens": int(d_count.item())})
+            loss_sum, count = loss_sum + d_sum, count + d_count
     else:
-        stream = _tokenize_text(args.data, tokenizer, args.strict_text)
+        stream = _tokenize_text(args.data, tokenizer, args.strict_text, args.text_field)
         batches = text_windows(stream, seq_len, args.batch_size)
         if args.max_batches:
             batches = (b for i, b in zip(range(args.max_batches), batches))
-    loss_sum, count = evaluate_loss(model, batches, device)
+        loss_sum, count = evaluate_loss(model, batches, device)
     val_loss = (loss_sum / count).item()
     result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": int(count.item()),
-              "windows": int(count.item()) // seq_len, "seq_len": seq_len, "document_boundaries": boundaries, "data": args.data}
+              "windows": int(count.item()) // seq_len, "seq_len": seq_len, "document_boundaries": boundaries,
+              "data": args.data}
+    if len(per_data) > 1:
+        result["per_data"] = per_data
     print(json.dumps(result))
     return result
 

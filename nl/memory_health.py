@@ -1,6 +1,6 @@
 """Memory health of a HOPE model over a long text: inner-memory norms and per-position loss by position.
 
-    python -m nl.memory_health --model EXPORT_DIR --text FILE [FILE ...] [--tokens N] --output health.png
+    python -m nl.memory_health --model EXPORT_DIR --text FILE [FILE ...] [--text-field KEY] [--tokens N] --output health.png
 
 Runs one chunked forward over the first N tokens of the text (the documents joined with EOS, decoded
 by nl.text's policy) with every memory's norm recorded at the end of each of its chunks, and prints
@@ -123,13 +123,15 @@ def plot(trace: MemoryTrace, output: Path, title: str = "") -> None:
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> dict:
-    from nl.evaluate import _tokenize_text
+    from nl.evaluate import _tokenize_text, check_export_dir
     from nl.export import load_pretrained
     from nl.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a directory written by `python -m nl.export` (a HOPE model)")
-    ap.add_argument("--text", required=True, nargs="+", help=".txt / .jsonl files or folders of them")
+    ap.add_argument("--text", required=True, nargs="+", help=".txt / .jsonl / .parquet files or folders of them")
+    ap.add_argument("--text-field", default="text",
+                    help="the .jsonl key / parquet column holding the text (default: text)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens to run (default 4096)")
     ap.add_argument("--batch-size", type=int, default=1, help="sequences of --tokens each (default 1)")
     ap.add_argument("--output", default="", help="a .png for the plot (default: none, JSON only)")
@@ -137,9 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.tokens < 2 or args.batch_size < 1:
         ap.error("--tokens must be >= 2 and --batch-size >= 1")
+    check_export_dir(args.model)
     model = load_pretrained(args.model, device=parse_device(args.device)).eval()
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
-    stream = _tokenize_text(args.text, tokenizer)
+    stream = _tokenize_text(args.text, tokenizer, text_field=args.text_field)
     need = args.tokens * args.batch_size
     if len(stream) < need:
         raise UsageError(f"the text has {len(stream)} tokens, fewer than --tokens x --batch-size = {need}: "

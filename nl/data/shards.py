@@ -37,8 +37,16 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-_TOKENIZE_HINT = ("python data_prep/tokenize_corpus.py --input corpus.jsonl --tokenizer tokenizer.model "
+_TOKENIZE_HINT = ("python data_prep/tokenize_corpus.py --input {input} --tokenizer tokenizer.model "
                   "--output {dir}")
+
+
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what tokenize_corpus reads (nl.data.sources)
+
+
+def _tokens_dir(text: Path) -> Path:
+    """Where to suggest tokenizing `text` (a file or directory of text) into: beside it, NAME_tokens."""
+    return text.with_name(f"{text.stem if text.is_file() else text.name}_tokens")
 
 
 class DataError(ValueError):
@@ -129,14 +137,21 @@ def write_manifest(out_dir: Path, tokenizer: Tokenizer, splits: dict[str, dict],
 
 
 def _read_manifest(root: Path) -> dict:
+    if root.is_file():
+        if root.suffix.lower() in _TEXT_SUFFIXES:
+            raise DataError(f"{root} is a raw text file, not a token directory: tokenize it with "
+                            f"`{_TOKENIZE_HINT.format(input=root, dir=_tokens_dir(root))}` "
+                            f"and point data.dir there")
+        raise DataError(f"{root} is a file, not a token directory: point data.dir at a directory written by "
+                        f"data_prep/tokenize_corpus.py")
     if not root.is_dir():
         raise DataError(f"token directory {root} does not exist: create it with "
-                        f"`{_TOKENIZE_HINT.format(dir=root)}`")
+                        f"`{_TOKENIZE_HINT.format(input='corpus.jsonl', dir=root)}`")
     path = root / MANIFEST_FILE
     if not path.is_file():
         # Never suggest --overwrite here: this folder is not ours (it may hold the user's corpus).
-        text = next((p for p in root.rglob("*") if p.suffix.lower() in (".txt", ".jsonl", ".parquet")), None)
-        new_dir = root.with_name(f"{root.name}_tokens")
+        text = next((p for p in root.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES), None)
+        new_dir = _tokens_dir(root)
         if text is not None:
             raise DataError(f"{root} has no {MANIFEST_FILE}: it holds text (e.g. {text.name}), not tokens; "
                             f"tokenize it into a new directory with `python data_prep/tokenize_corpus.py "
@@ -144,7 +159,8 @@ def _read_manifest(root: Path) -> dict:
                             f"data.dir there")
         out = root if not any(root.iterdir()) else new_dir
         raise DataError(f"{root} has no {MANIFEST_FILE}, so it is not a token directory: create one with "
-                        f"`{_TOKENIZE_HINT.format(dir=out)}`" + ("" if out == root else " and point data.dir there"))
+                        f"`{_TOKENIZE_HINT.format(input='corpus.jsonl', dir=out)}`"
+                        + ("" if out == root else " and point data.dir there"))
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -207,7 +223,7 @@ class TokenShards:
         self._starts = np.asarray(starts, dtype=np.int64)
 
     def _check_shard(self, path: Path, num_tokens: int, sha256: str, verify: bool) -> None:
-        fix = f"re-run `{_TOKENIZE_HINT.format(dir=self.dir)} --overwrite`"
+        fix = f"re-run `{_TOKENIZE_HINT.format(input='corpus.jsonl', dir=self.dir)} --overwrite`"
         if not path.is_file():
             raise DataError(f"shard {path} is missing: the token directory is incomplete; {fix}")
         size, expected = path.stat().st_size, num_tokens * self.dtype.itemsize

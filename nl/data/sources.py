@@ -7,6 +7,8 @@
 - a directory saved by `datasets.Dataset.save_to_disk`: its rows (needs datasets);
 - any other directory: its .txt/.jsonl/.parquet files (suffix in any case, e.g. .TXT), recursively,
   in sorted path order; its other files are named in one warning line;
+- a missing path that cannot be a hub dataset id (see `_names_a_local_path`): refused, with no
+  network request;
 - anything else: a Hugging Face hub dataset name, streamed row by row with
   `datasets.load_dataset(name, hub_config, split=hub_split, streaming=True)` (nothing is
   downloaded ahead of the rows read, so a corpus of any size fits in memory).
@@ -56,8 +58,8 @@ def iter_sourced_documents(inputs: list[str], text_field: str = "text", strict: 
             found = sorted(p for p in path.rglob("*") if p.is_file())
             files = [p for p in found if p.suffix.lower() in FILE_SUFFIXES]
             if not files:
-                raise DataError(f"directory {path} has no {'/'.join(FILE_SUFFIXES)} files: "
-                                f"point --input at files of those types")
+                raise DataError(f"directory {path} has no {'/'.join(FILE_SUFFIXES)} files: pass files of "
+                                f"those types, or a directory that holds some")
             skipped = [str(p.relative_to(path)) for p in found if p.suffix.lower() not in FILE_SUFFIXES]
             if skipped:
                 more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -68,10 +70,19 @@ def iter_sourced_documents(inputs: list[str], text_field: str = "text", strict: 
                 yield from _iter_file(file, text_field, strict)
         elif path.is_file():
             yield from _iter_file(path, text_field, strict)
-        elif path.suffix.lower() in FILE_SUFFIXES or item.startswith((".", "/", "~")):
+        elif _names_a_local_path(item):
             raise DataError(f"input {item} does not exist: check the path")
         else:
             yield from _iter_hf(_load_hub(item, hub_split, hub_config), item, text_field)
+
+
+def _names_a_local_path(item: str) -> bool:
+    """Whether `item` (not an existing path) can only mean a local path, never a hub dataset id (NAME or
+    NAMESPACE/NAME): a file suffix, a leading . / ~, a backslash, two or more slashes, or a first path
+    part that exists here (data/nope beside data/). Such a name is refused without a network request."""
+    parts = item.split("/")
+    return (Path(item).suffix.lower() in FILE_SUFFIXES or item.startswith((".", "/", "~")) or "\\" in item
+            or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists()))
 
 
 def _iter_file(path: Path, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
