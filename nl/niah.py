@@ -134,13 +134,15 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
 
-def prose_haystack(paths: list[str], tokenizer, max_tokens: int, strict: bool = False) -> Haystack:
+def prose_haystack(paths: list[str], tokenizer, max_tokens: int, strict: bool = False,
+                   text_field: str = "text") -> Haystack:
     """The sentences of the documents of `paths`, each encoded on its own, read until max_tokens
-    (at least 2x the longest prompt: prompts of n tokens start within the first n)."""
+    (at least 2x the longest prompt: prompts of n tokens start within the first n). text_field: the .jsonl
+    key / .parquet column of the text."""
     from nl.data.sources import iter_documents
 
     sentences, total = [], 0
-    for doc in iter_documents(paths, strict=strict):
+    for doc in iter_documents(paths, text_field, strict=strict):
         for sentence in split_sentences(doc):
             ids = tokenizer.encode(sentence)
             sentences.append(ids)
@@ -242,7 +244,8 @@ def position_budget(model_cfg: dict, seq_len: int) -> int | None:
 def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iterable[float] = DEFAULT_DEPTHS,
              tasks: Iterable[str] = tuple(TASKS), samples: int = 10, seed: int = 0,
              haystack_paths: list[str] | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
-             strict_text: bool = False, budget: int | None = None, model_name: str = "") -> dict:
+             strict_text: bool = False, budget: int | None = None, model_name: str = "",
+             text_field: str = "text") -> dict:
     """Accuracy of `generate` on every task at every (length, depth), `samples` prompts each.
 
     generate(prompts [B, L] int64 on device, max_new_tokens) -> new tokens [B, n] (int64; n may
@@ -271,7 +274,7 @@ def run_niah(generate: Generate, tokenizer, lengths: Iterable[int], depths: Iter
                          f"niah_single_1 (noise haystack, no file)")
     haystacks = {"noise": noise_haystack(tokenizer)}
     if needs_prose:
-        haystacks["prose"] = prose_haystack(haystack_paths, tokenizer, 2 * max(lengths), strict_text)
+        haystacks["prose"] = prose_haystack(haystack_paths, tokenizer, 2 * max(lengths), strict_text, text_field)
 
     # Every prompt is built (and every input error raised) before the model runs.
     plan = {(t, L, d): [build_sample(tokenizer, t, L, d, i, seed, haystacks[TASKS[t].haystack])
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True, help="a directory written by `python -m nl.export`")
     ap.add_argument("--lengths", required=True, nargs="+", type=int, help="prompt lengths in tokens")
     ap.add_argument("--haystack", nargs="+", default=[], help="prose: .txt/.jsonl files or folders of them")
+    ap.add_argument("--text-field", default="text", help="the haystack's .jsonl key / .parquet column (default: text)")
     ap.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS),
                     help="where the asked needle sits, as a fraction of the haystack (default 0 0.25 0.5 0.75 1)")
     ap.add_argument("--samples", type=int, default=10, help="prompts per task, length and depth (default 10)")
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_niah(greedy_generate(model, tokenizer.eos_id), tokenizer, args.lengths, args.depths, tasks,
                       args.samples, args.seed, args.haystack, args.batch_size, device, args.strict_text,
                       budget=position_budget(meta.get("model", {}), int(meta.get("seq_len", 0))),
-                      model_name=str(args.model))
+                      model_name=str(args.model), text_field=args.text_field)
     print(markdown_tables(result))
     print()
     print(json.dumps(result))

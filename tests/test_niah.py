@@ -99,6 +99,17 @@ def test_exact_length_and_needle_at_each_depth(tok, small_corpus, task):
             assert tail == "" or tail + "\n" in corpus_text, tail
 
 
+def test_prose_haystack_reads_the_text_field_it_is_given(tok, small_corpus, tmp_path):
+    from nl.data.sources import DataError
+
+    rows = [json.loads(line) for line in small_corpus.read_text().splitlines()]
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": r["text"]}) + "\n" for r in rows))
+    with pytest.raises(DataError, match="has no string field 'text' .*--text-field"):
+        prose_haystack([str(body)], tok, 1000)
+    assert prose_haystack([str(body)], tok, 1000, text_field="body").tokens >= 1000
+
+
 def test_multikey_has_distinct_keys_and_one_asked(tok, small_corpus):
     hay = prose_haystack([str(small_corpus)], tok, 10_000)
     s = build_sample(tok, "niah_multikey_1", 1500, 0.5, 2, seed=1, haystack=hay)
@@ -159,7 +170,12 @@ def test_cli_tables_json_and_rope_warning(exports, small_corpus, capsys, tmp_pat
     assert "warning: length 320 " in err and "warning: length 400 " in err and "seq_len 32" in err
     assert run_cli("--model", str(exports["transformer"]), *args) == r  # greedy and seeded: deterministic
     capsys.readouterr()
-    run_cli("--model", str(exports["hope"]), *args)
+    # (the haystack's text under another .jsonl key, read with --text-field)
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n"
+                            for line in small_corpus.read_text().splitlines()))
+    run_cli("--model", str(exports["hope"]), *[str(body) if a == str(small_corpus) else a for a in args],
+            "--text-field", "body")
     assert "warning" not in capsys.readouterr().err  # recurrent memories: no position budget
 
 
