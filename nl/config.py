@@ -11,11 +11,13 @@ with the nearest valid key names in the message.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
@@ -229,7 +231,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints; 0 saves only at the end
-    keep_last: int = 2  # newest checkpoints kept in run.dir; older ones are deleted
+    keep_last: int = 2  # newest checkpoints kept in run.dir; older ones are deleted; 0 keeps all
     resume: bool = True  # resume from the latest checkpoint in run.dir if there is one
     # resume=false where run.dir already holds checkpoints: refused unless overwrite=true, which
     # deletes them (and the run's metrics.jsonl records) first. A run directory belongs to one run.
@@ -345,24 +347,130 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: what is wrong' of a YAML parse error (PyYAML counts from 0)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (indent with spaces, not tabs)" if "'\\t'" in problem else ""
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        hint += f" ({context} that starts at line {start.line + 1})"
+    return f"{where}{problem}{hint}"
+
+
+def _load_file(p: Path) -> DictConfig:
+    """One YAML preset as a mapping of sections, or a one-line ConfigError."""
+    if p.is_dir():
+        examples = ", ".join(str(f) for f in sorted(p.glob("*.yaml"))[:2]) or "configs/tiny.yaml"
+        raise ConfigError(f"config file {p} is a directory: pass a YAML file, e.g. --config {examples}")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (presets are in configs/)")
+    try:
+        data = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+    except OSError as e:
+        if e.errno is not None:  # unreadable; OmegaConf raises errno-less OSError for a scalar top level
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
+        data = None
+    if not isinstance(data, DictConfig):
+        kind = "a list" if data is not None else "a single value"
+        raise ConfigError(f"config file {p} holds {kind} at its top level: it must be a mapping of sections, "
+                          f"e.g. 'train:' then '  steps: 200' (see configs/tiny.yaml)")
+    return data
+
+
+def _parse_override(item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
+    key = item.split("=", 1)[0].strip()
+    if key not in valid_keys():
+        raise _unknown_key_error(key, "the command line")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}): close brackets and quotes, "
+                          f"e.g. model.hope.cms_chunk_sizes=[1,16,256]") from None
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Replace every ${...} interpolation by its value, in place; one that does not resolve (or resolves to
+    a value of the wrong type) is refused naming its key."""
+    try:
+        OmegaConf.resolve(cfg)
+        return
+    except OmegaConfBaseException as e:
+        error = e
+    key = error.full_key or next((k for k in valid_keys() if _fails_to_resolve(cfg, k)), "?")
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else raw
+    detail = str(error).splitlines()[0]
+    raise ConfigError(f"{key}={raw}: the interpolation does not resolve ({detail}): give a value or a "
+                      f"${{section.key}} reference to an existing key") from None
+
+
+def _fails_to_resolve(cfg: DictConfig, key: str) -> bool:
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        if isinstance(value, (DictConfig, ListConfig)):
+            OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException:
+        return True
+    return False
+
+
+# Numeric keys whose value must lie in a range: (key, is the value meaningful, what to pass instead).
+# Values outside would run without error and train nothing, or the wrong thing (lr < 0 is gradient
+# ascent), or crash later (log_every=0, eval.max_batches < 0). Keys read only by one model or
+# optimizer are checked where they are read (nl/models, nl/optim).
+_RANGES: list[tuple[str, Callable[[float], bool], str]] = [
+    ("train.steps", lambda v: v >= 1, "a positive number of optimizer steps"),
+    ("train.batch_size", lambda v: v >= 1, "a positive number of sequences"),
+    ("train.micro_batch_size", lambda v: v >= 0, "0 (the whole per-rank batch) or a positive number of sequences"),
+    ("train.lr", lambda v: v >= 0, "a learning rate >= 0 (a negative one ascends the loss)"),
+    ("train.warmup_steps", lambda v: v >= 0, "0 (no warmup) or a positive number of steps"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "a ratio in [0, 1] (final lr = train.lr * min_lr_ratio)"),
+    ("train.decay_fraction", lambda v: 0 <= v <= 1, "a fraction of train.steps in [0, 1]"),
+    ("train.grad_clip", lambda v: v >= 0, "0 (no clipping) or a positive max gradient norm"),
+    ("train.log_every", lambda v: v >= 1, "a positive number of steps"),
+    ("optim.weight_decay", lambda v: v >= 0, "0 (no weight decay) or a positive coefficient"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "an EMA coefficient in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "an EMA coefficient in [0, 1)"),
+    ("optim.eps", lambda v: v >= 0, "a small value >= 0, e.g. 1e-8"),
+    ("optim.momentum", lambda v: 0 <= v <= 1, "a momentum coefficient in [0, 1]"),
+    ("eval.every", lambda v: v >= 0, "0 (no periodic validation) or a positive number of steps"),
+    ("eval.max_batches", lambda v: v >= 0, "0 (the whole val split) or a positive number of batches"),
+    ("checkpoint.every", lambda v: v >= 0, "0 (save at the end only) or a positive number of steps"),
+    ("checkpoint.keep_last", lambda v: v >= 0, "0 (keep every checkpoint) or a positive count"),
+    ("checkpoint.load_step", lambda v: v >= 0, "0 (the latest checkpoint) or the step of a saved one"),
+    ("dist.timeout_s", lambda v: v >= 1, "a positive number of seconds"),
+    ("dist.ac_every_n", lambda v: v >= 1, "a positive block interval"),
+]
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, ok, expected in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{key}={value} is out of range: pass {expected}")
+
+
 def load_config(path: str | Path | list | tuple | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML preset(s) at `path` (merged left to right) <- `key=value`
-    overrides, validated. Returns a typed `Config` (an OmegaConf object behaving like the dataclass)."""
+    overrides, validated, interpolations resolved. Returns a typed `Config` (an OmegaConf object
+    behaving like the dataclass)."""
     cfg: DictConfig = OmegaConf.structured(Config)
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     for p in map(Path, paths):
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (presets are in configs/)")
-        cfg = _merge(cfg, OmegaConf.load(p), str(p))
+        cfg = _merge(cfg, _load_file(p), str(p))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
-        key = item.split("=", 1)[0].strip()
-        if key not in valid_keys():
-            raise _unknown_key_error(key, "the command line")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "the command line")
+        cfg = _merge(cfg, _parse_override(item), "the command line")
+    _resolve(cfg)
     _check_choices(cfg)
+    _check_ranges(cfg)
     _check_eval_tasks(cfg)
     return cfg  # type: ignore[return-value]
 

@@ -102,6 +102,18 @@ def _batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     return micro, local // micro
 
 
+def _make_run_dir(run_dir: Path) -> Path:
+    """Create run.dir (and its parents) if missing; a path that cannot be a directory is refused in one line."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={run_dir} is an existing file, not a directory: choose another run.dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir={run_dir} cannot be created ({e.strerror or e}): choose a run.dir in a "
+                          f"writable location") from None
+    return run_dir
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -235,9 +247,9 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     check_supported(cfg)
     sources, train_splits, val_data = _open_data(cfg)
     train_data = train_splits[0]  # its tokenizer is every source's
+    build_model(cfg.model, device="meta")  # the model's refusals (e.g. model.n_heads=0), before run.dir is touched
 
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _make_run_dir(Path(cfg.run.dir))
     # Which checkpoint to start from, refused in one line before anything is built or written when
     # the run.dir holds another run or the checkpoint was trained with other state-shaping settings.
     saved, changes = {}, []
@@ -310,6 +322,9 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     if cfg.data.sources and cfg.eval.every > 0 and unvalidated:
         say(f"validation: source(s) {', '.join(unvalidated)} have no val split of more than data.seq_len tokens: "
             + ("val_loss weights the others" if val_data else "no val_loss"))
+    elif cfg.eval.every > 0 and not val_data:
+        say(f"validation: data.dir {cfg.data.dir} has no val split of more than data.seq_len tokens: no val_loss "
+            f"(tokenize with --val-fraction > 0, or set eval.every=0)")
     last_saved = resume_from
 
     def save() -> Path:

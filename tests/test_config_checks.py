@@ -1,0 +1,141 @@
+"""Bad config input is refused in one line naming the problem and the fix, before run.dir is created
+or touched: YAML syntax, the shape of a preset, malformed overrides, unresolvable interpolations,
+out-of-range numbers, an unusable run.dir; and validation without a val split says so."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from nl.config import ConfigError, load_config
+from test_cli import _train_module
+from test_train import small_cfg
+from nl.trainer import train
+
+
+def refused(*args: str) -> str:
+    """train.py ARGS in this process: its `error: ...` line (it must exit that way, in one line)."""
+    with pytest.raises(SystemExit) as exit_:
+        _train_module().main(list(args))
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model:\n  dim: [64\n", r"a\.yaml is not valid YAML: line 3, column 1: expected ',' or '\]'.*starts at line 2"),
+    ("model:\n\tdim: 64\n", r"a\.yaml is not valid YAML: line 2, column 1: .*indent with spaces, not tabs"),
+    ("5\n", r"a\.yaml holds a single value at its top level: it must be a mapping of sections"),
+    ("- train\n- model\n", r"a\.yaml holds a list at its top level: it must be a mapping of sections"),
+])
+def test_a_bad_config_file_is_refused_naming_the_file_and_line(tmp_path, text, match):
+    path = tmp_path / "a.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_directory_as_config_file_is_named_a_directory():
+    with pytest.raises(ConfigError, match=r"config file configs is a directory: pass a YAML file, e\.g\. "
+                                          r"--config configs/\S+\.yaml"):
+        load_config("configs")
+
+
+def test_print_config_refuses_a_yaml_error_in_one_line(tmp_path, capsys):
+    path = tmp_path / "tab.yaml"
+    path.write_text("train:\n\tsteps: 3\n")
+    assert "tab.yaml is not valid YAML: line 2" in refused("--config", str(path), "--print-config")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_malformed_list_override_is_refused():
+    with pytest.raises(ConfigError, match=r"override 'model\.hope\.cms_chunk_sizes=\[1,2': its value is not valid "
+                                          r"YAML .*close brackets and quotes"):
+        load_config("configs/tiny.yaml", ["model.hope.cms_chunk_sizes=[1,2"])
+
+
+def test_interpolations_are_resolved_or_refused_at_load(tmp_path, capsys):
+    cfg = load_config("configs/tiny.yaml", ["train.steps=${train.log_every}", "data.dir=${run.dir}/tokens"])
+    assert cfg.train.steps == cfg.train.log_every and cfg.data.dir == f"{cfg.run.dir}/tokens"
+    with pytest.raises(ConfigError, match=r"train\.steps=\$\{oops\}: the interpolation does not resolve "
+                                          r"\(Interpolation key 'oops' not found\)"):
+        load_config("configs/tiny.yaml", ["train.steps=${oops}"])
+    with pytest.raises(ConfigError, match=r"data\.sources=.*\$\{nope\}.*does not resolve"):
+        load_config("configs/tiny.yaml", ["data.sources=[{dir: '${nope}'}]"])
+    assert "train.steps=${oops}" in refused("--config", "configs/tiny.yaml", "train.steps=${oops}", "--print-config")
+    assert capsys.readouterr().out == ""
+    run = tmp_path / "run"
+    refused("--config", "configs/tiny.yaml", "train.steps=${oops}", f"run.dir={run}")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.steps=0", "a positive number of optimizer steps"),
+    ("train.steps=-5", "a positive number of optimizer steps"),
+    ("train.batch_size=0", "a positive number of sequences"),
+    ("train.micro_batch_size=-1", "0 (the whole per-rank batch)"),
+    ("train.lr=-1", "a learning rate >= 0"),
+    ("train.lr=nan", "a learning rate >= 0"),
+    ("train.warmup_steps=-3", "0 (no warmup)"),
+    ("train.grad_clip=-1", "0 (no clipping)"),
+    ("train.min_lr_ratio=2", "a ratio in [0, 1]"),
+    ("train.decay_fraction=1.5", "a fraction of train.steps in [0, 1]"),
+    ("train.log_every=0", "a positive number of steps"),
+    ("optim.weight_decay=-1", "0 (no weight decay)"),
+    ("optim.beta2=1", "an EMA coefficient in [0, 1)"),
+    ("eval.every=-1", "0 (no periodic validation)"),
+    ("eval.max_batches=-1", "0 (the whole val split)"),
+    ("checkpoint.every=-10", "0 (save at the end only)"),
+    ("checkpoint.keep_last=-1", "0 (keep every checkpoint)"),
+    ("checkpoint.load_step=-1", "0 (the latest checkpoint)"),
+    ("dist.timeout_s=0", "a positive number of seconds"),
+])
+def test_out_of_range_numbers_are_refused(override, expected):
+    key, value = override.split("=")
+    pattern = rf"^{re.escape(key)}={value}(\.0)? is out of range: pass {re.escape(expected)}"
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_zero_keeps_its_documented_meaning():
+    cfg = load_config("configs/tiny.yaml", ["train.lr=0", "train.warmup_steps=0", "train.grad_clip=0",
+                                            "train.micro_batch_size=0", "train.min_lr_ratio=0", "eval.every=0",
+                                            "eval.max_batches=0", "checkpoint.every=0", "checkpoint.keep_last=0",
+                                            "optim.weight_decay=0"])
+    assert cfg.train.lr == 0 and cfg.eval.max_batches == 0
+
+
+def test_a_run_dir_that_cannot_be_a_directory_is_refused(token_dir, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    base = ("--config", "configs/tiny.yaml", f"data.dir={token_dir}", "data.seq_len=32", "train.batch_size=8")
+    assert f"run.dir={file} is an existing file, not a directory" in refused(*base, f"run.dir={file}")
+    assert file.read_text() == "mine\n"
+    assert "cannot be created (Not a directory)" in refused(*base, f"run.dir={file}/run")
+    assert "/proc/nlrun cannot be created" in refused(*base, "run.dir=/proc/nlrun")
+
+
+def test_a_refused_model_config_leaves_run_dir_uncreated(token_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="model.n_heads must be positive, got 0"):
+        train(small_cfg(token_dir, run, "model.n_heads=0"))
+    assert not run.exists()
+
+
+def test_validation_without_a_val_split_says_so(token_dir, tmp_path, capsys):
+    from data_prep.tokenize_corpus import tokenize_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "line {i} of a small corpus with no val split at all."}}\n'
+                              for i in range(400)))
+    noval = tmp_path / "noval"
+    tokenize_corpus([str(corpus)], Path(token_dir) / "tokenizer.model", noval, val_fraction=0.0, num_workers=1)
+    capsys.readouterr()
+    summary = train(small_cfg(noval, tmp_path / "run", "train.steps=2", "eval.every=1", "checkpoint.every=0"))
+    assert summary["val_loss"] is None
+    out = capsys.readouterr().out
+    assert out.count(f"validation: data.dir {noval} has no val split") == 1, out
