@@ -11,6 +11,11 @@ nl/provenance.py). The data directory is never opened, so an export works from a
 directory after the data has been deleted, moved or re-tokenized. A run started before runs
 recorded their tokenizer is refused unless --tokenizer names its tokenizer.model.
 `nl.load_pretrained(DIR)` rebuilds the model with identical logits, no training code needed.
+
+DIR may be new, empty, or an earlier export (its config.json has nl's keys): that export is replaced,
+no file of it survives that this one does not rewrite (other files in DIR are left alone). Any other
+non-empty DIR is refused before anything is written. The export is written in a hidden folder beside
+DIR and moved into place once complete, so a failed export leaves DIR as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,19 +42,90 @@ from nl.data.shards import DataError
 from nl.hf import hf_config_keys, write_llama, write_remote_code, write_tokenizer
 from nl.models import build_model
 from nl.provenance import run_tokenizer
+from nl.tokenizer import Tokenizer
 
 EXPORT_FORMAT_VERSION = 1
+
+# Every path an export writes in DIR, by this version or an earlier one: replacing an earlier export
+# removes exactly these first (then llama/ when it is left empty). The tokenizer names include those
+# other transformers versions save; _sp_convert is write_tokenizer's scratch folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "_sp_convert")
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.model", "configuration_nl.py", "modeling_nl.py",
+                *_TOKENIZER_FILES,
+                *(f"llama/{name}" for name in ("config.json", "model.safetensors", *_TOKENIZER_FILES)))
 
 
 def _checkpoint_config(ckpt: Path) -> Config:
     return config_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")))
 
 
-def _readable(path: Path) -> None:
-    """Give `path` the mode a plain open() would: safetensors writes a 0600 temp file and renames it."""
+def _readable(path: Path, mode: int = 0o666) -> None:
+    """Give `path` the mode a plain open() (mode 0o666) or mkdir() (0o777) would: safetensors writes a
+    0600 temp file and renames it, mkdtemp makes a 0700 folder."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether `folder`/config.json was written by nl.export (it has nl's keys)."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format_version", "model", "tokenizer_fingerprint"} <= meta.keys()
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an --output that is a file, or a non-empty folder that holds no export."""
+    if output.exists() and not output.is_dir():
+        raise DataError(f"--output {output} is a file: pass a directory (it is created if missing)")
+    if output.is_dir() and any(output.iterdir()) and not _is_export(output):
+        raise DataError(f"--output {output} is a non-empty folder that holds no nl export: pass a new or empty "
+                        f"folder (an earlier export there would be replaced)")
+
+
+@contextmanager
+def _staging_folder(output: Path) -> Iterator[Path]:
+    """A new hidden folder beside `output` (same file system, so moving it into place is a rename),
+    removed on exit: whatever is still in it was not published."""
+    target = output.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".nl-export", dir=target.parent))
+    except OSError as e:  # report the folder asked for, not the hidden one
+        raise OSError(e.errno, e.strerror, str(output)) from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, output: Path) -> None:
+    """Make the complete export in `stage` the content of `output`: a rename when `output` is new;
+    otherwise the earlier export's files (EXPORT_FILES) are removed and the new ones moved in."""
+    if not output.exists():
+        _readable(stage, 0o777)
+        os.replace(stage, output)
+        return
+    for name in EXPORT_FILES:
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if (output / "llama").is_dir() and not any((output / "llama").iterdir()):
+        (output / "llama").rmdir()
+    _move_into(stage, output)
+
+
+def _move_into(source: Path, target: Path) -> None:
+    for entry in source.iterdir():
+        if entry.is_dir() and (target / entry.name).is_dir():  # llama/ still holding a user's own files
+            _move_into(entry, target / entry.name)
+        else:
+            shutil.move(entry, target / entry.name)
 
 
 def export(run_dir: str | Path, output: str | Path, step: int | None = None,
@@ -57,6 +136,8 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None,
     copy, or whose copy was lost; it must match the run's recorded fingerprint when there is one).
     Raises CheckpointError (no such run/step) or DataError (tokenizer missing or not the run's)."""
     ckpt = find_checkpoint(run_dir, step)
+    output = Path(output)
+    _check_output(output)
     cfg = _checkpoint_config(ckpt)
     tok = run_tokenizer(run_dir, tokenizer)
     if tok.vocab_size != cfg.model.vocab_size:
@@ -72,10 +153,14 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None,
         load_checkpoint(ckpt, state)
         model.load_state_dict(state["model"])
 
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise DataError(f"--output {output} is a file: pass a directory (it is created if missing)")
-    output.mkdir(parents=True, exist_ok=True)
+    with _staging_folder(output) as stage:
+        _write_export(stage, model, cfg, ckpt, tok)
+        _publish(stage, output)
+    return output
+
+
+def _write_export(output: Path, model: nn.Module, cfg: Config, ckpt: Path, tok: Tokenizer) -> None:
+    """The export's files in the existing, empty folder `output`."""
     save_model(model, str(output / "model.safetensors"))
     _readable(output / "model.safetensors")
     shutil.copyfile(tok.path, output / "tokenizer.model")
@@ -99,7 +184,6 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None,
         write_tokenizer(tok.path, output)
         if cfg.model.arch == "transformer":
             write_tokenizer(tok.path, output / "llama")
-    return output
 
 
 def load_export_config(path: str | Path) -> dict:
@@ -159,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the training run directory (run.dir)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--output", required=True, help="directory to write")
+    ap.add_argument("--output", required=True,
+                    help="directory to write: new, empty, or an earlier export (replaced); other folders are refused")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer.model to ship instead of the run's copy (runs that predate the copy)")
     args = ap.parse_args(argv)

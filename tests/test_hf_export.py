@@ -121,10 +121,29 @@ def test_generate_stops_at_eos_like_nl(exports):
     assert hf.generation_config.eos_token_id == tok.eos_id
 
 
-def test_auto_tokenizer_gives_nl_ids(exports, small_corpus):
+@pytest.fixture
+def prompts(monkeypatch) -> list[str]:
+    """The questions transformers asks on stdin ("Do you wish to run the custom code?"), each answered no."""
+    asked = []
+
+    def answer_no(question=""):
+        asked.append(question)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", answer_no)
+    return asked
+
+
+def test_hf_tokenizer_gives_nl_ids_without_remote_code(exports, small_corpus, prompts):
     path = exports["hope"]
     ours = Tokenizer(path / "tokenizer.model")
-    hf = transformers.AutoTokenizer.from_pretrained(str(path))  # no remote code needed
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(path))  # reads only the tokenizer files
+    assert prompts == []
+    auto = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    assert prompts == [] and auto("Hello  world")["input_ids"] == ours.encode("Hello  world")
+    # AutoTokenizer without trust_remote_code reads config.json's auto_map and asks (nl.hf docstring)
+    transformers.AutoTokenizer.from_pretrained(str(path))
+    assert len(prompts) == 1 and "custom code" in prompts[0]
     texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()[:300]]
     texts += ["", " leading space", "  two  spaces ", "tab\tand\nnewlines\n\n", "digits 1234567",
               "日本語 テキスト é ü 😀", "<s> </s> <unk> are plain text", "\u2028odd\u00a0spaces", "▁x ▁"]
@@ -200,3 +219,59 @@ def test_init_from_refuses_a_shape_mismatch(exports, token_dir, tmp_path):
         train(small_cfg(token_dir, tmp_path / "s", f"train.init_from={exports['transformer']}", arch="hope"))
     with pytest.raises(ConfigError, match="written by python -m nl.export"):
         train(small_cfg(token_dir, tmp_path / "t", f"train.init_from={tmp_path / 'nothing'}"))
+
+
+# ------------------------------------------------------------------ the --output folder ----------
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_exported_file_is_one_a_reexport_removes(exports):
+    from nl.export import EXPORT_FILES
+
+    for name in ("transformer", "hope"):
+        assert set(files_under(exports[name])) <= set(EXPORT_FILES), name
+
+
+def test_reexport_replaces_an_earlier_export_and_keeps_other_files(exports, tmp_path):
+    out = tmp_path / "out"
+    export(exports["transformer"].parent / "run_transformer", out)
+    (out / "NOTES.md").write_text("mine\n")
+    (out / "llama" / "mine.txt").write_text("mine too\n")
+    export(exports["hope"].parent / "run_hope", out)
+    fresh = files_under(export(exports["hope"].parent / "run_hope", tmp_path / "fresh"))
+    assert files_under(out) == {**fresh, "NOTES.md": b"mine\n", "llama/mine.txt": b"mine too\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]  # no staging folder left
+
+
+def test_export_refuses_a_folder_that_holds_no_export_and_writes_nothing(exports, tmp_path):
+    from nl.export import main
+
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("some text\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(exports["hope"].parent / "run_hope"), "--output", str(texts)])
+    message = str(exc.value.code)
+    assert "\n" not in message and str(texts) in message and "new or empty folder" in message, message
+    assert files_under(tmp_path) == {"my_texts/a.txt": b"some text\n"}
+    (texts / "a.txt").unlink()  # empty: written
+    assert (export(exports["hope"].parent / "run_hope", texts) / "config.json").is_file()
+
+
+def test_failed_export_leaves_the_earlier_export_as_it_was(exports, tmp_path, monkeypatch):
+    import nl.export
+
+    out = tmp_path / "out"
+    export(exports["transformer"].parent / "run_transformer", out)
+    before = files_under(out)
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nl.export, "write_tokenizer", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export(exports["hope"].parent / "run_hope", out)
+    assert files_under(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -2,7 +2,11 @@
 
 Every export directory is also a transformers checkpoint:
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # any arch (nl.hf.modeling)
-    AutoTokenizer.from_pretrained(DIR)                                    # no remote code
+    PreTrainedTokenizerFast.from_pretrained(DIR)                          # no remote code, no prompt
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)            # the same tokenizer
+AutoTokenizer needs trust_remote_code=True (or it asks, waiting up to 15 s in a terminal) although
+the tokenizer has no code: it loads AutoConfig from config.json first, whose auto_map names our
+config class. No file the export could write avoids that while AutoModelForCausalLM loads DIR.
 config.json gains `model_type: nl`, `architectures` and `auto_map` beside nl's own keys; the shims
 configuration_nl.py / modeling_nl.py import the classes from the installed `nl` package.
 The tokenizer is tokenizer.json, the sentencepiece model converted to a `tokenizers` pipeline that
