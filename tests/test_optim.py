@@ -845,6 +845,26 @@ def test_dmgd_dot_objective_needs_memory_decay():
         DMGD([nn.Parameter(torch.zeros(2))], internal_loss="dot")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.name=dmgd optim.dmgd.hidden=0", r"optim.dmgd.hidden=0 is out of range for optim.name=dmgd: pass a positive"),
+    ("optim.name=dmgd optim.dmgd.memory_lr=-0.1", "optim.dmgd.memory_lr=-0.1 is out of range"),
+    ("optim.name=dmgd optim.dmgd.memory_decay=1.0", "in \\[0, 1\\)"),
+    ("optim.name=m3 optim.m3.slow_every=0", "optim.m3.slow_every=0 is out of range"),
+    ("optim.name=m3 optim.m3.ns_steps=0", "Newton-Schulz"),
+    ("optim.name=m3 optim.m3.beta_slow=1.5", "optim.m3.beta_slow=1.5"),
+    ("optim.name=m3 optim.m3.alpha=-1", "optim.m3.alpha=-1"),
+    ("optim.name=dgd optim.matrix_lr_scale=0", "positive lr multiplier"),
+    ("optim.name=dgd optim.dgd_strength=-1", "optim.dgd_strength=-1"),
+    ("optim.name=delta_momentum optim.delta_beta=-0.5", "optim.delta_beta=-0.5"),
+])
+def test_rule_specific_numbers_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_supported(hope_cfg(*override.split()))
+    name = override.split()[0]
+    check_supported(hope_cfg(name))  # the defaults are in range
+    check_supported(hope_cfg("optim.name=adamw", *override.split()[1:]))  # another rule does not read the key
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_deepspeed_refuses_shape_rules(name):
     cfg = hope_cfg(f"optim.name={name}", "dist.strategy=deepspeed")

@@ -17,6 +17,7 @@ wins, before the CMS levels). The schedule itself lives in nl/optim/base.py.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -70,15 +71,35 @@ def check_supported(cfg: Config) -> None:
         if name == "dmgd" and cfg.dist.zero_stage == 0:
             raise ConfigError("optim.name=dmgd with DeepSpeed needs dist.zero_stage 1, 2 or 3 (stage 0 flattens "
                               "parameters without a partition layout): use dist.strategy=ddp for stage-0 runs")
-    if name == "dmgd":
-        if cfg.optim.dmgd.internal_loss == "dot" and cfg.optim.dmgd.memory_decay <= 0:
-            raise ConfigError("optim.dmgd.internal_loss=dot is unbounded below without retention: set "
-                              "optim.dmgd.memory_decay > 0 (e.g. 0.01) or use internal_loss=l2")
-        if cfg.optim.dmgd.hidden < 1:
-            raise ConfigError(f"optim.dmgd.hidden must be >= 1, got {cfg.optim.dmgd.hidden}")
-    if name == "m3" and cfg.optim.m3.slow_every < 1:
-        raise ConfigError(f"optim.m3.slow_every must be >= 1, got {cfg.optim.m3.slow_every}")
+    if name == "dmgd" and cfg.optim.dmgd.internal_loss == "dot" and cfg.optim.dmgd.memory_decay <= 0:
+        raise ConfigError("optim.dmgd.internal_loss=dot is unbounded below without retention: set "
+                          "optim.dmgd.memory_decay > 0 (e.g. 0.01) or use internal_loss=l2")
+    o = cfg.optim
+    for key, value, ok, expected in _RULE_RANGES.get(name, lambda o: [])(o):
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"optim.{key}={value} is out of range for optim.name={name}: pass {expected}")
     _frequency_rules(cfg)  # validates optim.cms
+
+
+# The numbers one rule reads whose values outside a range mean nothing (or diverge): per optim.name, the keys under
+# optim. with the value, the test and what to pass instead. (The shared keys, lr, betas, eps, momentum, weight
+# decay, are checked by nl.config for every run.)
+_RULE_RANGES = {
+    "dmgd": lambda o: [
+        ("dmgd.hidden", o.dmgd.hidden, lambda v: v >= 1, "a positive width"),
+        ("dmgd.memory_lr", o.dmgd.memory_lr, lambda v: v >= 0, "a step size >= 0"),
+        ("dmgd.memory_decay", o.dmgd.memory_decay, lambda v: 0 <= v < 1, "a retention decay in [0, 1)")],
+    "m3": lambda o: [
+        ("m3.slow_every", o.m3.slow_every, lambda v: v >= 1, "a positive number of steps"),
+        ("m3.ns_steps", o.m3.ns_steps, lambda v: v >= 1, "a positive number of Newton-Schulz iterations"),
+        ("m3.beta_slow", o.m3.beta_slow, lambda v: 0 <= v < 1, "an EMA coefficient in [0, 1)"),
+        ("m3.alpha", o.m3.alpha, lambda v: v >= 0, "a weight >= 0 of the slow momentum"),
+        ("matrix_lr_scale", o.matrix_lr_scale, lambda v: v > 0, "a positive lr multiplier")],
+    "dgd": lambda o: [
+        ("dgd_strength", o.dgd_strength, lambda v: v >= 0, "a decay strength >= 0"),
+        ("matrix_lr_scale", o.matrix_lr_scale, lambda v: v > 0, "a positive lr multiplier")],
+    "delta_momentum": lambda o: [("delta_beta", o.delta_beta, lambda v: v >= 0, "a forgetting strength >= 0")],
+}
 
 
 def _frequency_rules(cfg: Config) -> list[tuple[re.Pattern | int, int, float]]:
