@@ -247,7 +247,20 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     check_supported(cfg)
     sources, train_splits, val_data = _open_data(cfg)
     train_data = train_splits[0]  # its tokenizer is every source's
-    build_model(cfg.model, device="meta")  # the model's refusals (e.g. model.n_heads=0), before run.dir is touched
+    # Every refusal that needs no run.dir state comes before run.dir is created or written, so a
+    # refused start leaves no run.dir behind and changes nothing in an existing one.
+    build_model(cfg.model, device="meta")  # the model's refusals (e.g. model.n_heads=0)
+    # eval.tasks: lm-eval names checked on every rank now, so a typo stops the run before step 1.
+    in_loop_tasks = InLoopTasks(cfg, train_data.tokenizer_path) if cfg.eval.tasks else None
+    # train.init_from applies to a fresh start only (a resume loads its checkpoint). A fresh start is
+    # exactly a start with no checkpoint to resume (select_start below returns one, or refuses, iff
+    # checkpoint.resume=true and run.dir holds checkpoints), so the export is loaded, or refused for
+    # another shape or tokenizer, now. The model is built as below (same seed, no random draws between).
+    base_model = None
+    if cfg.train.init_from and not (cfg.checkpoint.resume and list_checkpoints(Path(cfg.run.dir))):
+        torch.manual_seed(cfg.train.seed)
+        base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+        load_init_weights(base_model, cfg.train.init_from, train_data.fingerprint)
 
     run_dir = _make_run_dir(Path(cfg.run.dir))
     # Which checkpoint to start from, refused in one line before anything is built or written when
@@ -260,17 +273,15 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
         changes = config_changes(path, saved, current_config(cfg, train_data.fingerprint)) if saved else []
 
     resume_from = select_start(cfg, compare)
-    # eval.tasks: lm-eval names checked on every rank now, so a typo stops the run before step 1.
-    in_loop_tasks = InLoopTasks(cfg, train_data.tokenizer_path) if cfg.eval.tasks else None
+    assert base_model is None or resume_from is None, "train.init_from was loaded for a start that resumes"
     claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
     config_yaml = to_yaml(cfg)
     if coordinator:
         (run_dir / "config.yaml").write_text(config_yaml)
 
-    torch.manual_seed(cfg.train.seed)
-    base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
-    if cfg.train.init_from and resume_from is None:  # continued pretraining; a resume loads its checkpoint
-        load_init_weights(base_model, cfg.train.init_from, train_data.fingerprint)
+    if base_model is None:  # (with train.init_from on a fresh start: built and loaded above)
+        torch.manual_seed(cfg.train.seed)
+        base_model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     if cfg.data.document_boundaries == "reset":  # each document of a window alone (nl/models/documents.py)
         document_reset(base_model, train_data.eos_id)
     n_params = count_parameters(base_model)  # before sharding: FSDP2 parameters hold only a shard

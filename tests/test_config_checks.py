@@ -139,3 +139,69 @@ def test_validation_without_a_val_split_says_so(token_dir, tmp_path, capsys):
     assert summary["val_loss"] is None
     out = capsys.readouterr().out
     assert out.count(f"validation: data.dir {noval} has no val split") == 1, out
+
+
+def _export_like(token_dir: Path, folder: Path, *overrides: str, fingerprint: str | None = None) -> Path:
+    """A folder train.init_from accepts (model.safetensors and config.json, as nl.export writes them)
+    of the small_cfg model with `overrides`, recording `fingerprint` (default: token_dir's tokenizer's)."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from nl.config import to_dict
+    from nl.data.shards import TokenShards
+    from nl.models import build_model
+
+    cfg = small_cfg(token_dir, folder / "unused", "model.vocab_size=1024", *overrides)  # token_dir's
+    folder.mkdir(parents=True)
+    save_model(build_model(cfg.model, seed=0), str(folder / "model.safetensors"))
+    fingerprint = fingerprint or TokenShards(token_dir, "train").fingerprint
+    (folder / "config.json").write_text(json.dumps({"model": to_dict(cfg)["model"],
+                                                    "tokenizer_fingerprint": fingerprint}))
+    return folder
+
+
+def test_a_refused_init_from_leaves_run_dir_as_it_was(token_dir, tmp_path):
+    """Another shape or tokenizer is refused before run.dir is created, or touched when it exists;
+    a resume ignores train.init_from, as before."""
+    wider = _export_like(token_dir, tmp_path / "wider", "model.dim=64")
+    other_tok = _export_like(token_dir, tmp_path / "other_tok", fingerprint="0" * 64)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"does not fit this model: \S+ is \(\d+, 64\) there, \(\d+, 32\) here"):
+        train(small_cfg(token_dir, run, f"train.init_from={wider}"))
+    assert not run.exists()
+    with pytest.raises(ConfigError, match=r"was trained with another tokenizer \(fingerprint 000000000000\)"):
+        train(small_cfg(token_dir, run, f"train.init_from={other_tok}"))
+    assert not run.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        train(small_cfg(token_dir, existing, f"train.init_from={wider}"))
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+    fits = _export_like(token_dir, tmp_path / "fits")
+    one_step = ("train.steps=1", "eval.every=0", "checkpoint.every=1")
+    assert train(small_cfg(token_dir, run, *one_step, f"train.init_from={fits}"))["step"] == 1
+    summary = train(small_cfg(token_dir, run, "train.steps=2", "eval.every=0", "checkpoint.every=1",
+                              "checkpoint.resume=true", f"train.init_from={wider}"))
+    assert summary["step"] == 2  # resumed from step 1: the mismatched init_from is not looked at
+
+
+def test_a_refused_eval_task_leaves_run_dir_uncreated(token_dir, tmp_path, monkeypatch):
+    import nl.lm_eval
+    from nl.cli import UsageError
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"niah:64: length 64 is too short"):
+        train(small_cfg(token_dir, run, "eval.tasks=[niah:64]"))
+    assert not run.exists()
+
+    def unknown(tasks, include_path=None):  # what task_manager says, without indexing lm-eval's ~15K task YAMLs
+        raise UsageError(f"unknown lm-eval task {tasks[0]!r} (not in lm-eval): check the name with `lm_eval ls "
+                         f"tasks`, or pass --include-path DIR with its YAML")
+
+    monkeypatch.setattr(nl.lm_eval, "task_manager", unknown)
+    with pytest.raises(ConfigError, match=r"eval.tasks: unknown lm-eval task 'tiny_mcq'.*eval.task_include_path"):
+        train(small_cfg(token_dir, run, "eval.tasks=[tiny_mcq]"))
+    assert not run.exists()
