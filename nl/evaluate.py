@@ -9,7 +9,9 @@ Prints one JSON object: {"val_loss", "perplexity", "tokens", "windows", "seq_len
 "data"}, plus "per_data" (each token directory's "val_loss" and "tokens") for several token directories;
 the pooled loss weighs every token alike, and --max-batches counts per directory. A model trained
 with data.document_boundaries=reset is evaluated that way unless --document-boundaries says otherwise.
-User mistakes (missing export or data, bad arguments) end in one line `error: ...`.
+A --seq-len past the position budget of a model that reads positions through RoPE (Transformer++,
+HOPE with mixer=attention: its trained seq_len, nl.niah.position_budget) gets one warning on stderr
+and runs anyway; HOPE's recurrent mixers have no budget. User mistakes (missing export or data, bad arguments) end in one line `error: ...`.
 """
 
 from __future__ import annotations
@@ -121,6 +123,19 @@ def _token_dir_batches(data: str, args, tokenizer, seq_len: int) -> Iterator[tup
     return iter_eval_batches(shards, seq_len, args.batch_size, max_batches=args.max_batches)
 
 
+def warn_past_position_budget(export_cfg: dict, used: int, what: str) -> None:
+    """One `warning:` line on stderr when `used` positions run past the export's position budget
+    (nl.niah.position_budget: the trained seq_len of a RoPE reader; none for HOPE's recurrent mixers).
+    what: the words naming the length, e.g. "--seq-len 1024"."""
+    from nl.niah import position_budget
+    from nl.text import warn
+
+    budget = position_budget(export_cfg.get("model", {}), int(export_cfg.get("seq_len", 0)))
+    if budget is not None and used > budget:
+        warn(f"{what} is past this model's position budget, its trained seq_len {budget}: "
+             f"RoPE positions beyond training are extrapolated")
+
+
 @one_line_errors()
 def main(argv: list[str] | None = None) -> dict:
     from nl.data.shards import MANIFEST_FILE
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_pretrained(args.model, device=device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
     seq_len = args.seq_len or export_cfg["seq_len"]
+    warn_past_position_budget(export_cfg, seq_len, f"--seq-len {seq_len}")
     boundaries = args.document_boundaries or export_cfg.get("document_boundaries", "none")
     if boundaries == "reset":  # as in training with data.document_boundaries=reset
         from nl.models.documents import document_reset

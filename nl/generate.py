@@ -9,7 +9,9 @@ there instead of running on into an unrelated document; --no-stop-at-eos continu
 
 HOPE models decode recurrently (prefill the prompt, then one token at a time with the inner
 memories as constant-size state: no KV cache). Models without recurrent state (Transformer++,
-Hope-Attention) re-run the forward pass on the growing sequence.
+Hope-Attention) re-run the forward pass on the growing sequence; they read positions through RoPE
+and are trusted up to their trained seq_len (nl.niah.position_budget): a prompt plus --max-new-tokens
+running past it gets one warning on stderr and runs anyway.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def sample(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tempe
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> str:
-    from nl.evaluate import check_export_dir
-    from nl.export import load_pretrained
+    from nl.evaluate import check_export_dir, warn_past_position_budget
+    from nl.export import load_export_config, load_pretrained
     from nl.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> str:
     prompt = torch.tensor([tokenizer.encode(prompt_text)], dtype=torch.long, device=args.device)
     if prompt.numel() == 0:
         raise SystemExit("error: the prompt encodes to no tokens; pass some text")
+    n_prompt = prompt.shape[1]
+    warn_past_position_budget(load_export_config(args.model), n_prompt + args.max_new_tokens,
+                              f"the prompt's {n_prompt} tokens + up to {args.max_new_tokens} new tokens")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator,
                  eos_id=tokenizer.eos_id, stop_at_eos=args.stop_at_eos)

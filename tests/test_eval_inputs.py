@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shlex
 import shutil
 
@@ -199,3 +200,56 @@ def test_a_missing_local_path_is_refused_without_the_hub(run_and_export, tmp_pat
     for name in ("someone/corpus", "corpus"):
         assert error_of(evaluate, "--model", str(export), "--data", name) == f"error: hub asked for {name}"
     assert hub_names == ["someone/corpus", "corpus"]
+
+
+@pytest.fixture(scope="module")
+def transformer_export(token_dir, tmp_path_factory):
+    """A one-step tiny Transformer++ (RoPE, trained seq_len 32) run on token_dir, exported: the export dir."""
+    from nl.export import export
+    from nl.trainer import train
+
+    root = tmp_path_factory.mktemp("eval_inputs_transformer")
+    train(load_config(REPO / "configs/tiny.yaml", [
+        "model.arch=transformer", "model.dim=32", "model.n_layers=1", "model.n_heads=2", f"data.dir={token_dir}",
+        "data.seq_len=32", "train.steps=1", "train.batch_size=4", "train.micro_batch_size=4", "eval.every=0",
+        "checkpoint.every=1", f"run.dir={root / 'run'}"]))
+    return export(root / "run", root / "export")
+
+
+def test_lengths_past_a_rope_models_trained_seq_len_warn_once(run_and_export, transformer_export, small_corpus,
+                                                            tmp_path, capsys):
+    """nl.evaluate's --seq-len and nl.generate's prompt + new tokens past the trained seq_len (32) of a
+    RoPE reader get one warning on stderr, worded as nl.niah's; stdout keeps its JSON / text; HOPE's
+    recurrent memories have no position budget and never warn."""
+    from nl.evaluate import main as evaluate
+    from nl.generate import main as generate
+
+    _, hope = run_and_export
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in text_documents(small_corpus, 20)))
+    budget = "is past this model's position budget, its trained seq_len 32: RoPE positions beyond training"
+
+    def stderr_of(main, *argv: str) -> tuple[str, object]:
+        capsys.readouterr()
+        result = main(list(argv))
+        out, err = capsys.readouterr()
+        if main is evaluate:
+            assert json.loads(out) == result  # stdout: the one JSON line, as before
+        else:
+            assert out == result + "\n"
+        return err, result
+
+    common = ("--data", str(text), "--max-batches", "1", "--batch-size", "1")
+    err, result = stderr_of(evaluate, "--model", str(transformer_export), *common, "--seq-len", "64")
+    assert err.count("warning:") == 1 and f"warning: --seq-len 64 {budget}" in err, err
+    assert result["seq_len"] == 64 and result["windows"] == 1
+    for model, seq_len in ((transformer_export, "32"), (hope, "64")):  # within the budget; no budget
+        assert stderr_of(evaluate, "--model", str(model), *common, "--seq-len", seq_len)[0] == ""
+
+    prompt = ("--prompt", "The history of", "--temperature", "0", "--no-stop-at-eos")
+    err, out = stderr_of(generate, "--model", str(transformer_export), *prompt, "--max-new-tokens", "40")
+    assert err.count("warning:") == 1 and re.search(
+        rf"warning: the prompt's (\d+) tokens \+ up to 40 new tokens {budget}", err), err
+    assert out.startswith("The history of")
+    assert stderr_of(generate, "--model", str(transformer_export), *prompt, "--max-new-tokens", "4")[0] == ""
+    assert stderr_of(generate, "--model", str(hope), *prompt, "--max-new-tokens", "40")[0] == ""
