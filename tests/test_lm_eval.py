@@ -244,6 +244,17 @@ def test_cli_bad_input_is_one_line(exports, local_tasks, tmp_path):
               "--batch-size", "0"])
 
 
+def test_a_run_folder_as_model_suggests_an_export_beside_the_others(tmp_path):
+    from nl.data.shards import DataError
+    from nl.lm_eval import load_export
+
+    run = tmp_path / "runs" / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(DataError, match=r"is a training run.*--run .*mine --output exports/mine"):
+        load_export(run)
+
+
 def test_task_manager_uses_no_deprecated_lm_eval_argument(local_tasks):
     """lm-eval 0.4.13 deprecates TaskManager's verbosity argument (a DeprecationWarning on every run of the CLI)."""
     import warnings
