@@ -9,7 +9,9 @@ validation loss, tokens/s, then one panel per `memory/...` key found in any run'
 metrics.jsonl. Tokens come from each record's `tokens` field, else step x train.batch_size x
 data.seq_len from the run's config.yaml. After a crash and resume a run's metrics.jsonl can
 hold a step twice: the last record of each kind (train, eval) per step wins.
-The summary table is always printed; --table also writes it to a file.
+The summary table is always printed; --table also writes it to a file. It has one row per run and
+one column per kind of `memory/` key (norm, eta, alpha, share, ...): the range min..max of that kind's
+final values over blocks and memories, as the console prints them; each key's own curve is in the figure.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ PANEL_COLUMNS = 2
 PANEL_INCHES = (5.0, 3.5)
 DPI = 100
 MEMORY_PREFIX = "memory/"
+MEMORY_KINDS = ("norm", "eta", "alpha", "share")  # the table's first memory columns; other kinds follow, sorted
 
 
 class PlotError(ValueError):
@@ -140,9 +144,19 @@ def summarize(run: Run) -> dict:
     }
     row["best_val_ppl"] = _exp(row["best_val_loss"])
     row["final_val_ppl"] = _exp(row["final_val_loss"])
+    finals: dict[str, list[float]] = {}
     for key in run.memory_keys():
-        row[key] = run.series(key)[1][-1]
+        finals.setdefault(memory_kind(key), []).append(run.series(key)[1][-1])
+    for kind, values in finals.items():
+        row[f"{MEMORY_PREFIX}{kind}"] = (min(values), max(values))
     return row
+
+
+def memory_kind(key: str) -> str:
+    """The kind of a `memory/` key, its last part without block, memory or level: memory/block3/norm_k ->
+    norm, memory/block0/eta -> eta, memory/block1/cms0_dev -> cms_dev."""
+    stat = key.rsplit("/", 1)[-1]
+    return "norm" if stat.startswith("norm_") else re.sub(r"\d+", "", stat)
 
 
 def _exp(x: float | None) -> float | None:
@@ -165,10 +179,12 @@ _COLUMNS = [  # (summary key, header, format)
 
 
 def summary_table(runs: list[Run]) -> str:
-    """A markdown table, one row per run; memory/ columns are the union over runs ('-' = absent)."""
+    """A markdown table, one row per run; one `memory <kind>` column (min..max over blocks and memories)
+    per kind of memory/ key in any run ('-' = absent)."""
     rows = [summarize(r) for r in runs]
-    memory = sorted({k for row in rows for k in row if k.startswith(MEMORY_PREFIX)})
-    columns = _COLUMNS + [(k, k, "{:.4g}") for k in memory]
+    kinds = {k[len(MEMORY_PREFIX):] for row in rows for k in row if k.startswith(MEMORY_PREFIX)}
+    order = [k for k in MEMORY_KINDS if k in kinds] + sorted(kinds - set(MEMORY_KINDS))
+    columns = _COLUMNS + [(f"{MEMORY_PREFIX}{k}", f"memory {k}", "{0[0]:.3g}..{0[1]:.3g}") for k in order]
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:

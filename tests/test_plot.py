@@ -83,13 +83,32 @@ def test_table_has_each_runs_final_metrics_with_duplicates_resolved(tmp_path, ca
         "best val ppl": f"{math.exp(4.6):.2f}", "final val ppl": f"{math.exp(4.7):.2f}",
         # steps 1-4 before the crash, 5-8 after it: median of 100 200 250 300 1000 1100 1200 1300
         "tokens/s (median)": "650",
-        "memory/block0/norm_ratio": "0.25", "memory/block1/norm_ratio": "0.5",
+        "memory norm": "0.25..0.5",  # final norm_ratio of block 0 and block 1
     }
     assert b == {
         "run": "beta", "steps": "30", "tokens": "30000", "final train loss": "4.5000",
         "best val loss": "-", "final val loss": "-", "best val ppl": "-", "final val ppl": "-",
-        "tokens/s (median)": "20", "memory/block0/norm_ratio": "-", "memory/block1/norm_ratio": "-",
+        "tokens/s (median)": "20", "memory norm": "-",
     }
+
+
+def test_memory_keys_are_one_column_per_kind_with_their_range(tmp_path, capsys):
+    """A 4-block HOPE logs 4 x 8 memory/ keys: the table has one `memory <kind>` column for each kind
+    (norm, eta, alpha, share first), min..max of the final values over blocks and memories."""
+    def record(step: int) -> dict:
+        stats = {f"memory/block{b}/{name}": step * (10 * b + i + 1) / 1000
+                 for b in range(4) for i, name in enumerate(["norm_k", "norm_v", "norm_q", "eta", "alpha", "share",
+                                                                "cms0_norm", "cms1_dev"])}
+        return {"step": step, "loss": 3.0, "tokens_per_s": 10.0, **stats}
+
+    main([str(write_run(tmp_path / "hope", [record(1), record(2)]))])
+    [row] = parse_table(capsys.readouterr().out)
+    memory = {k: v for k, v in row.items() if k.startswith("memory")}
+    assert list(memory) == ["memory norm", "memory eta", "memory alpha", "memory share", "memory cms_dev",
+                            "memory cms_norm"]
+    assert memory == {"memory norm": "0.002..0.066", "memory eta": "0.008..0.068", "memory alpha": "0.01..0.07",
+                      "memory share": "0.012..0.072", "memory cms_norm": "0.014..0.074",
+                      "memory cms_dev": "0.016..0.076"}
 
 
 def test_duplicate_steps_keep_the_last_record_and_tokens_come_from_config(tmp_path):
