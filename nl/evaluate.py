@@ -86,16 +86,6 @@ def _tokenize_text(paths: list[str], tokenizer, strict_text: bool = False, text_
     return np.asarray(ids, dtype=np.int64)
 
 
-def check_export_dir(path: str | Path) -> None:
-    """Raise DataError when --model is a training run (config.yaml, checkpoints/) rather than an export:
-    the fix exports it beside the other exports, never into the run folder itself."""
-    path = Path(path)
-    if (path / "config.json").is_file() or not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
-        return  # an export, or neither: load_export_config's message covers a missing one
-    raise DataError(f"{path} is a training run, not an exported model: export it with `python -m nl.export "
-                    f"--run {path} --output {Path('exports') / path.resolve().name}` and pass that as --model")
-
-
 def _check_split_fits(shards, seq_len: int) -> None:
     """Raise DataError (with the --split / --seq-len that would work) unless the split fills one window."""
     if shards.num_windows(seq_len) >= 1:
@@ -165,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
     device = parse_device(args.device)
-    check_export_dir(args.model)
     export_cfg = load_export_config(args.model)
     model = load_pretrained(args.model, device=device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")

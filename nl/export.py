@@ -186,8 +186,22 @@ def _write_export(output: Path, model: nn.Module, cfg: Config, ckpt: Path, tok: 
             write_tokenizer(tok.path, output / "llama")
 
 
-def load_export_config(path: str | Path) -> dict:
+def check_export_dir(path: str | Path) -> None:
+    """Raise DataError when `path` is a training run (config.yaml, checkpoints/) rather than an export:
+    the fix exports it beside the other exports, never into the run folder itself."""
     path = Path(path)
+    if (path / "config.json").is_file() or not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        return  # an export, or neither: the caller's message covers a missing one
+    raise DataError(f"{path} is a training run, not an exported model: export it with `python -m nl.export "
+                    f"--run {path} --output {Path('exports') / path.resolve().name}` and pass that as --model")
+
+
+def load_export_config(path: str | Path) -> dict:
+    """DIR/config.json of an export; DataError, in one line, for a training run folder or a missing export.
+    Every nl reader of an export opens it here (load_pretrained too); nl.lm_eval's Hugging Face loader,
+    which reads no nl config, calls check_export_dir itself."""
+    path = Path(path)
+    check_export_dir(path)
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is not an exported model (no config.json): create one with "
                         f"python -m nl.export --run RUN_DIR --output {path}")

@@ -76,7 +76,7 @@ def sample(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tempe
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> str:
-    from nl.evaluate import check_export_dir, warn_past_position_budget
+    from nl.evaluate import warn_past_position_budget
     from nl.export import load_export_config, load_pretrained
     from nl.tokenizer import Tokenizer
 
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> str:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     args.device = parse_device(args.device)
 
-    check_export_dir(args.model)
     model = load_pretrained(args.model, device=args.device)
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
     from nl.text import clean_text

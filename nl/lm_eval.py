@@ -167,7 +167,7 @@ def markdown(row: dict[str, float | None], per_task: dict[str, dict[str, float]]
 def load_export(path: str | Path, device: str = "cpu"):
     """(NLForCausalLM in eval mode, its HF tokenizer, the export's seq_len) from an export directory;
     UsageError naming the fix when a file is missing."""
-    from nl.evaluate import check_export_dir
+    from nl.export import check_export_dir
 
     path = Path(path)
     check_export_dir(path)  # a run folder: the fix exports it to exports/NAME, not into the run folder

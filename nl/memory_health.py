@@ -123,7 +123,7 @@ def plot(trace: MemoryTrace, output: Path, title: str = "") -> None:
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> dict:
-    from nl.evaluate import _tokenize_text, check_export_dir
+    from nl.evaluate import _tokenize_text
     from nl.export import load_pretrained
     from nl.tokenizer import Tokenizer
 
@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.tokens < 2 or args.batch_size < 1:
         ap.error("--tokens must be >= 2 and --batch-size >= 1")
-    check_export_dir(args.model)
     model = load_pretrained(args.model, device=parse_device(args.device)).eval()
     tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
     stream = _tokenize_text(args.text, tokenizer, text_field=args.text_field)

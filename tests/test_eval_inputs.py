@@ -141,12 +141,14 @@ def test_a_run_folder_as_model_suggests_an_export_beside_it_that_works(run_and_e
     from nl.export import main as export_main
     from nl.generate import main as generate
     from nl.memory_health import main as memory_health
+    from nl.niah import main as niah
 
     run, _ = run_and_export
     monkeypatch.chdir(tmp_path)
     messages = [error_of(evaluate, "--model", str(run), "--data", "x.txt"),
                 error_of(generate, "--model", str(run), "--prompt", "The"),
-                error_of(memory_health, "--model", str(run), "--text", "x.txt")]
+                error_of(memory_health, "--model", str(run), "--text", "x.txt"),
+                error_of(niah, "--model", str(run), "--lengths", "100")]
     for message in messages:
         assert "is a training run, not an exported model" in message
         assert f"python -m nl.export --run {run} --output exports/run`" in message
