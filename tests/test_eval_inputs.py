@@ -82,19 +82,43 @@ def test_text_field_reaches_the_readers_of_evaluate_and_memory_health(run_and_ex
         memory_health([*health, "--text", str(plain)])
 
 
+def replace_val_split(directory, tokens) -> None:
+    """Make the val split of token directory `directory` exactly `tokens` (empty: no shard at all)."""
+    from nl.data.shards import file_sha256
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for shard in manifest["splits"]["val"]["shards"]:
+        (directory / shard["file"]).unlink(missing_ok=True)
+    shards = []
+    if len(tokens):
+        (directory / "val_00000.bin").write_bytes(tokens.tobytes())
+        shards = [{"file": "val_00000.bin", "num_tokens": len(tokens),
+                   "sha256": file_sha256(directory / "val_00000.bin")}]
+    manifest["splits"]["val"] = {"num_tokens": len(tokens), "num_documents": 1, "shards": shards}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_several_token_directories_are_pooled_and_each_reported(run_and_export, token_dir, tmp_path, small_corpus):
+    """Pooled = token-weighted over the directories (their windows together), not the mean of their losses:
+    the second directory is smaller (3 windows against 16) and holds other text."""
     from nl.evaluate import main as evaluate
 
     _, export = run_and_export
     other = tmp_path / "other_tokens"
     shutil.copytree(token_dir, other)
+    replace_val_split(other, TokenShards(token_dir).window(5000, 3 * 16 + 1))  # train text, not token_dir's val
     common = ("--model", str(export), "--seq-len", "16", "--max-batches", "2")
     alone = evaluate([*common, "--data", str(token_dir)])
+    other_alone = evaluate([*common, "--data", str(other)])
     both = evaluate([*common, "--data", str(token_dir), str(other)])
     assert [d["data"] for d in both["per_data"]] == [str(token_dir), str(other)]
-    assert all(d["val_loss"] == pytest.approx(alone["val_loss"]) and d["tokens"] == alone["tokens"]
-               for d in both["per_data"])
-    assert both["tokens"] == 2 * alone["tokens"] and both["val_loss"] == pytest.approx(alone["val_loss"])
+    for d, single in zip(both["per_data"], (alone, other_alone)):
+        assert d["val_loss"] == pytest.approx(single["val_loss"]) and d["tokens"] == single["tokens"]
+    (l1, n1), (l2, n2) = [(d["val_loss"], d["tokens"]) for d in both["per_data"]]
+    assert (n1, n2) == (2 * 8 * 16, 3 * 16) and both["tokens"] == n1 + n2
+    weighted, mean = (l1 * n1 + l2 * n2) / (n1 + n2), (l1 + l2) / 2
+    assert abs(weighted - mean) > 1e-3  # the data tell the two apart
+    assert both["val_loss"] == pytest.approx(weighted, rel=1e-5) and both["val_loss"] != pytest.approx(mean, rel=1e-5)
     assert "per_data" not in alone
     mixed = error_of(evaluate, *common, "--data", str(token_dir), str(small_corpus))
     assert "mixes token directories" in mixed and "separate runs" in mixed
@@ -105,25 +129,15 @@ def test_several_token_directories_are_pooled_and_each_reported(run_and_export, 
 
 
 def test_a_split_too_small_suggests_evaluates_own_flags_and_they_work(run_and_export, token_dir, tmp_path):
-    from nl.data.shards import file_sha256
     from nl.evaluate import main as evaluate
 
     _, export = run_and_export
     small = tmp_path / "small_val"
     shutil.copytree(token_dir, small)
-    manifest = json.loads((small / "manifest.json").read_text())
-    for shard in manifest["splits"]["val"]["shards"]:
-        (small / shard["file"]).unlink()
 
     def set_val(num_tokens: int) -> None:
         """Make the val split the first num_tokens tokens of train (0: no shard at all)."""
-        shards = []
-        if num_tokens:
-            (small / "val_00000.bin").write_bytes(TokenShards(token_dir).window(0, num_tokens).tobytes())
-            shards = [{"file": "val_00000.bin", "num_tokens": num_tokens,
-                       "sha256": file_sha256(small / "val_00000.bin")}]
-        manifest["splits"]["val"] = {"num_tokens": num_tokens, "num_documents": 1, "shards": shards}
-        (small / "manifest.json").write_text(json.dumps(manifest))
+        replace_val_split(small, TokenShards(token_dir).window(0, num_tokens))
 
     common = ("--model", str(export), "--data", str(small), "--max-batches", "1")
     set_val(0)
