@@ -2,7 +2,7 @@
 paper's full zero-shot set from its official request counts.
 
     python benchmarks/bench_lm_eval.py --models EXPORT_DIR... [--corpus data/demo/corpus.jsonl]
-        [--docs 100] [--batch-size 8] [--workdir /tmp/bench_lm_eval]
+        [--docs 100] [--batch-size 8] [--max-length L] [--workdir /tmp/bench_lm_eval]
 
 The hub's task data cannot be downloaded everywhere, so two stand-in tasks are written from the last
 --docs documents of --corpus (Wikipedia lead sections for the demo corpus; they may overlap the
@@ -12,6 +12,8 @@ training text, so their scores are not held-out numbers):
   standin_wiki   rolling perplexity like WikiText: each document's text, windows of the model's seq_len
 Each task runs alone through python -m nl.lm_eval, timed; the table gives seconds per multiple-choice
 request and per rolling window, then the estimate of the paper set (PAPER_REQUESTS) from them.
+--max-length is nl.lm_eval's (default: each export's trained seq_len): a cloze ending longer than it
+stops the run in one line that names the --max-length to pass.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--corpus", default="data/demo/corpus.jsonl")
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="lm-eval's window in tokens (default: each export's trained seq_len)")
     parser.add_argument("--workdir", default="/tmp/bench_lm_eval")
     args = parser.parse_args()
     from nl.lm_eval import main as lm_eval_main
@@ -97,7 +101,7 @@ def main() -> None:
     for model in args.models:
         cfg = json.loads((Path(model) / "config.json").read_text())
         tok = Tokenizer(Path(model) / "tokenizer.model")
-        seq_len = int(cfg["seq_len"])
+        seq_len = args.max_length or int(cfg["seq_len"])  # lm-eval's window
         # lm-eval's rolling windows: each predicts up to seq_len tokens; the first token from EOS
         windows = sum(math.ceil(len(tok.encode(d)) / seq_len) for d in info["docs"])
         doc_tokens = sum(len(tok.encode(d)) for d in info["docs"])
@@ -106,7 +110,7 @@ def main() -> None:
         for task in ("standin_cloze", "standin_wiki"):
             start = time.perf_counter()
             out = lm_eval_main(["--model", model, "--tasks", task, "--include-path", str(tasks),
-                                "--batch-size", str(args.batch_size), "--output",
+                                "--batch-size", str(args.batch_size), "--max-length", str(seq_len), "--output",
                                 str(Path(args.workdir) / f"{Path(model).parent.parent.name}_{task}.json")])
             timing[task] = time.perf_counter() - start  # model load included: small against the run
             results.update(out["metrics"])
@@ -116,7 +120,7 @@ def main() -> None:
         estimate = per_mc * sum(PAPER_REQUESTS.values()) + per_window * wiki_windows
         rows.append((model, cfg["model"]["arch"], seq_len, per_mc, per_window, results, estimate,
                      sum(PAPER_REQUESTS.values()), wiki_windows))
-    print("| model | arch | seq_len | s / MC request | s / rolling window | cloze acc | cloze acc_norm | "
+    print("| model | arch | window | s / MC request | s / rolling window | cloze acc | cloze acc_norm | "
           "wiki word ppl | ESTIMATE, full paper set |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model, arch, seq_len, per_mc, per_window, res, est, n_req, n_win in rows:

@@ -11,7 +11,10 @@ metric of any other task, then writes the JSON (--output) with the table and lm-
 
 Context: lm-eval cuts long documents (WikiText's rolling perplexity) and contexts into windows of
 --max-length tokens, by default the export's trained seq_len (the context the model was trained at;
-lm-eval's own default would be 2048 for a config without max_position_embeddings).
+lm-eval's own default would be 2048 for a config without max_position_embeddings). lm-eval
+left-truncates a context that does not fit; a continuation (the part scored) longer than --max-length
+is refused in one line naming the task, the document and the --max-length that fits every request,
+before any of the loglikelihood requests runs (lm-eval itself stops on a bare assert).
 
 An empty context (the first window of a rolling perplexity) is EOS alone, the document separator nl
 models are trained with; lm-eval's default is BOS, which nl never feeds: with the plain `lm_eval` CLI,
@@ -29,6 +32,7 @@ User mistakes (missing export files, an unknown task, bad numbers) end in one li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -91,6 +95,31 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     return manager
 
 
+@functools.cache
+def _checked_hflm():
+    """lm-eval's HFLM, refusing in one line (UsageError), before any forward, loglikelihood requests whose
+    continuation is longer than max_length (HFLM stops on a bare `assert` in the middle of the run)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CheckedHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # request (context, continuation) -> "task doc N", for the message; the first request of a pair wins
+            self._request_names = {tuple(r.args): f"{r.task_name} doc {r.doc_id}" for r in reversed(requests)}
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            too_long = [(len(cont), pair) for pair, _, cont in requests if len(cont) > self.max_length]
+            if too_long:
+                n, pair = max(too_long, key=lambda t: t[0])
+                name = getattr(self, "_request_names", {}).get(pair, "a request")
+                text = pair[1] if len(pair[1]) <= 40 else pair[1][:37] + "..."
+                raise UsageError(f"{name}: its continuation {text!r} is {n} tokens, longer than --max-length "
+                                 f"{self.max_length} ({len(too_long)} request(s) are): pass --max-length {n} or more")
+            return super()._loglikelihood_tokens(requests, **kwargs)
+
+    return CheckedHFLM
+
+
 def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
               max_length: int | None = None, include_path: str | None = None, manager=None) -> dict:
     """lm-eval's results for `tasks` (zero-shot) of a transformers model in memory.
@@ -101,7 +130,6 @@ def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, b
     and gets its train/eval mode back."""
     _lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UsageError(f"--batch-size and --limit must be >= 1, got {batch_size} and {limit}")
@@ -111,7 +139,7 @@ def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, b
     try:
         # An empty context (a rolling perplexity's first window) is the prefix token alone: EOS, the
         # document separator nl models are trained with (lm-eval's default, BOS, never occurs in training).
-        lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+        lm = _checked_hflm()(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                   prefix_token_id=tokenizer.eos_token_id, trust_remote_code=True)
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, num_fewshot=0,
                               log_samples=False, bootstrap_iters=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,23 @@ def test_cli_bad_input_is_one_line(exports, local_tasks, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --batch-size and --limit must be >= 1"):
         main(["--model", str(exports["hope"]), "--tasks", "tiny_mc", "--include-path", str(local_tasks),
               "--batch-size", "0"])
+
+
+def test_a_continuation_longer_than_max_length_is_one_line_naming_the_request_and_the_fix(exports, local_tasks):
+    """lm-eval's HFLM stops on a bare assert there; nl.lm_eval names the task, the document and the
+    --max-length that fits, before any request runs, and that --max-length works."""
+    from nl.cli import UsageError
+    from nl.lm_eval import load_export, run_tasks, task_manager
+
+    model, tokenizer, _ = load_export(exports["transformer"])
+    manager = task_manager(["tiny_mc"], str(local_tasks))
+    with pytest.raises(UsageError) as error:
+        run_tasks(model, tokenizer, ["tiny_mc"], limit=1, max_length=1, manager=manager)
+    found = re.fullmatch(r"tiny_mc doc 0: its continuation '.+' is (\d+) tokens, longer than --max-length 1 "
+                         r"\([1-4] request\(s\) are\): pass --max-length \1 or more", str(error.value))
+    assert found, error.value
+    results = run_tasks(model, tokenizer, ["tiny_mc"], limit=1, max_length=int(found[1]), manager=manager)
+    assert results["tiny_mc"]["acc,none"] in (0.0, 1.0)
 
 
 def test_a_run_folder_as_model_suggests_an_export_beside_the_others(tmp_path):
