@@ -7,6 +7,7 @@ step and val_loss.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nl.config import ConfigError
 
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
 _PEAK_BF16_FLOPS = {
@@ -69,17 +72,23 @@ class MetricsLogger:
                  config: dict | None = None, progress: Any = None, start_step: int = 0):
         self.enabled = enabled
         self.progress = progress  # a tqdm bar: printing goes through it so the bar stays intact
-        path = Path(run_dir) / "metrics.jsonl"
-        self.previous = truncate_records(path, start_step) if enabled else []
-        self._file = open(path, "a") if enabled else None
         self._wandb = None
-        if enabled and wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+        if enabled and _wandb_wanted(wandb_cfg):  # first: a wandb that cannot start changes no metrics
             import wandb  # optional dependency, imported only when used
 
             os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
-            self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or None,
-                                     dir=str(run_dir), config=config, mode=wandb_cfg.mode,
-                                     resume="allow")
+            try:
+                self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or None,
+                                         dir=str(run_dir), config=config, mode=wandb_cfg.mode,
+                                         resume="allow")
+            except Exception as e:  # noqa: BLE001 - e.g. no API key for mode=online, a bad WANDB_* variable
+                detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+                raise ConfigError(f"wandb could not start ({type(e).__name__}: {detail}): fix what it names "
+                                  f"(`wandb login` for wandb.mode=online, or the WANDB_* environment variable), "
+                                  f"or set wandb.mode=offline or wandb.enabled=false") from None
+        path = Path(run_dir) / "metrics.jsonl"
+        self.previous = truncate_records(path, start_step) if enabled else []
+        self._file = open(path, "a") if enabled else None
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -104,6 +113,18 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_wanted(wandb_cfg: Any) -> bool:
+    return wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled"
+
+
+def check_wandb(wandb_cfg: Any) -> None:
+    """wandb.enabled=true without the wandb package installed: refused in one line (nl/trainer.py asks
+    before run.dir is created or written)."""
+    if _wandb_wanted(wandb_cfg) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb.enabled=true but the wandb package is not installed: pip install wandb, or "
+                          "set wandb.enabled=false")
 
 
 def progress_enabled(switch: bool, stream: Any = None) -> bool:

@@ -30,11 +30,11 @@ from nl.data.loader import TokenLoader, iter_eval_batches
 from nl.data.mixture import MixtureLoader, Source, data_sources, open_splits
 from nl.data.shards import TokenShards
 from nl.distributed import all_reduce_sum, init_distributed, parallelize
-from nl.distributed.strategy import build_strategy
+from nl.distributed.strategy import build_strategy, check_checkpoint, check_strategy
 from nl.evaluate import evaluate_loss, token_loss_sum
 from nl.export import load_init_weights
 from nl.lm_eval import InLoopTasks
-from nl.metrics import MetricsLogger, peak_flops, progress_enabled
+from nl.metrics import MetricsLogger, check_wandb, peak_flops, progress_enabled
 from nl.models import build_model, count_parameters, flops_per_token
 from nl.models.documents import document_reset
 from nl.optim import build_optimizer, check_supported
@@ -250,6 +250,8 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     # Every refusal that needs no run.dir state comes before run.dir is created or written, so a
     # refused start leaves no run.dir behind and changes nothing in an existing one.
     build_model(cfg.model, device="meta")  # the model's refusals (e.g. model.n_heads=0)
+    check_strategy(cfg, micro_bs, accum_steps, use_bf16)  # e.g. deepspeed not installed, train.compile with it
+    check_wandb(cfg.wandb)  # wandb.enabled=true without the package
     # eval.tasks: lm-eval names checked on every rank now, so a typo stops the run before step 1.
     in_loop_tasks = InLoopTasks(cfg, train_data.tokenizer_path) if cfg.eval.tasks else None
     # train.init_from applies to a fresh start only (a resume loads its checkpoint). A fresh start is
@@ -264,11 +266,13 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
 
     run_dir = _make_run_dir(Path(cfg.run.dir))
     # Which checkpoint to start from, refused in one line before anything is built or written when
-    # the run.dir holds another run or the checkpoint was trained with other state-shaping settings.
+    # the run.dir holds another run, the checkpoint was trained with other state-shaping settings, or
+    # this strategy cannot load it (e.g. a deepspeed checkpoint resumed with dist.strategy=fsdp).
     saved, changes = {}, []
 
     def compare(path: Path) -> None:
         nonlocal saved, changes
+        check_checkpoint(path, cfg, world_size)
         saved = saved_config(path) or {}
         changes = config_changes(path, saved, current_config(cfg, train_data.fingerprint)) if saved else []
 
@@ -276,8 +280,6 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     assert base_model is None or resume_from is None, "train.init_from was loaded for a start that resumes"
     claim_tokenizer(run_dir, train_data, resuming=resume_from is not None, coordinator=coordinator)
     config_yaml = to_yaml(cfg)
-    if coordinator:
-        (run_dir / "config.yaml").write_text(config_yaml)
 
     if base_model is None:  # (with train.init_from on a fresh start: built and loaded above)
         torch.manual_seed(cfg.train.seed)
@@ -287,7 +289,7 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     n_params = count_parameters(base_model)  # before sharding: FSDP2 parameters hold only a shard
     model = parallelize(base_model, cfg, env, use_bf16)
     inner_optimizer = build_optimizer(model, cfg)  # ours (nl/optim), also under DeepSpeed
-    strategy = build_strategy(model, inner_optimizer, cfg, env, micro_bs, accum_steps, use_bf16, run_dir)
+    strategy = build_strategy(model, inner_optimizer, cfg, env, micro_bs, accum_steps, use_bf16)
     model, optimizer = strategy.model, strategy.optimizer  # optimizer: its param_groups carry the lr
     if not strategy.autocast_ok:
         autocast = contextlib.nullcontext()
@@ -319,6 +321,9 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
                     dynamic_ncols=True, mininterval=1.0, desc="train")
     logger = MetricsLogger(run_dir, enabled=coordinator, wandb_cfg=cfg.wandb, config=to_dict(cfg),
                            progress=progress, start_step=step)
+    if coordinator:  # now that the checkpoint loaded and the logger started: a refused start keeps the old ones
+        for name, text in {"config.yaml": config_yaml, **strategy.run_files}.items():
+            (run_dir / name).write_text(text)
 
     def say(line: str) -> None:  # rank 0 only; through the bar so it stays intact
         if coordinator:

@@ -205,3 +205,91 @@ def test_a_refused_eval_task_leaves_run_dir_uncreated(token_dir, tmp_path, monke
     with pytest.raises(ConfigError, match=r"eval.tasks: unknown lm-eval task 'tiny_mcq'.*eval.task_include_path"):
         train(small_cfg(token_dir, run, "eval.tasks=[tiny_mcq]"))
     assert not run.exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_process_group_left():
+    """dist.strategy=deepspeed makes a private 1-rank process group at start; a refused start leaves it."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_refused_resumes_and_strategies_leave_run_dir_as_it_was(token_dir, tmp_path, monkeypatch,
+                                                                 no_process_group_left):
+    """Refusals that came after config.yaml (and ds_config.json) were rewritten: a checkpoint of another
+    strategy, a shape only the checkpoint's tensors show, train.compile with deepspeed; and deepspeed or
+    wandb not installed, which came after run.dir was created. One config, changed between the attempts
+    (a load_config per attempt would double this test's time)."""
+    import sys
+    import types
+
+    from nl.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    cfg = small_cfg(token_dir, run, "train.steps=1", "eval.every=0", "checkpoint.every=1")
+    train(cfg)
+    ckpt = run / "checkpoints" / "step_00000001"
+    cfg.train.steps = 2  # every attempt's config.yaml differs from the saved one
+    before = _files(run)
+    # DeepSpeed importable without loading it (~5 s): the refusals come before anything would call it.
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    cfg.dist.strategy = "deepspeed"
+    with pytest.raises(CheckpointError, match=r"written by dist.strategy=single/ddp/fsdp \(DCP format\)"):
+        train(cfg)
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match="train.compile=true with dist.strategy=deepspeed is not supported"):
+        train(cfg)
+    cfg.train.compile, cfg.dist.strategy = False, "single"
+    assert _files(run) == before
+    (ckpt / "config.yaml").rename(tmp_path / "config.yaml")  # a checkpoint without its config: shapes tell
+    before = _files(run)
+    cfg.model.dim = 64
+    with pytest.raises(CheckpointError, match=r"was written by a different model shape") as err:
+        train(cfg)
+    assert "\n" not in str(err.value) and _files(run) == before
+    cfg.model.dim = 32
+    (tmp_path / "config.yaml").rename(ckpt / "config.yaml")
+    (ckpt / "deepspeed.json").write_text('{"strategy": "deepspeed", "zero_stage": 1, "world_size": 1}\n')
+    before = _files(run)
+    with pytest.raises(CheckpointError, match=r"written by dist.strategy=deepspeed: resume it with"):
+        train(cfg)
+    assert _files(run) == before
+
+    cfg.run.dir = str(tmp_path / "fresh")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed
+    cfg.dist.strategy = "deepspeed"
+    with pytest.raises(ConfigError, match=r"dist.strategy=deepspeed needs the deepspeed package"):
+        train(cfg)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg.dist.strategy, cfg.wandb.enabled = "single", True
+    with pytest.raises(ConfigError, match=r"wandb.enabled=true but the wandb package is not installed"):
+        train(cfg)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_wandb_that_cannot_start_is_refused_in_one_line_and_keeps_the_metrics(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from nl.config import WandbConfig
+    from nl.metrics import MetricsLogger
+
+    def no_key(**kwargs):
+        raise RuntimeError("No API key configured.\nUse `wandb login` to log in.")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=no_key))
+    records = "".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(records)
+    with pytest.raises(ConfigError, match=r"wandb could not start \(RuntimeError: No API key configured.; Use "
+                                          r"`wandb login` to log in.\): .*wandb.enabled=false") as err:
+        MetricsLogger(tmp_path, wandb_cfg=WandbConfig(enabled=True, mode="online"), start_step=1)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "metrics.jsonl").read_text() == records  # not cut back to step 1 for a run that never began
+

@@ -194,13 +194,18 @@ def _check_shapes(path: Path, state: dict[str, Any]) -> None:
                                   f"started with")
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Load checkpoint `path` into `state` in place (tensors copied into existing ones)."""
-    path = Path(path)
+def check_dcp_checkpoint(path: Path) -> None:
+    """Refuse checkpoint `path` unless DCP (single / ddp / fsdp) can load it: not a deepspeed one."""
     if is_deepspeed_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} was written by dist.strategy=deepspeed: resume it with "
                               f"dist.strategy=deepspeed (same ZeRO stage and world size), or export it "
                               f"(python -m nl.export) and start a new run.dir; conversion is not supported")
+
+
+def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Load checkpoint `path` into `state` in place (tensors copied into existing ones)."""
+    path = Path(path)
+    check_dcp_checkpoint(path)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -98,15 +98,20 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
         getattr(block, "_checkpoint_wrapped_module", block).compile(backend=backend)
 
 
+def check_parallelize(cfg: Config) -> None:
+    """parallelize's refusals, which need no model (nl/trainer.py makes them before run.dir is touched)."""
+    if cfg.train.compile and cfg.dist.strategy == "deepspeed":
+        raise ConfigError("train.compile=true with dist.strategy=deepspeed is not supported (DeepSpeed's "
+                          "parameter hooks run inside the compiled blocks): use dist.strategy=fsdp or ddp, or "
+                          "train.compile=false")
+
+
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv, bf16: bool) -> nn.Module:
     """Apply activation checkpointing, then compile (train.compile), then the data-parallel strategy
     of cfg.dist.strategy (torchtitan's order)."""
+    check_parallelize(cfg)
     apply_activation_checkpointing(model, cfg.dist.activation_checkpointing, cfg.dist.ac_every_n)
     if cfg.train.compile:
-        if cfg.dist.strategy == "deepspeed":
-            raise ConfigError("train.compile=true with dist.strategy=deepspeed is not supported (DeepSpeed's "
-                              "parameter hooks run inside the compiled blocks): use dist.strategy=fsdp or ddp, or "
-                              "train.compile=false")
         apply_compile(model, cfg.train.compile_backend)
     if env.world_size == 1 or cfg.dist.strategy in ("single", "deepspeed"):
         return model  # deepspeed: the engine wraps it later (nl/distributed/deepspeed.py)

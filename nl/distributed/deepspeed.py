@@ -130,9 +130,17 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], c
     return atomic_save(run_dir, step, write, config_yaml, keep_last, info)
 
 
-def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
-    """Load checkpoint `path` into the engine (weights, optimizer); returns its client_state."""
-    path = Path(path)
+def check_config(cfg: Config, micro_bs: int, accum_steps: int, bf16: bool) -> None:
+    """This run's refusals that need nothing built: deepspeed not installed, a bad dist.zero_stage or
+    dist.deepspeed_config (nl/trainer.py makes them before run.dir is created or written)."""
+    build_ds_config(cfg, micro_bs, accum_steps, bf16)
+    _import_deepspeed()
+
+
+def check_checkpoint(path: Path, world_size: int, zero_stage: int) -> None:
+    """Refuse checkpoint `path` unless this engine can load it: written by deepspeed with the same ZeRO
+    stage (ZeRO-0: also the same world size). Reads only the marker, so a resume is refused before
+    anything is built."""
     if not (path / DEEPSPEED_MARKER).is_file():
         raise CheckpointError(f"checkpoint {path} was written by dist.strategy=single/ddp/fsdp (DCP format), "
                               f"not deepspeed: resume it with dist.strategy=fsdp (or ddp/single), or start "
@@ -147,6 +155,15 @@ def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
                               f"{saved_world} ranks, this run is ZeRO-{zero_stage} on {world_size}: "
                               f"resume with dist.zero_stage={saved_stage} {where}, "
                               f"or export it (python -m nl.export) and start a new run.dir")
+
+
+def load(engine, path: str | Path, world_size: int, zero_stage: int) -> dict:
+    """Load checkpoint `path` into the engine (weights, optimizer); returns its client_state."""
+    path = Path(path)
+    check_checkpoint(path, world_size, zero_stage)
+    meta = _marker(path)
+    saved_world = int(meta["world_size"])
+    reshard = saved_world != world_size
     tag = meta.get("tag", TAG)
     try:
         if reshard and zero_stage == 3:

@@ -9,7 +9,10 @@ clipping, the optimizer step, and checkpoint save / load. The loop calls, per st
     (one host sync of loss, stop votes, norm; a non-finite loss stops here)
     norm = strategy.step(norm_value)      # the global grad norm after the step
 
-`model` is what the forward calls; `optimizer` holds the param groups whose lr the loop sets.
+`model` is what the forward calls; `optimizer` holds the param groups whose lr the loop sets;
+`run_files` are the files (name: text) the trainer writes into run.dir once the start is sure.
+`check_strategy` and `check_checkpoint` make the refusals that need nothing built, so the
+trainer makes them before run.dir is created, or before anything in it is moved or written.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from nl.checkpoint import load_checkpoint, save_checkpoint
+from nl.checkpoint import check_dcp_checkpoint, load_checkpoint, save_checkpoint
 from nl.config import Config
-from nl.distributed import DistEnv, full_norm, set_gradient_sync
+from nl.distributed import DistEnv, check_parallelize, full_norm, set_gradient_sync
 
 
 class DataParallel:
@@ -34,6 +37,7 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.run_files: dict[str, str] = {}
 
     def gradient_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
@@ -74,10 +78,11 @@ class DeepSpeedEngine:
 
     autocast_ok = False  # DeepSpeed casts the model itself (bf16.enabled)
 
-    def __init__(self, engine, world_size: int, zero_stage: int):
+    def __init__(self, engine, world_size: int, zero_stage: int, ds_config: dict):
         self.model = self.engine = engine
         self.optimizer = engine.optimizer  # the ZeRO wrapper: its param_groups carry the lr
         self.world_size, self.zero_stage = world_size, zero_stage
+        self.run_files = {"ds_config.json": json.dumps(ds_config, indent=2) + "\n"}  # the merged config, a record
 
     def gradient_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine reduces at the accumulation boundary itself
@@ -109,8 +114,28 @@ class DeepSpeedEngine:
         return ds.load(self.engine, path, self.world_size, self.zero_stage)["trainer"]
 
 
+def check_strategy(cfg: Config, micro_bs: int, accum_steps: int, bf16: bool) -> None:
+    """parallelize's and build_strategy's refusals that need nothing built (e.g. train.compile with
+    deepspeed, deepspeed not installed, a bad dist.deepspeed_config), in one line each."""
+    check_parallelize(cfg)
+    if cfg.dist.strategy == "deepspeed":
+        from nl.distributed import deepspeed as ds
+
+        ds.check_config(cfg, micro_bs, accum_steps, bf16)
+
+
+def check_checkpoint(path: Path, cfg: Config, world_size: int) -> None:
+    """Refuse checkpoint `path` unless this strategy can load it (another strategy's format; deepspeed:
+    another ZeRO stage, or ZeRO-0 at another world size), reading only its marker files."""
+    if cfg.dist.strategy != "deepspeed":
+        return check_dcp_checkpoint(path)
+    from nl.distributed import deepspeed as ds
+
+    ds.check_checkpoint(path, world_size, cfg.dist.zero_stage)
+
+
 def build_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
-                   micro_bs: int, accum_steps: int, bf16: bool, run_dir: Path):
+                   micro_bs: int, accum_steps: int, bf16: bool):
     """The strategy of cfg.dist.strategy around an already parallelized `model` and its `optimizer`."""
     if cfg.dist.strategy != "deepspeed":
         return DataParallel(model, optimizer, cfg.train.grad_clip)
@@ -118,8 +143,6 @@ def build_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Conf
     from nl.optim import attach_zero_partitions
 
     ds_config = ds.build_ds_config(cfg, micro_bs, accum_steps, bf16)
-    if env.coordinator:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     engine = ds.initialize(model, optimizer, ds_config, cfg)
     attach_zero_partitions(optimizer, engine.optimizer, cfg.dist.zero_stage)
-    return DeepSpeedEngine(engine, env.world_size, cfg.dist.zero_stage)
+    return DeepSpeedEngine(engine, env.world_size, cfg.dist.zero_stage, ds_config)
