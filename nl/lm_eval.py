@@ -120,6 +120,46 @@ def _checked_hflm():
     return CheckedHFLM
 
 
+def continuation_tokens(tokenizer, context: str, continuation: str, prefix_token_id: int) -> int:
+    """How many tokens lm-eval's HFLM scores for a loglikelihood request (context, continuation): its
+    `loglikelihood` and `_encode_pair` (lm-eval 0.4.13) for a causal model. An empty context is the prefix
+    token alone (the continuation's own first token when it is that token); otherwise the context's
+    trailing whitespace moves to the continuation, and the continuation is what encoding the whole text
+    adds after the context's own tokens."""
+    if context == "":
+        tokens = tokenizer.encode(continuation, add_special_tokens=False)
+        return len(tokens) - (1 if tokens[:1] == [prefix_token_id] else 0)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    return len(tokenizer.encode(context + continuation)) - len(tokenizer.encode(context))
+
+
+def long_continuations(manager, tasks: list[str], tokenizer, limit: int | None, max_length: int) -> dict:
+    """{task: [(tokens, doc_id, continuation), ...]}: the loglikelihood requests (multiple_choice and
+    loglikelihood tasks) longer than max_length tokens among those `run_tasks` would run, zero-shot, on
+    `limit` examples per task: lm-eval builds them as its evaluator does (rank 0 of 1), no model involved.
+    Rolling perplexities are cut into windows and generations left-truncate their context: never refused."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    out = {}
+    for name, task in manager.load(list(tasks))["tasks"].items():
+        if task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=0)  # as simple_evaluate(num_fewshot=0) does
+        task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+        too_long = []
+        for request in task.instances:
+            if request.request_type != "loglikelihood":
+                continue
+            context, continuation = request.args[:2]
+            n = continuation_tokens(tokenizer, context, continuation, tokenizer.eos_token_id)
+            if n > max_length:
+                too_long.append((n, request.doc_id, continuation))
+        if too_long:
+            out[name] = too_long
+    return out
+
+
 def run_tasks(hf_model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
               max_length: int | None = None, include_path: str | None = None, manager=None) -> dict:
     """lm-eval's results for `tasks` (zero-shot) of a transformers model in memory.
@@ -218,9 +258,11 @@ class InLoopTasks:
     Entries: lm-eval task names (zero-shot, eval.task_limit examples each, lm-eval's windows of
     data.seq_len tokens) and niah:<LENGTH> (NIAH single needle, number value, noise haystack, at
     nl.niah's default depths, eval.task_limit prompts per depth or 10; greedy decoding). Built at
-    the start of training on every rank, so an unknown lm-eval name stops every rank there, in one
-    line, before the first step. The model is evaluated in memory: nl.hf's NLForCausalLM wraps the
-    very module (no export written). Needs the whole model on one rank: dist.strategy single or ddp.
+    the start of training on every rank, so an unknown lm-eval name, or a loglikelihood continuation
+    (the scored part of a multiple_choice or loglikelihood request) longer than data.seq_len among the
+    examples that will run, stops every rank there, in one line, before the first step. The model is
+    evaluated in memory: nl.hf's NLForCausalLM wraps the very module (no export written). Needs the
+    whole model on one rank: dist.strategy single or ddp.
 
     __call__(model) -> {"eval/<task>/<metric>": float}; lm-eval reseeds the global RNGs: the trainer
     restores its RNG state after the call, so a run with eval.tasks trains on the same random numbers."""
@@ -252,6 +294,7 @@ class InLoopTasks:
             with tempfile.TemporaryDirectory() as tmp:  # the HF form of the run's tokenizer, held in memory
                 write_tokenizer(Path(tokenizer_path), Path(tmp))
                 self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
+            self._check_continuations()
         from nl.niah import build_sample, noise_haystack
         from nl.tokenizer import Tokenizer
 
@@ -261,6 +304,31 @@ class InLoopTasks:
                 build_sample(self.tokenizer, "niah_single_1", length, 0.5, 0, 0, noise_haystack(self.tokenizer))
             except UsageError as e:
                 raise ConfigError(f"eval.tasks niah:{length}: {e}".replace("--lengths", "length")) from None
+
+    def _check_continuations(self) -> None:
+        """A loglikelihood continuation longer than data.seq_len among the eval.task_limit examples that
+        will run: refused now, in one line, not at the first validation step (lm-eval cannot score it)."""
+        from nl.config import ConfigError
+
+        seq_len = int(self.cfg.data.seq_len)
+        too_long = long_continuations(self.manager, self.lm_tasks, self.hf_tokenizer,
+                                      self.cfg.eval.task_limit or None, seq_len)
+        if not too_long:
+            return
+        task, requests = next(iter(too_long.items()))
+        n, doc, text = max(requests, key=lambda r: r[0])
+        text = text if len(text) <= 40 else text[:37] + "..."
+        need = max(r[0] for rs in too_long.values() for r in rs)
+        others = [t for t in too_long if t != task]
+        fixes = [f"raise data.seq_len to {need} or more",
+                 f"drop {', '.join(too_long)} from eval.tasks"]
+        first = min(r[1] for rs in too_long.values() for r in rs)  # every task's documents before it fit
+        if first > 0:
+            fixes.append(f"set eval.task_limit={first} (the documents before doc {first} fit)")
+        also = f"; {', '.join(others)} too" if others else ""
+        raise ConfigError(f"eval.tasks: {task} doc {doc}: its continuation {text!r} is {n} tokens, longer than "
+                          f"data.seq_len {seq_len} ({len(requests)} request(s) are{also}), and lm-eval cannot "
+                          f"score it: {', or '.join(fixes)}")
 
     def __call__(self, model) -> dict[str, float]:
         import torch
@@ -279,8 +347,14 @@ class InLoopTasks:
                                   vocab_size=int(self.cfg.model.vocab_size), seq_len=int(self.cfg.data.seq_len),
                                   bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
                 hf_model = NLForCausalLM(config, net=model)
-                results = run_tasks(hf_model, self.hf_tokenizer, self.lm_tasks, limit, batch_size=8,
-                                    max_length=int(self.cfg.data.seq_len), manager=self.manager)
+                try:
+                    results = run_tasks(hf_model, self.hf_tokenizer, self.lm_tasks, limit, batch_size=8,
+                                        max_length=int(self.cfg.data.seq_len), manager=self.manager)
+                except UsageError as e:  # checked at the start; should one slip through, in training's words
+                    from nl.config import ConfigError
+
+                    raise ConfigError(f"eval.tasks: {e}".replace("pass --max-length", "raise data.seq_len to")
+                                      .replace("--max-length", "data.seq_len")) from None
                 for task, values in metrics(results).items():
                     out.update({f"eval/{task}/{name}": v for name, v in values.items()})
             if self.niah:

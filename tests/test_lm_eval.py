@@ -336,6 +336,75 @@ def test_eval_tasks_config_errors(token_dir, local_tasks, tmp_path):
     assert not (tmp_path / "c" / "metrics.jsonl").exists()
 
 
+LONG_ANSWER = ("the old stone bridge that crosses the wide river near the market square of the town, "
+               "built by hand in the year 1200 and rebuilt twice after the floods of the spring")
+
+
+def write_long_task(root: Path) -> Path:
+    """root/tasks/tiny_long: multiple_choice like tiny_mc, its docs 0 and 1 short, doc 2 with one choice
+    (LONG_ANSWER) longer than small_cfg's data.seq_len 32 in tokens."""
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    with open(tasks / "long.jsonl", "w") as f:
+        for q, choices, gold in [*MC_EXAMPLES[:2], ("The history of the city begins with", ["blue", LONG_ANSWER], 1)]:
+            f.write(json.dumps({"question": q, "choices": choices, "gold": gold}) + "\n")
+    text = (write_local_tasks(root) / "tiny_mc.yaml").read_text()
+    (tasks / "tiny_long.yaml").write_text(text.replace("task: tiny_mc", "task: tiny_long")
+                                          .replace(str(tasks / "mc.jsonl"), str(tasks / "long.jsonl")))
+    (tasks / "tiny_mc.yaml").unlink()
+    (tasks / "tiny_ppl.yaml").unlink()
+    return tasks
+
+
+LONG_REFUSAL = (r"eval.tasks: tiny_long doc 2: its continuation ' the old stone bridge that crosses th\.\.\.' is (\d+) "
+                r"tokens, longer than data.seq_len 32 \(1 request\(s\) are\), and lm-eval cannot score it: raise "
+                r"data.seq_len to \1 or more, or drop tiny_long from eval.tasks, or set eval.task_limit=2 \(the "
+                r"documents before doc 2 fit\)")
+
+
+def test_a_continuation_longer_than_seq_len_stops_training_before_the_first_step(token_dir, tmp_path):
+    """lm-eval cannot score a continuation longer than its window (data.seq_len): refused at the start,
+    naming the task, the document, the token count and the fixes (was: at the first validation step,
+    naming --max-length); each fix passes: data.seq_len = that count, eval.task_limit=2."""
+    from nl.config import ConfigError
+    from nl.lm_eval import InLoopTasks
+    from nl.trainer import train
+
+    tasks = write_long_task(tmp_path)
+    run = tmp_path / "run"
+    args = ("eval.tasks=[tiny_long]", f"eval.task_include_path={tasks}")
+    with pytest.raises(ConfigError) as error:
+        train(small_cfg(token_dir, run, *args))
+    found = re.fullmatch(LONG_REFUSAL, str(error.value))
+    assert found, error.value
+    assert not run.exists()  # before run.dir is created
+    for fix in (f"data.seq_len={found[1]}", "eval.task_limit=2"):
+        assert InLoopTasks(small_cfg(token_dir, run, *args, fix), token_dir / "tokenizer.model").lm_tasks
+
+
+def test_a_long_continuation_at_eval_time_counts_as_lm_eval_does_and_names_data_seq_len(token_dir, tmp_path):
+    """The start check counts tokens as lm-eval's HFLM does (its own refusal at eval time, reached here
+    by raising eval.task_limit after the check, names the same count), and that refusal is in training's
+    words (data.seq_len, not --max-length)."""
+    from nl.config import ConfigError
+    from nl.lm_eval import InLoopTasks
+    from nl.models import build_model
+
+    tasks = write_long_task(tmp_path)
+    cfg = small_cfg(token_dir, tmp_path / "run", "eval.tasks=[tiny_long]", f"eval.task_include_path={tasks}",
+                    "model.vocab_size=1024")
+    with pytest.raises(ConfigError) as error:
+        InLoopTasks(cfg, token_dir / "tokenizer.model")
+    n = re.fullmatch(LONG_REFUSAL, str(error.value))[1]
+    cfg.eval.task_limit = 2
+    in_loop = InLoopTasks(cfg, token_dir / "tokenizer.model")
+    cfg.eval.task_limit = 3  # doc 2 now runs, unchecked
+    with pytest.raises(ConfigError, match=rf"^eval.tasks: tiny_long doc 2: its continuation '.+' is {n} tokens, "
+                                          rf"longer than data.seq_len 32 \(1 request\(s\) are\): raise data.seq_len "
+                                          rf"to {n} or more$"):
+        in_loop(build_model(cfg.model, seed=0))
+
+
 @pytest.mark.slow  # indexes lm-eval's ~15K bundled task YAMLs: ~45 s on 2 busy cores
 def test_unknown_eval_task_stops_before_the_first_step(token_dir, local_tasks, tmp_path):
     from nl.config import ConfigError
