@@ -13,7 +13,7 @@ import sys
 
 from nl.config import load_config
 from nl.distributed.accelerate_env import accelerate_overrides
-from nl.train_cli import config_report, default_threads, keys_help, set_keys, unread_keys
+from nl.train_cli import config_report, default_threads, keys_help, refusal_exit, set_keys, unread_keys
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.set_num_threads(threads)
         summary = train(cfg)
     except (*USER_ERRORS, DataError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(refusal_exit(f"error: {e}"))  # under torchrun: printed by rank 0, every rank's in the summary
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the pending save
         sys.exit("error: interrupted before a checkpoint could be saved; rerun the same command to resume "
                  "from the latest checkpoint in run.dir")
@@ -65,4 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its failure summary shows each failed
+        # rank's error, a refusal's one line (refusal_exit) or an exception's traceback (@record, as torchtitan)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(main)()
+    else:
+        main()

@@ -5,7 +5,9 @@
 # the next step boundary and stops, and the script exits 128+N (130 for SIGINT, 143 for SIGTERM),
 # as `python train.py` does with one process; rerunning the same command resumes. A second Ctrl-C
 # stops the ranks at once, without that save (exit 1). If one rank fails, torchrun stops the
-# others and this script exits non-zero with that rank's error (--max_restarts=0).
+# others and this script exits non-zero (--max_restarts=0), ending with torchrun's summary of the
+# failed ranks (launch/torchrun.py: no torchrun traceback above it), where each shows its error: a
+# bad config's one line (also printed once, by rank 0), or a crash's traceback.
 #
 # How: torchrun runs in its own session, so a terminal's Ctrl-C reaches this script only (not
 # torchrun as well, which would send the ranks a second signal); the script passes each signal
@@ -21,7 +23,7 @@ export NL_STOP_EXIT_CODE=0
 # the whole job) before SIGKILL: room for one checkpoint save.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
-setsid "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+setsid "${PYTHON:-python}" launch/torchrun.py --standalone --nproc_per_node="$NPROC" \
     --max_restarts=0 train.py "$@" &
 LAUNCHER=$!
 STOPPED_BY=""  # the first signal received

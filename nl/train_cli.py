@@ -8,6 +8,7 @@
 - `unread_keys(cfg, set_keys)`: keys the user set that this run will not read (another
   architecture's, optimizer's or strategy's section), to warn about.
 - `default_threads()`: torch intra-op threads for one process of a node.
+- `refusal_exit(message)`: a refusal printed once under torchrun, and named in its failure summary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import json
 import os
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,3 +187,24 @@ def default_threads(environ: dict | None = None) -> int | None:
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cpus // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def refusal_exit(message: str, environ: dict | None = None) -> str | int:
+    """What a rank passes to sys.exit for a one-line refusal `message` (a bad config, data or checkpoint).
+
+    Under torchrun ($TORCHELASTIC_ERROR_FILE set) every refusing rank writes `message` into its error
+    file, where torchrun's failure summary shows it as that rank's `traceback` (the root cause's
+    included, whichever rank failed first), and only rank 0 prints it: a config error every rank
+    hits is printed once, and a refusal only rank k makes still shows in the summary. Without an error
+    file the rank prints it itself (returns `message`)."""
+    environ = os.environ if environ is None else environ
+    error_file = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return message
+    try:
+        with open(error_file, "w") as f:  # the layout torch.distributed.elastic's @record writes
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        return message
+    return message if environ.get("RANK", "0") == "0" else 1

@@ -293,3 +293,25 @@ def test_a_wandb_that_cannot_start_is_refused_in_one_line_and_keeps_the_metrics(
     assert "\n" not in str(err.value)
     assert (tmp_path / "metrics.jsonl").read_text() == records  # not cut back to step 1 for a run that never began
 
+
+def test_under_torchrun_a_refusal_is_printed_by_rank_0_and_in_each_ranks_error_file(tmp_path, monkeypatch, capsys):
+    """Every rank of a torchrun launch hits the same bad config: rank 0 prints its line, the others exit 1
+    quietly, and each writes it to its torchrun error file, which torchrun's failure summary shows."""
+    import json
+
+    main = _train_module().main
+    bad = ["--config", "configs/tiny.yaml", "train.stpes=1"]
+    line = "error: unknown config key 'train.stpes'"
+    for rank, printed in (("1", False), ("0", True)):
+        error_file = tmp_path / f"error_{rank}.json"
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        with pytest.raises(SystemExit) as exit_:
+            main(bad)
+        code = exit_.value.code
+        assert (isinstance(code, str) and code.startswith(line)) if printed else code == 1, code
+        assert json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"].startswith(line)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # a rank no torchrun summary reports prints its own line
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match=re.escape(line)):
+        main(bad)
