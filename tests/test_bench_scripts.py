@@ -218,15 +218,21 @@ def test_gpu_session_runs_every_step_and_writes_a_summary(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(out)], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHON": str(stub)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    steps = ["versions", "kernel_tests", "transformer_340m", "hope_340m_torch", "hope_tiny_kernels"]
+    steps = ["versions", "kernel_tests", "transformer_340m", "hope_340m_torch", "warm_triton", "hope_tiny_kernels"]
     summary = (out / "summary.md").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == [f"- {s}" for s in steps]
     assert "kernel_tests: exit 3 " in summary[1] and all(": exit 0 " in line for line in summary[2:]), summary
     assert all((out / f"{s}.log").exists() for s in steps)
     lines = calls.read_text().splitlines()
-    assert any(line.startswith("-m pytest") and line.endswith("tests/test_triton_kernels.py") for line in lines)
+    pytest_line = next(line for line in lines if line.startswith("-m pytest"))
+    assert pytest_line.endswith("tests/test_triton_kernels.py") and " -k " in pytest_line and " -n 8 " in pytest_line
     bench = [line.split()[1:] for line in lines if line.startswith("benchmarks/bench_gpu.py")]
-    assert len(bench) == 3
+    assert len(bench) == 4
+    # the background warm-up compiles the same tiny Triton configuration the timed step then runs
+    tiny_runs = sorted((bench_gpu.parser().parse_args(a) for a in bench if "configs/hope_tiny.yaml" in a),
+                       key=lambda a: a.steps)
+    warm, tiny = tiny_runs  # the warm-up (one step, started in the background) and the timed run
+    assert warm.kernels == ["triton"] and warm.presets == tiny.presets and warm.max_micro_batch == tiny.max_micro_batch
     for argv in bench:
         args = bench_gpu.parser().parse_args(argv)
         assert args.compile == ["off"] and all((ROOT / p).exists() for p in args.presets), argv
