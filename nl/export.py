@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -186,14 +187,36 @@ def _write_export(output: Path, model: nn.Module, cfg: Config, ckpt: Path, tok: 
             write_tokenizer(tok.path, output / "llama")
 
 
+def _export_advice(run: Path, step: int | None = None) -> str:
+    """`python -m nl.export ...` for training run `run` (a checkpoint step if given), its output under exports/
+    beside the current folder, or beside the run when the current folder is inside it (never into the run)."""
+    name = run.resolve().name + (f"_step{step}" if step is not None else "")
+    output = Path("exports") / name
+    if Path.cwd().resolve().is_relative_to(run.resolve()):
+        output = Path(os.path.relpath(run.resolve().parent / "exports" / name))
+    return f"python -m nl.export --run {run}{f' --step {step}' if step is not None else ''} --output {output}"
+
+
 def check_export_dir(path: str | Path) -> None:
-    """Raise DataError when `path` is a training run (config.yaml, checkpoints/) rather than an export:
-    the fix exports it beside the other exports, never into the run folder itself."""
+    """Raise DataError when `path` is a training run (config.yaml, checkpoints/), its checkpoints/ folder or one
+    checkpoint of it rather than an export: the advice exports that run (at that step) beside the other
+    exports, never into the run folder itself."""
     path = Path(path)
-    if (path / "config.json").is_file() or not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
-        return  # an export, or neither: the caller's message covers a missing one
-    raise DataError(f"{path} is a training run, not an exported model: export it with `python -m nl.export "
-                    f"--run {path} --output {Path('exports') / path.resolve().name}` and pass that as --model")
+    if (path / "config.json").is_file():
+        return  # an export
+    resolved = path.resolve()
+    step = re.fullmatch(r"step_(\d+)", resolved.name)
+    if step and resolved.parent.name == "checkpoints":  # RUN/checkpoints/step_N
+        run = Path(os.path.normpath(path / ".." / ".."))
+        what, advice = f"a checkpoint of training run {run}", _export_advice(run, int(step[1]))
+    elif resolved.name == "checkpoints" and (path / ".." / "config.yaml").is_file():
+        run = Path(os.path.normpath(path / ".."))
+        what, advice = f"the checkpoints of training run {run}", _export_advice(run)
+    elif (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+        what, advice = "a training run", _export_advice(path)
+    else:
+        return  # neither: the caller's message covers a missing export
+    raise DataError(f"{path} is {what}, not an exported model: export it with `{advice}` and pass that as --model")
 
 
 def load_export_config(path: str | Path) -> dict:
@@ -203,8 +226,10 @@ def load_export_config(path: str | Path) -> dict:
     path = Path(path)
     check_export_dir(path)
     if not (path / "config.json").is_file():
+        empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+        output = path if empty else Path("exports") / "NAME"  # nl.export refuses a non-empty non-export folder
         raise DataError(f"{path} is not an exported model (no config.json): create one with "
-                        f"python -m nl.export --run RUN_DIR --output {path}")
+                        f"python -m nl.export --run RUN_DIR --output {output}")
     return json.loads((path / "config.json").read_text())
 
 

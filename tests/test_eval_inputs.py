@@ -122,6 +122,12 @@ def test_several_token_directories_are_pooled_and_each_reported(run_and_export, 
     assert "per_data" not in alone
     mixed = error_of(evaluate, *common, "--data", str(token_dir), str(small_corpus))
     assert "mixes token directories" in mixed and "separate runs" in mixed
+    # a missing path among token directories is named as missing, not as raw text; a directory given twice
+    # would count twice in the pooled loss
+    missing = error_of(evaluate, *common, "--data", str(token_dir), str(tmp_path / "nope"))
+    assert missing == f"error: input {tmp_path / 'nope'} does not exist: check the path", missing
+    twice = error_of(evaluate, *common, "--data", str(token_dir), str(other), str(token_dir) + "/")
+    assert "more than once" in twice and str(token_dir) in twice, twice
     # a directory with nothing to read: the advice names no flag of another command
     (tmp_path / "empty").mkdir()
     message = error_of(evaluate, *common, "--data", str(tmp_path / "empty"))
@@ -170,6 +176,26 @@ def test_a_run_folder_as_model_suggests_an_export_beside_it_that_works(run_and_e
     assert argv[:2] == ["-m", "nl.export"]
     export_main(argv[2:])
     assert generate(["--model", "exports/run", "--prompt", "The", "--max-new-tokens", "2"]).startswith("The")
+
+    # one checkpoint of the run, or its checkpoints/ folder: the advice names the run (and --step), and works
+    step_dir = sorted((run / "checkpoints").glob("step_*"))[-1]
+    step = int(step_dir.name.split("_")[1])
+    message = error_of(generate, "--model", str(step_dir), "--prompt", "The")
+    assert f"is a checkpoint of training run {run}" in message
+    assert f"python -m nl.export --run {run} --step {step} --output exports/run_step{step}`" in message
+    export_main(suggested_command(message)[2:])
+    assert generate(["--model", f"exports/run_step{step}", "--prompt", "The", "--max-new-tokens", "2"])
+    message = error_of(generate, "--model", str(run / "checkpoints"), "--prompt", "The")
+    assert f"the checkpoints of training run {run}" in message and f"--run {run} --output exports/run`" in message
+    # a non-empty folder that is no export: the advice does not write into it (nl.export would refuse that)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    message = error_of(generate, "--model", "notes", "--prompt", "The")
+    assert message.endswith("--output exports/NAME"), message
+    # from inside the run folder, the export goes beside the run, not into it
+    monkeypatch.chdir(run)
+    message = error_of(generate, "--model", ".", "--prompt", "The")
+    assert "--run . --output ../exports/run`" in message
 
 
 def test_a_raw_text_file_as_data_dir_suggests_tokenizing_it(token_dir, tmp_path, monkeypatch, small_corpus):
