@@ -169,9 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             raise DataError(f"--document-boundaries reset: {e}") from None
 
+    twice = [d for i, d in enumerate(args.data) if Path(d).resolve() in {Path(e).resolve() for e in args.data[:i]}]
+    if twice:  # it would count twice in the pooled loss
+        raise DataError(f"--data lists {twice[0]} more than once: give each input once")
     token_dirs = [d for d in args.data if (Path(d) / MANIFEST_FILE).is_file()]
     if token_dirs and len(token_dirs) < len(args.data):
         text = next(d for d in args.data if d not in token_dirs)
+        if not Path(text).exists():  # a mistyped path, not raw text (nor a hub id: token directories are local)
+            raise DataError(f"input {text} does not exist: check the path")
         raise DataError(f"--data mixes token directories ({token_dirs[0]}) and raw text ({text}): "
                         f"evaluate them in separate runs")
     per_data = []
