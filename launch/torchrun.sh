@@ -16,6 +16,11 @@
 set -uo pipefail
 NPROC=${1:?usage: launch/torchrun.sh NPROC --config FILE [key=value ...]}
 shift
+if ! [[ "$NPROC" =~ ^([1-9][0-9]*|auto|gpu|cpu)$ ]]; then  # torchrun's own answer is a traceback
+    echo "error: launch/torchrun.sh: NPROC must be a process count (or auto, gpu, cpu), got '$NPROC':" \
+        "usage: launch/torchrun.sh NPROC --config FILE [key=value ...]" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export NL_STOP_EXIT_CODE=0

@@ -356,3 +356,12 @@ def test_hope_fsdp_on_two_ranks_equals_single_process(one_process_runs, two_rank
     single, _ = metrics(one_process_runs[f"hope-{cms_mode}"])
     fsdp, _ = metrics(two_rank_runs[f"hope-{cms_mode}"])
     np.testing.assert_allclose(fsdp, single, rtol=1e-5)
+
+
+def test_torchrun_sh_refuses_a_process_count_that_is_not_one_in_one_line():
+    """A forgotten or bad NPROC (torchrun itself answers with a ValueError / AssertionError traceback)."""
+    for argv in (["--config", "configs/tiny.yaml"], ["0", "--config", "configs/tiny.yaml"], ["two"]):
+        proc = subprocess.run(["bash", "launch/torchrun.sh", *argv], capture_output=True, text=True, timeout=30,
+                              cwd=REPO, env={**os.environ, "PYTHON": "false"})  # the check runs before python
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"NPROC must be a process count (or auto, gpu, cpu), got '{argv[0]}'" in proc.stderr
