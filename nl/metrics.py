@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,19 @@ class MetricsLogger:
             import wandb  # optional dependency, imported only when used
 
             os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
+            wandb_dir = Path(run_dir) / "wandb"
+            before = set(wandb_dir.iterdir()) if wandb_dir.is_dir() else None
             try:
                 self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or None,
                                          dir=str(run_dir), config=config, mode=wandb_cfg.mode,
                                          resume="allow")
             except Exception as e:  # noqa: BLE001 - e.g. no API key for mode=online, a bad WANDB_* variable
+                # what the failed start wrote (its logs under run_dir/wandb) goes: the run folder stays as it was
+                for new in ([wandb_dir] if before is None else sorted(set(wandb_dir.iterdir()) - before)):
+                    if new.is_dir():
+                        shutil.rmtree(new, ignore_errors=True)
+                    else:
+                        new.unlink(missing_ok=True)
                 detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
                 raise ConfigError(f"wandb could not start ({type(e).__name__}: {detail}): fix what it names "
                                   f"(`wandb login` for wandb.mode=online, or the WANDB_* environment variable), "

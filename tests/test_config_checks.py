@@ -281,7 +281,11 @@ def test_a_wandb_that_cannot_start_is_refused_in_one_line_and_keeps_the_metrics(
     from nl.config import WandbConfig
     from nl.metrics import MetricsLogger
 
-    def no_key(**kwargs):
+    def no_key(dir, **kwargs):  # as wandb 0.31 does before it fails: its logs under dir/wandb
+        logs = Path(dir) / "wandb" / "run-1-abc" / "logs"
+        logs.mkdir(parents=True)
+        (logs / "debug.log").write_text("...")
+        (Path(dir) / "wandb" / "debug.log").write_text("...")
         raise RuntimeError("No API key configured.\nUse `wandb login` to log in.")
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=no_key))
@@ -292,6 +296,11 @@ def test_a_wandb_that_cannot_start_is_refused_in_one_line_and_keeps_the_metrics(
         MetricsLogger(tmp_path, wandb_cfg=WandbConfig(enabled=True, mode="online"), start_step=1)
     assert "\n" not in str(err.value)
     assert (tmp_path / "metrics.jsonl").read_text() == records  # not cut back to step 1 for a run that never began
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # nothing of the failed start is left
+    (tmp_path / "wandb" / "run-0-old").mkdir(parents=True)  # a resumed run's earlier wandb runs are kept
+    with pytest.raises(ConfigError, match="wandb could not start"):
+        MetricsLogger(tmp_path, wandb_cfg=WandbConfig(enabled=True, mode="online"), start_step=1)
+    assert [p.name for p in (tmp_path / "wandb").iterdir()] == ["run-0-old"]
 
 
 def test_under_torchrun_a_refusal_is_printed_by_rank_0_and_in_each_ranks_error_file(tmp_path, monkeypatch, capsys):
