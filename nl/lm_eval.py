@@ -95,6 +95,11 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     return manager
 
 
+def _shorten(text: str, width: int = 40) -> str:
+    """`text` for a one-line message: at most `width` characters, cut with '...'."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 @functools.cache
 def _checked_hflm():
     """lm-eval's HFLM, refusing in one line (UsageError), before any forward, loglikelihood requests whose
@@ -112,8 +117,7 @@ def _checked_hflm():
             if too_long:
                 n, pair = max(too_long, key=lambda t: t[0])
                 name = getattr(self, "_request_names", {}).get(pair, "a request")
-                text = pair[1] if len(pair[1]) <= 40 else pair[1][:37] + "..."
-                raise UsageError(f"{name}: its continuation {text!r} is {n} tokens, longer than --max-length "
+                raise UsageError(f"{name}: its continuation {_shorten(pair[1])!r} is {n} tokens, longer than --max-length "
                                  f"{self.max_length} ({len(too_long)} request(s) are): pass --max-length {n} or more")
             return super()._loglikelihood_tokens(requests, **kwargs)
 
@@ -317,7 +321,6 @@ class InLoopTasks:
             return
         task, requests = next(iter(too_long.items()))
         n, doc, text = max(requests, key=lambda r: r[0])
-        text = text if len(text) <= 40 else text[:37] + "..."
         need = max(r[0] for rs in too_long.values() for r in rs)
         others = [t for t in too_long if t != task]
         fixes = [f"raise data.seq_len to {need} or more",
@@ -326,7 +329,7 @@ class InLoopTasks:
         if first > 0:
             fixes.append(f"set eval.task_limit={first} (the documents before doc {first} fit)")
         also = f"; {', '.join(others)} too" if others else ""
-        raise ConfigError(f"eval.tasks: {task} doc {doc}: its continuation {text!r} is {n} tokens, longer than "
+        raise ConfigError(f"eval.tasks: {task} doc {doc}: its continuation {_shorten(text)!r} is {n} tokens, longer than "
                           f"data.seq_len {seq_len} ({len(requests)} request(s) are{also}), and lm-eval cannot "
                           f"score it: {', or '.join(fixes)}")
 
